@@ -1,0 +1,118 @@
+"""A plain, serializable description of a NeMo CTC model: what the lean model is built from.
+
+The description is JSON-safe (it is stored in artifacts and `job.json`) and carries no
+weights. `runner.nemo_loader` produces it from a `.nemo` file; `runner.model` builds a
+torch-only model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+ACTIVATIONS = ("relu", "hardtanh", "selu", "swish", "silu", "gelu", "identity")
+NORMALIZE_TYPES = ("per_feature", "all_features", None)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Log-mel front end, the parameters of NeMo's `AudioToMelSpectrogramPreprocessor`."""
+
+    sample_rate: int = 16000
+    win_length: int = 320  # samples (NeMo: window_size * sample_rate)
+    hop_length: int = 160
+    n_fft: int = 512
+    window: str = "hann"  # hann | hamming | blackman | bartlett | none
+    preemph: Optional[float] = 0.97
+    n_mels: int = 64
+    lowfreq: float = 0.0
+    highfreq: Optional[float] = None
+    log: bool = True
+    log_zero_guard_type: str = "add"  # add | clamp
+    log_zero_guard_value: Union[float, str] = 2**-24  # a number, "tiny" or "eps"
+    mag_power: float = 2.0
+    normalize: Optional[str] = "per_feature"
+    exact_pad: bool = False
+    pad_value: float = 0.0
+    mel_norm: Optional[str] = "slaney"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One Jasper/QuartzNet block: `repeat` conv sub-blocks plus an optional residual."""
+
+    filters: int
+    repeat: int
+    kernel: int  # after NeMo's kernel_size_factor rounding (always odd)
+    stride: int = 1
+    dilation: int = 1
+    separable: bool = False
+    residual: bool = False
+    residual_mode: str = "add"  # add | stride_add
+    residual_dense: bool = False
+    stride_last: bool = False
+    future_context: int = -1  # -1: symmetric "same" padding
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """NeMo `ConvASREncoder` (QuartzNet and Jasper families)."""
+
+    feat_in: int
+    activation: str
+    blocks: tuple[BlockSpec, ...]
+    conv_mask: bool = True
+
+    @property
+    def subsampling(self) -> int:
+        factor = 1
+        for block in self.blocks:
+            factor *= block.stride
+        return factor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a CTC model without NeMo, except its weights."""
+
+    features: FeatureConfig
+    encoder: EncoderSpec
+    vocabulary: tuple[str, ...]
+    family: str = "conv-ctc"
+    source: dict = field(default_factory=dict)  # NeMo class names, for messages and reports
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes including the CTC blank, which NeMo puts last."""
+        return len(self.vocabulary) + 1
+
+    @property
+    def blank_id(self) -> int:
+        return len(self.vocabulary)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        enc = dict(data["encoder"])
+        enc["blocks"] = tuple(BlockSpec(**b) for b in enc["blocks"])
+        return cls(
+            features=FeatureConfig(**data["features"]),
+            encoder=EncoderSpec(**enc),
+            vocabulary=tuple(data["vocabulary"]),
+            family=data.get("family", "conv-ctc"),
+            source=dict(data.get("source", {})),
+        )
+
+
+def same_padding(block: BlockSpec) -> tuple[int, int]:
+    """(left, right) zero padding of a block's main convolutions, as NeMo's JasperBlock computes it."""
+    k, d, fc = block.kernel, block.dilation, block.future_context
+    sym = (d * (k - 1)) // 2
+    if fc < 0 or k <= fc:
+        return sym, sym
+    if d > 1:
+        return d * k - 1 - d * fc, d * fc
+    return k - 1 - fc, fc

@@ -1,0 +1,110 @@
+"""`asr-runner`: the command line. Thin: parse, call one library function, render the result.
+
+Only this module prints and owns `rich`; library code logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .errors import AudioLoadError, RunnerError
+
+log = logging.getLogger("runner")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a flag given before or after the subcommand both count (argparse would
+    # otherwise let the subcommand's default overwrite the top-level value).
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="log lines only, no live display")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parser = argparse.ArgumentParser(prog="asr-runner", parents=[common],
+                                     description="int8 batch transcription of NeMo CTC models on CPU")
+    parser.set_defaults(quiet=False, verbose=False)
+    parser.add_argument("--version", action="version", version=f"asr-runner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("transcribe", parents=[common], help="transcribe audio files with the lean fp32 model")
+    p.add_argument("model", help=".nemo file or lean checkpoint (from `asr-runner export`)")
+    p.add_argument("audio", nargs="+", help="audio files (anything libsndfile reads)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--window-seconds", type=float, default=40.0, help="longer files go in windows of this size")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=_cmd_transcribe)
+
+    p = sub.add_parser("export", parents=[common], help="write a .nemo model as a lean checkpoint (no NeMo needed to load)")
+    p.add_argument("model", help=".nemo file")
+    p.add_argument("--out", required=True, help="output file")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .nemo_loader import quiet_nemo_logging
+
+    quiet_nemo_logging(verbose)
+
+
+def _cmd_transcribe(args) -> int:
+    import torch
+
+    from .audio import load_audio
+    from .nemo_loader import load_any
+    from .transcribe import DecodeOptions, transcribe_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_any(args.model)
+    rate = model.spec.features.sample_rate
+    options = DecodeOptions(batch_size=args.batch_size, window_seconds=args.window_seconds)
+    failed = 0
+    for path in args.audio:
+        try:
+            audio = load_audio(path, rate)
+        except AudioLoadError as exc:
+            print(f"{path}\tERROR\t{exc}", file=sys.stderr)
+            failed += 1
+            continue
+        start = time.perf_counter()
+        text = transcribe_batch(model, [audio], options)[0]
+        log.info("%s: %.1f s audio in %.2f s", path, len(audio) / rate, time.perf_counter() - start)
+        print(f"{path}\t{text}")
+    return 1 if failed else 0
+
+
+def _cmd_export(args) -> int:
+    from .model import save_checkpoint
+    from .nemo_loader import load_nemo
+
+    spec, state_dict = load_nemo(args.model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(spec, state_dict, args.out)
+    print(f"wrote {args.out} ({len(spec.encoder.blocks)} encoder blocks, {len(spec.vocabulary)} labels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

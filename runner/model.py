@@ -1,0 +1,199 @@
+"""The lean CTC model: NeMo's QuartzNet/Jasper rebuilt from plain torch modules.
+
+Built from a `ModelSpec`, it never imports NeMo, so a worker starts in about a second. Each
+block keeps NeMo's module order (`mconv` / `res` / `mout` with the same indices), which keeps
+the weight mapping a prefix rename and lets the quantizer fuse Conv+BN(+ReLU) by name.
+Padded frames get NeMo's masked-convolution treatment: a convolution that mixes frames sees
+zeros past each utterance's length, so an utterance's output does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .arch import BlockSpec, ModelSpec, same_padding
+from .features import MelFeatures
+
+CHECKPOINT_FORMAT = "asr-runner/lean-ctc/1"
+
+_ACTIVATIONS = {
+    "identity": nn.Identity,
+    "hardtanh": nn.Hardtanh,
+    "relu": nn.ReLU,
+    "selu": nn.SELU,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name]()
+
+
+class MaskedConv(nn.Module):
+    """Conv1d that zeroes frames past each length first (when it mixes frames) and tracks lengths."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1,
+                 padding: tuple[int, int] = (0, 0), groups: int = 1, use_mask: bool = True):
+        super().__init__()
+        left, right = padding
+        self.pad = None if left == right else (left, right)
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel, stride=stride, dilation=dilation,
+                              padding=left if left == right else 0, groups=groups, bias=False)
+        # A 1x1 stride-1 conv never mixes frames: masking would change only padded outputs.
+        self.use_mask = use_mask and (kernel > 1 or stride > 1)
+        self.keeps_length = stride == 1 and left + right == dilation * (kernel - 1)
+
+    def output_lengths(self, lens: torch.Tensor) -> torch.Tensor:
+        if self.keeps_length:
+            return lens
+        c = self.conv
+        total_pad = sum(self.pad) if self.pad else 2 * c.padding[0]
+        span = c.dilation[0] * (c.kernel_size[0] - 1)
+        return torch.div(lens + total_pad - span - 1, c.stride[0], rounding_mode="trunc") + 1
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_mask:
+            x = x * time_mask(lens, x.shape[-1]).to(x.dtype)
+        if self.pad is not None:
+            x = nn.functional.pad(x, self.pad)
+        return self.conv(x), self.output_lengths(lens)
+
+
+def time_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, 1, length] boolean mask of valid frames."""
+    return (torch.arange(length, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)).unsqueeze(1)
+
+
+class ConvBlock(nn.Module):
+    """One Jasper/QuartzNet block, with NeMo JasperBlock's module layout."""
+
+    def __init__(self, spec: BlockSpec, in_ch: int, activation: str, res_panes: list[int],
+                 use_mask: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.dense = spec.residual and spec.residual_dense and bool(res_panes)
+        pad = same_padding(spec)
+        layers, ch = [], in_ch
+        for i in range(spec.repeat):
+            last = i == spec.repeat - 1
+            stride = spec.stride if (last or not spec.stride_last) else 1
+            layers += self._conv_bn(ch, spec.filters, spec.kernel, stride, spec.dilation, pad, use_mask)
+            if not last:
+                layers += [make_activation(activation), nn.Identity()]  # Identity: NeMo's dropout slot
+            ch = spec.filters
+        self.mconv = nn.ModuleList(layers)
+        self.res = None
+        if spec.residual:
+            panes = res_panes if self.dense else [in_ch]
+            res_stride = spec.stride if spec.residual_mode == "stride_add" else 1
+            self.res = nn.ModuleList(
+                nn.ModuleList(self._conv_bn(p, spec.filters, 1, res_stride, 1, (0, 0), use_mask, False))
+                for p in panes
+            )
+        self.mout = nn.Sequential(make_activation(activation), nn.Identity())
+
+    def _conv_bn(self, cin, cout, kernel, stride, dilation, pad, use_mask, separable=None):
+        separable = self.spec.separable if separable is None else separable
+        if separable:
+            convs = [MaskedConv(cin, cin, kernel, stride, dilation, pad, groups=cin, use_mask=use_mask),
+                     MaskedConv(cin, cout, 1, use_mask=use_mask)]
+        else:
+            convs = [MaskedConv(cin, cout, kernel, stride, dilation, pad, use_mask=use_mask)]
+        return convs + [nn.BatchNorm1d(cout, eps=1e-3)]
+
+    def forward(self, xs: list[torch.Tensor], lens: torch.Tensor):
+        out, lens_in = xs[-1], lens
+        for layer in self.mconv:
+            if isinstance(layer, MaskedConv):
+                out, lens = layer(out, lens)
+            else:
+                out = layer(out)
+        if self.res is not None:
+            for x, branch in zip(xs, self.res):
+                for layer in branch:
+                    x = layer(x, lens_in)[0] if isinstance(layer, MaskedConv) else layer(x)
+                out = self.add_residual(out, x)
+        out = self.mout(out)
+        return (xs + [out] if self.dense else [out]), lens
+
+    def add_residual(self, out: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """A separate method so the quantizer can swap in a quantized add."""
+        if self.spec.residual_mode in ("add", "stride_add"):
+            return out + res
+        return torch.max(out, res)
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        enc = spec.encoder
+        blocks, ch, panes = [], enc.feat_in, []
+        for b in enc.blocks:
+            if b.residual_dense:
+                panes.append(ch)
+            blocks.append(ConvBlock(b, ch, enc.activation, list(panes), enc.conv_mask))
+            ch = b.filters
+        self.blocks = nn.ModuleList(blocks)
+        self.out_channels = ch
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = [feats]
+        for block in self.blocks:
+            xs, lens = block(xs, lens)
+        return xs[-1], lens
+
+
+class LeanCTCModel(nn.Module):
+    """audio -> log-mel -> conv encoder -> 1x1 conv decoder -> CTC log-probabilities."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.features = MelFeatures(spec.features)
+        self.encoder = ConvEncoder(spec)
+        self.decoder = nn.Conv1d(self.encoder.out_channels, spec.num_classes, 1, bias=True)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, T] and sample counts [B] -> log-probs [B, T', C] and frame counts [B]."""
+        feats, frames = self.features(audio, lengths)
+        return self.forward_features(feats, frames)
+
+    def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
+        enc, lens = self.encoder(feats, frames)
+        return self.log_probs(enc), lens
+
+    def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.decoder(encoded).transpose(1, 2), dim=-1)
+
+
+def save_checkpoint(spec: ModelSpec, state_dict: dict, path: Union[str, os.PathLike, io.BytesIO]) -> None:
+    """Write spec + fp32 weights in a file that `load_model` reads without NeMo."""
+    torch.save({"format": CHECKPOINT_FORMAT, "spec": spec.to_dict(), "state_dict": state_dict}, path)
+
+
+def load_checkpoint(path) -> tuple[ModelSpec, dict]:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an asr-runner lean checkpoint ({CHECKPOINT_FORMAT})")
+    return ModelSpec.from_dict(data["spec"]), data["state_dict"]
+
+
+def build_model(spec: ModelSpec, state_dict: Optional[dict] = None) -> LeanCTCModel:
+    """The lean model in eval mode, with `state_dict` loaded strictly when given."""
+    model = LeanCTCModel(spec)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def load_model(path) -> LeanCTCModel:
+    """Lean fp32 model from a checkpoint written by `save_checkpoint`."""
+    spec, state_dict = load_checkpoint(path)
+    return build_model(spec, state_dict)

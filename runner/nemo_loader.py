@@ -1,0 +1,183 @@
+"""Driver side: `.nemo` file -> (`ModelSpec`, fp32 state dict for the lean model).
+
+The only module that imports NeMo, and only inside functions: `import runner.nemo_loader`
+stays cheap. The model's config is checked from the archive before NeMo builds anything, so an
+unsupported family fails in well under a second with the classes it found.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .arch import BlockSpec, EncoderSpec, FeatureConfig, ModelSpec
+from .errors import InputError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {
+    "model": ("EncDecCTCModel",),
+    "preprocessor": ("AudioToMelSpectrogramPreprocessor",),
+    "encoder": ("ConvASREncoder",),
+    "decoder": ("ConvASRDecoder",),
+}
+SUPPORTED_TEXT = ("EncDecCTCModel with AudioToMelSpectrogramPreprocessor, ConvASREncoder and "
+                  "ConvASRDecoder (QuartzNet and Jasper families, character vocabularies)")
+
+
+def read_nemo_config(path: str | Path) -> dict[str, Any]:
+    """model_config.yaml of a .nemo archive, without NeMo."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
+            if member is None:
+                raise InputError(f"{path}: no model_config.yaml inside; is this a .nemo file?")
+            return yaml.safe_load(tar.extractfile(member))
+    except tarfile.TarError as exc:
+        raise InputError(f"{path}: not a .nemo archive ({exc}); pass a file saved by NeMo's save_to()") from None
+
+
+def check_supported(config: dict[str, Any], where: str) -> None:
+    """Raise `UnsupportedModelError` naming the classes found unless all are supported."""
+    found = {
+        "model": config.get("target", ""),
+        "preprocessor": (config.get("preprocessor") or {}).get("_target_", ""),
+        "encoder": (config.get("encoder") or {}).get("_target_", ""),
+        "decoder": (config.get("decoder") or {}).get("_target_", ""),
+    }
+    names = {k: v.rsplit(".", 1)[-1] for k, v in found.items()}
+    if all(names[k] in SUPPORTED[k] for k in SUPPORTED):
+        return
+    listed = ", ".join(f"{k}={v or '?'}" for k, v in names.items())
+    raise UnsupportedModelError(f"{where}: unsupported model ({listed}); supported: {SUPPORTED_TEXT}")
+
+
+def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of a `.nemo` CTC checkpoint."""
+    check_supported(read_nemo_config(path), str(path))
+    from nemo.collections.asr.models import EncDecCTCModel  # heavy: 7+ s, 700+ MB
+
+    log.info("restoring %s with NeMo", path)
+    model = EncDecCTCModel.restore_from(str(path), map_location="cpu")
+    return describe(model, str(path))
+
+
+def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of an in-memory NeMo `EncDecCTCModel`."""
+    cfg = _to_container(model.cfg)
+    check_supported({"target": f"x.{type(model).__name__}", **cfg}, where)
+    spec = ModelSpec(
+        features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
+        encoder=_encoder(cfg["encoder"], where),
+        vocabulary=tuple(model.decoder.vocabulary),
+        source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
+                "decoder": type(model.decoder).__name__, "file": where},
+    )
+    return spec, lean_state_dict(model.state_dict(), where)
+
+
+def _to_container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _features(fe, pcfg: dict, where: str) -> FeatureConfig:
+    if getattr(fe, "frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={fe.frame_splicing} is not supported")
+    window = pcfg.get("window", "hann")
+    return FeatureConfig(
+        sample_rate=int(fe.sample_rate), win_length=int(fe.win_length), hop_length=int(fe.hop_length),
+        n_fft=int(fe.n_fft), window=window, preemph=fe.preemph, n_mels=int(fe.nfilt),
+        lowfreq=float(pcfg.get("lowfreq", 0) or 0), highfreq=pcfg.get("highfreq"), log=bool(fe.log),
+        log_zero_guard_type=fe.log_zero_guard_type, log_zero_guard_value=fe.log_zero_guard_value,
+        mag_power=float(fe.mag_power), normalize=fe.normalize or None, exact_pad=bool(fe.exact_pad),
+        pad_value=float(fe.pad_value), mel_norm=pcfg.get("mel_norm", "slaney"),
+    )
+
+
+def _encoder(ecfg: dict, where: str) -> EncoderSpec:
+    norm = ecfg.get("normalization_mode", "batch")
+    if norm != "batch":
+        raise UnsupportedModelError(f"{where}: encoder normalization_mode={norm!r} (supported: 'batch')")
+    if ecfg.get("frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: encoder frame_splicing is not supported")
+    default_mode = ecfg.get("residual_mode", "add")
+    blocks = tuple(_block(i, b, default_mode, where) for i, b in enumerate(ecfg["jasper"]))
+    return EncoderSpec(feat_in=int(ecfg["feat_in"]), activation=ecfg["activation"], blocks=blocks,
+                       conv_mask=bool(ecfg.get("conv_mask", True)))
+
+
+def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
+    for key, ok in (("groups", 1), ("heads", -1), ("se", False)):
+        if b.get(key, ok) != ok:
+            raise UnsupportedModelError(
+                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support "
+                "(squeeze-excite models such as Citrinet are not supported yet)")
+    mode = b.get("residual_mode", default_mode)
+    if mode not in ("add", "stride_add"):
+        raise UnsupportedModelError(f"{where}: encoder block {i} residual_mode={mode!r} is not supported")
+    first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    kernel = max(int(first(b["kernel"]) * float(b.get("kernel_size_factor", 1.0))), 1)
+    kernel += 1 - kernel % 2  # NeMo rounds even kernels up to odd
+    return BlockSpec(
+        filters=int(b["filters"]), repeat=int(b["repeat"]), kernel=kernel, stride=first(b["stride"]),
+        dilation=first(b["dilation"]), separable=bool(b.get("separable", False)),
+        residual=bool(b["residual"]), residual_mode=mode, residual_dense=bool(b.get("residual_dense", False)),
+        stride_last=bool(b.get("stride_last", False)), future_context=int(b.get("future_context", -1)),
+    )
+
+
+_RENAMES = (
+    (re.compile(r"^preprocessor\.featurizer\."), "features."),
+    (re.compile(r"^encoder\.encoder\."), "encoder.blocks."),
+    (re.compile(r"^decoder\.decoder_layers\.0\."), "decoder."),
+)
+
+
+def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """NeMo parameter names -> lean-model names (the module layout is the same below the prefix)."""
+    out = {}
+    for key, value in nemo_state.items():
+        for pattern, repl in _RENAMES:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value.detach().clone().float() if value.is_floating_point() \
+                    else value.detach().clone()
+                break
+        else:
+            raise UnsupportedModelError(f"{where}: unexpected parameter {key!r} (adapters or extra modules?)")
+    return out
+
+
+def load_any(path: str | Path):
+    """Lean fp32 model from a `.nemo` file (through NeMo) or a lean checkpoint (without NeMo)."""
+    from .model import build_model, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    if tarfile.is_tarfile(path):
+        return build_model(*load_nemo(path))
+    try:
+        return build_model(*load_checkpoint(path))
+    except Exception as exc:
+        raise InputError(f"{path}: neither a .nemo archive nor a lean checkpoint ({exc})") from None
+
+
+def quiet_nemo_logging(verbose: bool = False) -> None:
+    """NeMo logs through its own logger at INFO; keep its chatter out of user output."""
+    import os
+
+    os.environ.setdefault("NEMO_TESTING", "0")
+    level = logging.DEBUG if verbose else logging.ERROR
+    for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning", "nv_one_logger"):
+        logging.getLogger(name).setLevel(level)

@@ -1,0 +1,104 @@
+"""NeMo model recipes: QuartzNet configs and a small CPU training loop (driver side only).
+
+The configs are plain dicts (no NeMo import); `build_nemo_model` and `train_ctc` import NeMo
+when called. Used to make the models the tests and benchmarks run, and the demo model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHAR_LABELS = tuple(" abcdefghijklmnopqrstuvwxyz'")
+
+
+def _block(filters, repeat, kernel, stride=1, dilation=1, residual=False, separable=True, dropout=0.0):
+    return dict(filters=filters, repeat=repeat, kernel=[kernel], stride=[stride], dilation=[dilation],
+                dropout=dropout, residual=residual, separable=separable)
+
+
+def _preprocessor(sample_rate: int = 16000) -> dict:
+    return dict(_target_="nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+                normalize="per_feature", window_size=0.02, window_stride=0.01, sample_rate=sample_rate,
+                window="hann", features=64, n_fft=512, frame_splicing=1, dither=1e-5)
+
+
+def ctc_config(blocks: list[dict], labels: Sequence[str] = CHAR_LABELS, activation: str = "relu") -> dict:
+    """An `EncDecCTCModel` config (QuartzNet/Jasper family) around the given encoder blocks."""
+    labels = list(labels)
+    return dict(
+        sample_rate=16000, labels=labels, preprocessor=_preprocessor(),
+        encoder=dict(_target_="nemo.collections.asr.modules.ConvASREncoder", feat_in=64,
+                     activation=activation, conv_mask=True, jasper=blocks),
+        decoder=dict(_target_="nemo.collections.asr.modules.ConvASRDecoder", feat_in=blocks[-1]["filters"],
+                     num_classes=len(labels), vocabulary=labels),
+    )
+
+
+def quartznet15x5_config(dropout: float = 0.0) -> dict:
+    """NeMo's QuartzNet15x5 (18.9 M parameters), as in examples/asr/conf/quartznet/quartznet_15x5.yaml."""
+    blocks = [_block(256, 1, 33, stride=2, dropout=dropout)]
+    for filters, kernel in ((256, 33), (256, 39), (512, 51), (512, 63), (512, 75)):
+        blocks += [_block(filters, 5, kernel, residual=True, dropout=dropout) for _ in range(3)]
+    blocks += [_block(512, 1, 87, dilation=2, dropout=dropout), _block(1024, 1, 1, separable=False, dropout=dropout)]
+    return ctc_config(blocks)
+
+
+def tiny_quartznet_config() -> dict:
+    """A 0.17 M-parameter QuartzNet that learns a small espeak-ng grammar in about a minute on 2 cores."""
+    return ctc_config([
+        _block(128, 1, 11, stride=2), _block(128, 2, 13, residual=True), _block(128, 2, 17, residual=True),
+        _block(128, 1, 21, dilation=2), _block(192, 1, 1, separable=False),
+    ])
+
+
+def build_nemo_model(config: dict):
+    """An untrained NeMo `EncDecCTCModel` (eval mode) from a config dict."""
+    from nemo.collections.asr.models import EncDecCTCModel
+    from omegaconf import OmegaConf
+
+    return EncDecCTCModel(cfg=OmegaConf.create(config)).eval()
+
+
+def train_ctc(model, data: Sequence[tuple[str, np.ndarray]], steps: int, batch_size: int = 16,
+              lr: float = 3e-3, seed: int = 0, log_every: int = 50, time_limit: Optional[float] = None):
+    """Train a NeMo CTC model in place on (text, 16 kHz audio) pairs with AdamW; returns it in eval mode."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    index = {c: i for i, c in enumerate(model.decoder.vocabulary)}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    start = time.monotonic()
+    for step in range(1, steps + 1):
+        loss = _train_step(model, rng.sample(list(data), min(batch_size, len(data))), index)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0:
+            log.info("step %d loss %.3f (%.0f s)", step, float(loss), time.monotonic() - start)
+        if time_limit and time.monotonic() - start > time_limit:
+            break
+    return model.eval()
+
+
+def _train_step(model, batch, index: dict[str, int]) -> torch.Tensor:
+    lengths = torch.tensor([len(a) for _, a in batch])
+    audio = torch.zeros(len(batch), int(lengths.max()))
+    for i, (_, a) in enumerate(batch):
+        audio[i, : len(a)] = torch.from_numpy(a)
+    targets = [torch.tensor([index[c] for c in text]) for text, _ in batch]
+    target_lengths = torch.tensor([len(t) for t in targets])
+    padded = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+    log_probs, enc_lengths, _ = model(input_signal=audio, input_signal_length=lengths)
+    return model.loss(log_probs=log_probs, targets=padded, input_lengths=enc_lengths,
+                      target_lengths=target_lengths)

@@ -1,0 +1,105 @@
+"""Shared fixtures: espeak-ng speech, a tiny QuartzNet trained in the session, QuartzNet15x5.
+
+Everything is generated here; nothing is downloaded. Session-scoped so the suite pays once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from runner.corpus import sentences, synthesize_many
+
+RATE = 16000
+TRAIN_SEED, TEST_SEED = 1, 2
+
+
+def pytest_configure(config):
+    logging.getLogger("nemo_logger").setLevel(logging.ERROR)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_espeak():
+    if shutil.which("espeak-ng") is None:
+        pytest.exit("espeak-ng is required (apt-get install -y espeak-ng); .ci/run installs it", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def speech() -> list[tuple[str, np.ndarray]]:
+    """40 held-out utterances (sentences not in the training set), mixed voices and lengths."""
+    train = set(sentences(200, TRAIN_SEED))
+    texts = [t for t in sentences(80, TEST_SEED) if t not in train][:40]
+    return [(text, audio) for text, _voice, audio in synthesize_many(texts, TEST_SEED)]
+
+
+@pytest.fixture(scope="session")
+def speech_files(speech, tmp_path_factory) -> list[tuple[str, str]]:
+    """The `speech` utterances as 16 kHz WAV files: (text, path)."""
+    folder = tmp_path_factory.mktemp("speech")
+    out = []
+    for i, (text, audio) in enumerate(speech):
+        path = folder / f"utt{i:03d}.wav"
+        sf.write(path, audio, RATE)
+        out.append((text, str(path)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo():
+    """A NeMo QuartzNet (0.17 M parameters) trained for ~1 minute on espeak-ng speech: real transcripts."""
+    from runner.recipes import build_nemo_model, tiny_quartznet_config, train_ctc
+
+    torch.manual_seed(0)
+    data = [(t, a) for t, _v, a in synthesize_many(sentences(200, TRAIN_SEED), TRAIN_SEED)]
+    model = build_nemo_model(tiny_quartznet_config())
+    return train_ctc(model, data, steps=400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo_file(tiny_nemo, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "tiny_quartznet.nemo"
+    tiny_nemo.save_to(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lean(tiny_nemo):
+    from runner.model import build_model
+    from runner.nemo_loader import describe
+
+    return build_model(*describe(tiny_nemo))
+
+
+@pytest.fixture(scope="session")
+def quartznet15x5_nemo():
+    """NeMo's QuartzNet15x5 architecture (18.9 M parameters) with random weights and BN statistics."""
+    from runner.recipes import build_nemo_model, quartznet15x5_config
+
+    torch.manual_seed(0)
+    model = build_nemo_model(quartznet15x5_config())
+    randomize_batchnorm(model)
+    return model
+
+
+def randomize_batchnorm(model, seed: int = 0) -> None:
+    """Non-trivial BN statistics, so that a wrong BN order or eps would show in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+            mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
+def pad(audios):
+    from runner.transcribe import pad_batch
+
+    return pad_batch(audios)
