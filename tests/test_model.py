@@ -47,7 +47,7 @@ def test_transcripts_identical_to_nemo_transcribe(tiny_nemo, tiny_lean, speech_f
     assert len(ours) >= 20
     assert ours == nemo_texts
     # The comparison means something only if the model really transcribes.
-    assert all(ours) and cer(texts, ours) < 0.3, cer(texts, ours)
+    assert all(ours) and cer(texts, ours) < 0.15, cer(texts, ours)
 
 
 def test_transcript_does_not_depend_on_batch(tiny_lean, speech):

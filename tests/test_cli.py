@@ -1,0 +1,73 @@
+"""The CLI and the loader's checks: real .nemo files, unsupported models, exit codes."""
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.cli import main
+from runner.errors import UnsupportedModelError
+from runner.nemo_loader import _block, check_supported, read_nemo_config
+
+
+def fake_nemo(path: Path, config: dict) -> Path:
+    """A .nemo-shaped archive holding only a model_config.yaml."""
+    cfg = path.with_suffix(".yaml")
+    cfg.write_text(yaml.safe_dump(config))
+    with tarfile.open(path, "w:") as tar:
+        tar.add(cfg, arcname="./model_config.yaml")
+    return path
+
+
+CONFORMER_BPE = {
+    "target": "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE",
+    "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor"},
+    "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder"},
+    "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder"},
+}
+
+
+def test_unsupported_model_names_its_classes_and_exits_2(tmp_path, capsys):
+    model = fake_nemo(tmp_path / "conformer.nemo", CONFORMER_BPE)
+    with pytest.raises(UnsupportedModelError, match="model=EncDecCTCModelBPE.*encoder=ConformerEncoder.*supported: EncDecCTCModel"):
+        check_supported(read_nemo_config(model), str(model))
+    wav = tmp_path / "x.wav"
+    wav.write_bytes(b"")
+    assert main(["transcribe", str(model), str(wav)]) == 2
+    err = capsys.readouterr().err
+    assert "conformer.nemo: unsupported model" in err and "ConformerEncoder" in err
+
+
+def test_squeeze_excite_block_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="block 3 uses se=True.*Citrinet"):
+        _block(3, {"filters": 256, "repeat": 5, "kernel": [11], "stride": [1], "dilation": [1],
+                   "residual": True, "se": True}, "add", "citrinet.nemo")
+
+
+def test_not_a_model_file_exits_2(tmp_path, capsys):
+    bogus = tmp_path / "model.nemo"
+    bogus.write_text("hello")
+    assert main(["transcribe", str(bogus), str(bogus)]) == 2
+    assert "model.nemo: neither a .nemo archive nor a lean checkpoint" in capsys.readouterr().err
+    assert main(["transcribe", str(tmp_path / "absent.nemo"), str(bogus)]) == 2
+
+
+def test_export_then_transcribe_from_the_installed_console_script(tiny_nemo_file, speech_files, tmp_path):
+    from runner.audio import load_audio
+    from runner.model import load_model
+    from runner.transcribe import transcribe_batch
+
+    exe = Path(sys.executable).with_name("asr-runner")
+    lean = tmp_path / "tiny.pt"
+    subprocess.run([str(exe), "--quiet", "export", tiny_nemo_file, "--out", str(lean)], check=True, timeout=300)
+    paths = [p for _, p in speech_files[:5]]
+    out = subprocess.run([str(exe), "transcribe", "--quiet", str(lean), *paths, str(tmp_path / "gone.wav")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1  # one file failed
+    assert "gone.wav\tERROR" in out.stderr and "file not found" in out.stderr
+    lines = dict(line.split("\t", 1) for line in out.stdout.strip().splitlines())
+    expected = transcribe_batch(load_model(lean), [load_audio(p, 16000) for p in paths])
+    assert [lines[p] for p in paths] == expected
