@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cmd_transcribe)
 
+    p = sub.add_parser("run", parents=[common], help="run (or resume) a transcription job from a YAML spec")
+    p.add_argument("spec", help="job spec (YAML), see jobs/")
+    p.add_argument("--out", help="output directory (overrides `output`)")
+    p.add_argument("--resume", action="store_true", help="continue the job in --out: run only missing parts")
+    p.add_argument("--retry-errors", action="store_true", help="re-run only error rows, rewriting their parts")
+    p.add_argument("--address", help="join an existing Ray cluster (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("--workers", type=int, help="Ray worker actors (default: one per CPU / threads_per_worker)")
+    p.add_argument("--precision", choices=["int8", "fp32"])
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("export", parents=[common], help="write a .nemo model as a lean checkpoint (no NeMo needed to load)")
     p.add_argument("model", help=".nemo file")
     p.add_argument("--out", required=True, help="output file")
@@ -93,6 +103,50 @@ def _cmd_transcribe(args) -> int:
         log.info("%s: %.1f s audio in %.2f s", path, len(audio) / rate, time.perf_counter() - start)
         print(f"{path}\t{text}")
     return 1 if failed else 0
+
+
+def _cmd_run(args) -> int:
+    from .jobs import run_job
+    from .spec import load_spec
+
+    out = str(Path(args.out).resolve()) if args.out else None
+    spec = load_spec(args.spec, output=out, workers=args.workers, precision=args.precision)
+    progress = _progress(args.quiet)
+    try:
+        result = run_job(spec, resume=args.resume, retry_errors=args.retry_errors, address=args.address,
+                         on_event=progress)
+    finally:
+        progress.close()
+    _print_stats(result.stats, result.out)
+    return 0
+
+
+def _progress(quiet: bool):
+    from .progress import LogProgress, RichProgress
+
+    if quiet or not sys.stdout.isatty():
+        return LogProgress()
+    from rich.console import Console
+
+    return RichProgress(Console())
+
+
+def _print_stats(stats: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{out}", show_header=False)
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    rows = [("precision / engine", f"{stats['precision']} / {stats['engine']}"),
+            ("workers x threads", f"{stats['workers']} x {stats['threads_per_worker']}"),
+            ("utterances (failed)", f"{stats['utterances']:,} ({stats['failed']:,})"),
+            ("audio", f"{stats['audio_seconds'] / 3600:.2f} h"),
+            ("startup / wall", f"{stats['startup_seconds']:.1f} s / {stats['wall_seconds']:.1f} s"),
+            ("RTFx", "-" if stats["rtfx"] is None else f"{stats['rtfx']:,.1f}"),
+            ("WER / CER", f"{pct(stats['wer'])} / {pct(stats['cer'])}")]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(soft_wrap=True).print(table)
 
 
 def _cmd_export(args) -> int:

@@ -33,3 +33,9 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
 
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return error_rate(refs, hyps, "char")
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, keep letters, digits and apostrophes, collapse spaces: how WER is scored here."""
+    kept = "".join(c if (c.isalnum() or c == "'") else " " for c in text.lower())
+    return " ".join(kept.split())

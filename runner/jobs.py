@@ -1,0 +1,231 @@
+"""Orchestration: a validated job -> Ray worker actors -> Parquet parts, stats, `_SUCCESS`.
+
+Ray itself stays at the edge, in `runner.ray_pool`. Order of work, so bad input costs nothing:
+1. validate the manifest (every line, unique ids) and plan shards;     -> exit 2 on errors
+2. claim the output directory (fingerprint check for --resume);        -> exit 2 on mismatch
+3. load the model on the driver (NeMo only here), `ray.put` it once;
+4. one actor per worker (`num_cpus=threads_per_worker`), a bounded number of shards in
+   flight per actor, each result written as an atomic Parquet part by the driver;
+5. past the error budget: stop cleanly (exit 1), finished parts stay valid for --resume;
+6. all shards done: `stats.json`, then `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import InputError, RunnerError
+from .manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
+from .output import (JOB_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, read_part,
+                     remove_stale_temporaries, write_atomic, write_json, write_part)
+from .shards import Shard, group_items, plan_shards
+from .spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+Event = Callable[..., None]
+
+
+class JobFailed(RunnerError):
+    """The job stopped (error budget exceeded, workers lost); finished parts remain valid."""
+
+
+@dataclass
+class Plan:
+    shards: list[Shard]
+    items: int
+    seconds: float
+    with_text: int
+    manifest_sha256: str
+
+
+@dataclass
+class RunResult:
+    out: Path
+    stats: dict
+    ran_shards: list[int] = field(default_factory=list)
+
+
+def prepare(spec: JobSpec) -> Plan:
+    """Validate every manifest line and plan shards; raises `ManifestError` (exit 2) first."""
+    counts = {"items": 0, "seconds": 0.0, "with_text": 0}
+
+    def counted():
+        for item in check_unique_ids(iter_manifest(spec.manifest), spec.manifest):
+            counts["items"] += 1
+            counts["seconds"] += item.duration or 0.0
+            counts["with_text"] += item.text is not None
+            yield item
+
+    shards = plan_shards(counted(), spec.shard_seconds)
+    if not shards:
+        raise InputError(f"{spec.manifest}: the manifest has no items")
+    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], file_sha256(spec.manifest))
+
+
+def fingerprint(spec: JobSpec, plan: Plan) -> dict:
+    """What a resumed run must share with the original for its parts to be reusable."""
+    shard_rows = json.dumps([s.to_list()[:4] for s in plan.shards]).encode()
+    return {
+        "manifest_sha256": plan.manifest_sha256,
+        "model_sha256": file_sha256(spec.model),
+        "precision": spec.precision,
+        "shard_seconds": spec.shard_seconds,
+        "items": plan.items,
+        "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
+    }
+
+
+def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool) -> None:
+    """Create or re-open the run directory; refuse (exit 2) to mix two jobs in one folder."""
+    out = Path(spec.output)
+    job_file = out / JOB_FILE
+    if job_file.exists():
+        if not resume:
+            raise InputError(f"{out} already holds a job ({JOB_FILE}); pass --resume to continue it "
+                             "(or --retry-errors), or choose another --out")
+        old = json.loads(job_file.read_text()).get("fingerprint", {})
+        diff = [k for k in fp if old.get(k) != fp[k]]
+        if diff:
+            raise InputError(f"cannot resume {out}: {', '.join(diff)} differ from the job that wrote it "
+                             f"({_why(diff)}); use a new --out for a new job")
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} is not empty and holds no {JOB_FILE}; choose a new or empty output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUCCESS_FILE).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
+    write_json(job_file, {"spec": spec.to_dict(), "fingerprint": fp,
+                          "plan": [s.to_list() for s in plan.shards],
+                          "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"]})
+
+
+def _why(keys: list[str]) -> str:
+    reasons = {"manifest_sha256": "the manifest changed", "model_sha256": "the model file changed",
+               "precision": "precision changed", "shard_seconds": "shard_seconds changed",
+               "items": "the manifest has a different number of items", "plan_sha256": "the shard plan changed"}
+    return "; ".join(reasons.get(k, k) for k in keys)
+
+
+def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[int], dict[int, set[str]]]:
+    """Shards without a valid part; with `retry_errors`, also those holding error rows (and which ids)."""
+    out = Path(spec.output)
+    parts = existing_parts(out)
+    todo, retry = [], {}
+    for shard in plan.shards:
+        path = parts.get(shard.index)
+        if path is None or not part_is_valid(path, shard.items):
+            if path is not None:
+                log.warning("part %s is damaged or incomplete; recomputing shard %d", path.name, shard.index)
+            todo.append(shard.index)
+        elif retry_errors:
+            table = read_part(path)
+            errors = {i for i, s in zip(table["id"].to_pylist(), table["status"].to_pylist()) if s == "error"}
+            if errors:
+                todo.append(shard.index)
+                retry[shard.index] = errors
+    return todo, retry
+
+
+def load_payload(spec: JobSpec) -> dict:
+    """What every worker needs to rebuild its model, in one picklable dict (put in Ray once)."""
+    from .nemo_loader import load_any  # NeMo is imported here only for .nemo files
+
+    model = load_any(spec.model)
+    return {"spec": model.spec.to_dict(), "state_dict": model.state_dict(), "engine": "fp32"}
+
+
+def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, address: Optional[str] = None,
+            on_event: Event = lambda kind, **data: None) -> RunResult:
+    """Run (or resume) a job to completion; raises `InputError` (exit 2) or `JobFailed` (exit 1)."""
+    t_start = time.perf_counter()
+    if spec.precision == "int8":
+        raise InputError("precision int8 needs the quantizer, which is not in this version yet; "
+                         "run with --precision fp32 (or `precision: fp32` in the spec)")
+    plan = prepare(spec)
+    fp = fingerprint(spec, plan)
+    claim_output(spec, plan, fp, resume or retry_errors)
+    todo, retry = shards_to_run(spec, plan, retry_errors)
+    todo_seconds = sum(plan.shards[i].seconds for i in todo)
+    on_event("planned", shards=len(plan.shards), todo=len(todo), items=plan.items, seconds=plan.seconds,
+             todo_seconds=todo_seconds)
+    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": [], "engines": {}}
+    if todo:
+        payload = load_payload(spec)
+        _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start)
+    stats = finish(spec, plan, processed)
+    on_event("finished", stats=stats)
+    return RunResult(Path(spec.output), stats, todo)
+
+
+def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start) -> None:
+    from . import ray_pool
+
+    with ray_pool.RayPool(spec, payload, address) as pool:
+        processed["startup"] = time.perf_counter() - t_start
+        processed["workers"] = pool.names
+        processed["engines"] = pool.engines
+        on_event("workers", names=pool.names, engines=pool.engines, startup=processed["startup"])
+        t0 = time.perf_counter()
+        _dispatch(spec, plan, todo, retry, pool, on_event, processed)
+        processed["wall"] = time.perf_counter() - t0
+
+
+def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
+    out = Path(spec.output)
+    budget = spec.max_failed_items(plan.items)
+    failed = _failed_in_finished_parts(out, plan, set(todo))
+    items = iter_manifest(spec.manifest, read_missing_durations=False)
+    work = ((shard, _only(batch, retry.get(shard.index))) for shard, batch in group_items(items, plan.shards, set(todo)))
+    for shard, rows, result in pool.map(work):
+        if shard.index in retry:
+            rows = _merge(read_part(_part(out, shard)).to_pylist(), rows)
+        write_part(out, shard.index, rows, {"worker": result.worker, "engine": result.engine,
+                                            "compute_seconds": result.compute_seconds})
+        failed += sum(r["status"] == "error" for r in rows)
+        processed["audio"] += result.audio_seconds
+        on_event("shard", shard=shard.index, audio_seconds=result.audio_seconds, worker=result.worker,
+                 failed=failed, errors=[r["error"] for r in rows if r["status"] == "error"][:3])
+        if failed > budget:
+            raise JobFailed(f"{failed} failed items exceed the error budget max_failed={spec.max_failed} "
+                            f"({budget} of {plan.items} items); finished parts are kept: fix the inputs "
+                            "(see the `error` column) and run again with --resume or --retry-errors")
+
+
+def _only(batch: list[ManifestItem], ids: Optional[set[str]]) -> list[ManifestItem]:
+    return batch if ids is None else [item for item in batch if item.id in ids]
+
+
+def _part(out: Path, shard: Shard) -> Path:
+    from .output import part_path
+
+    return part_path(out, shard.index)
+
+
+def _merge(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    by_id = {r["id"]: r for r in new_rows}
+    return [by_id.get(r["id"], r) for r in old_rows]
+
+
+def _failed_in_finished_parts(out: Path, plan: Plan, todo: set[int]) -> int:
+    failed = 0
+    for index, path in existing_parts(out).items():
+        if index not in todo and index < len(plan.shards):
+            failed += sum(s == "error" for s in read_part(path)["status"].to_pylist())
+    return failed
+
+
+def finish(spec: JobSpec, plan: Plan, processed: dict) -> dict:
+    from .stats import job_stats
+
+    out = Path(spec.output)
+    stats = job_stats(spec, out, processed)
+    write_json(out / STATS_FILE, stats)
+    write_atomic(out / SUCCESS_FILE, b"")
+    return stats
+

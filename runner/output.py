@@ -1,0 +1,113 @@
+"""The run directory: `job.json`, Parquet parts written atomically, `stats.json`, `_SUCCESS`.
+
+Only the driver writes here. Workers send their rows back through Ray's object store, so a
+cluster needs no shared filesystem: the output directory only has to exist on the driver's
+machine (or be a mount the driver can write). A part is written to a temporary name in the
+same folder, flushed to disk, then renamed: a part file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("audio_filepath", pa.string()),
+    ("offset", pa.float64()),
+    ("duration", pa.float64()),
+    ("text", pa.string()),
+    ("reference", pa.string()),
+    ("status", pa.string()),  # ok | error
+    ("error", pa.string()),
+    ("shard", pa.int32()),
+])
+
+JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
+
+
+def part_path(out: Path, shard: int) -> Path:
+    return out / PARTS_DIR / f"part-{shard:05d}.parquet"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_part(out: Path, shard: int, rows: list[dict], metadata: Optional[dict] = None) -> Path:
+    """Write one shard's rows as `transcripts/part-NNNNN.parquet`, atomically."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata({b"asr_runner": json.dumps(metadata).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    path = part_path(out, shard)
+    write_atomic(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def read_part(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMA)
+
+
+def part_is_valid(path: Path, expected_rows: int) -> bool:
+    """A part counts as done when its footer reads and it holds the shard's row count."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows == expected_rows
+    except Exception:
+        return False
+
+
+def existing_parts(out: Path) -> dict[int, Path]:
+    folder = out / PARTS_DIR
+    if not folder.is_dir():
+        return {}
+    parts = {}
+    for path in folder.glob("part-*.parquet"):
+        try:
+            parts[int(path.stem.split("-")[1])] = path
+        except (IndexError, ValueError):
+            continue
+    return parts
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Leftovers of an interrupted write (our own `.part-*.tmp` names only)."""
+    folder = out / PARTS_DIR
+    if folder.is_dir():
+        for tmp in folder.glob(".part-*.parquet.*.tmp"):
+            _remove_quietly(str(tmp))
+
+
+def read_rows(out: Path, columns: Optional[Iterable[str]] = None) -> pa.Table:
+    parts = sorted(existing_parts(out).items())
+    tables = [pq.read_table(p, columns=list(columns) if columns else None) for _, p in parts]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

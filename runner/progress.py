@@ -1,0 +1,85 @@
+"""Rendering of job events for the CLI: a rich live display on a terminal, log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+log = logging.getLogger("runner")
+
+
+class LogProgress:
+    """Plain log lines (--quiet, or stdout is not a terminal)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.done = self.total = 0.0
+        self.shards = self.todo = 0
+
+    def __call__(self, kind: str, **data) -> None:
+        getattr(self, f"on_{kind}", lambda **_: None)(**data)
+
+    def on_planned(self, shards, todo, items, seconds, todo_seconds):
+        self.total, self.todo = todo_seconds, todo
+        log.info("%d items, %.1f h of audio in %d shards; %d to run", items, seconds / 3600, shards, todo)
+
+    def on_workers(self, names, engines, startup):
+        self.t0 = time.perf_counter()
+        log.info("%d workers ready in %.1f s (engines: %s)", len(names), startup,
+                 ", ".join(sorted(set(engines.values()))))
+
+    def on_shard(self, shard, audio_seconds, worker, failed, errors):
+        self.done += audio_seconds
+        self.shards += 1
+        rtfx = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        log.info("shard %d done by %s (%d/%d): %.0f/%.0f s audio, RTFx %.0f, %d failed",
+                 shard, worker, self.shards, self.todo, self.done, self.total, rtfx, failed)
+        for err in errors:
+            log.warning("error row: %s", err)
+
+    def close(self):
+        pass
+
+
+class RichProgress(LogProgress):
+    """Live bar in audio seconds with ETA and RTFx, and one line per worker."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        super().__init__()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} s audio"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=console, transient=False)
+        self.main: Optional[int] = None
+        self.workers: dict[str, int] = {}
+
+    def on_planned(self, shards, todo, items, seconds, todo_seconds):
+        super().on_planned(shards, todo, items, seconds, todo_seconds)
+        self.progress.start()
+        self.main = self.progress.add_task("transcribing", total=max(todo_seconds, 1e-9), info="starting workers")
+
+    def on_workers(self, names, engines, startup):
+        super().on_workers(names, engines, startup)
+        for name in names:
+            self.workers[name] = self.progress.add_task(f"  {name}", total=None, info=f"{engines[name]}, idle")
+        self.progress.update(self.main, info=f"{len(names)} workers, startup {startup:.1f} s")
+
+    def on_shard(self, shard, audio_seconds, worker, failed, errors):
+        self.done += audio_seconds
+        self.shards += 1
+        rtfx = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.main, advance=audio_seconds,
+                             info=f"RTFx {rtfx:,.0f} · shards {self.shards}/{self.todo} · failed {failed}")
+        if worker in self.workers:
+            task = self.workers[worker]
+            count = int(self.progress.tasks[task].completed) + 1
+            self.progress.update(task, completed=count, info=f"{count} shards, last {shard}")
+        for err in errors:
+            self.progress.console.print(f"[yellow]error row:[/] {err}")
+
+    def close(self):
+        if self.main is not None:
+            self.progress.stop()

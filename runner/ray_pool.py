@@ -1,0 +1,107 @@
+"""The Ray edge: start or join a cluster, one `ShardWorker` actor per worker, shards in, results out.
+
+Local by default (`ray.init` with this machine's CPUs); `--address` or `RAY_ADDRESS` joins an
+existing cluster, shipping the `runner` package to its nodes. The model payload is `ray.put`
+once and every actor receives it by reference. Actors restart and retry their shard if their
+process dies (`max_restarts`, `max_task_retries`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import RunnerError
+from .spec import JobSpec
+from .transcribe import DecodeOptions
+from .worker import ShardWorker
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2  # one running, one queued: an actor never waits for the driver
+ACTOR_RESTARTS = 3
+
+
+class WorkersLost(RunnerError):
+    """A shard could not be completed because its worker kept dying."""
+
+
+class RayPool:
+    def __init__(self, spec: JobSpec, payload: dict, address: Optional[str] = None):
+        self.spec, self.payload, self.address = spec, payload, address or os.environ.get("RAY_ADDRESS")
+        self.actors: list = []
+        self.names: list[str] = []
+        self.engines: dict[str, str] = {}
+        self._started_ray = False
+
+    def __enter__(self) -> "RayPool":
+        import ray
+
+        if not ray.is_initialized():
+            self._init(ray)
+        threads = self.spec.threads_per_worker
+        count = self.spec.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+        options = DecodeOptions(batch_size=self.spec.batch_size, window_seconds=self.spec.window_seconds)
+        ref = ray.put(self.payload)
+        remote = ray.remote(ShardWorker).options(num_cpus=threads, max_restarts=ACTOR_RESTARTS,
+                                                  max_task_retries=ACTOR_RESTARTS)
+        self.actors = [remote.remote(ref, threads, options) for _ in range(count)]
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.names = [i["worker"] for i in infos]
+        self.engines = {i["worker"]: i["engine"] for i in infos}
+        log.info("%d workers ready (%d thread(s) each)", count, threads)
+        return self
+
+    def _init(self, ray) -> None:
+        common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                      configure_logging=True)
+        if self.address:
+            package = str(Path(__file__).resolve().parent)
+            ray.init(address=self.address, runtime_env={"py_modules": [package]}, **common)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **common)
+        self._started_ray = True
+
+    def map(self, work: Iterator) -> Iterator[tuple]:
+        """(shard, items) pairs in -> (shard, rows, ShardResult) out, as they complete."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending: dict = {}
+        load = {i: 0 for i in range(len(self.actors))}
+        work = iter(work)
+        exhausted = False
+        while True:
+            while not exhausted and min(load.values()) < IN_FLIGHT_PER_WORKER:
+                nxt = next(work, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                shard, items = nxt
+                idx = min(load, key=load.get)
+                pending[self.actors[idx].__call__.remote(shard.index, items)] = (shard, idx)
+                load[idx] += 1
+            if not pending:
+                return
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            shard, idx = pending.pop(ready)
+            load[idx] -= 1
+            try:
+                result = ray.get(ready)
+            except (RayActorError, RayTaskError) as exc:
+                raise WorkersLost(f"shard {shard.index} failed after {ACTOR_RESTARTS} retries: "
+                                  f"{str(exc).splitlines()[0]}; run again with --resume") from None
+            yield shard, result.rows, result
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        if self._started_ray:
+            ray.shutdown()

@@ -1,0 +1,130 @@
+"""Job specs: YAML -> frozen `JobSpec`, validated once, round-tripping to JSON (`job.json`).
+
+Relative paths resolve against the spec file's folder. Unknown keys are an error that names
+them; every error is one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import InputError
+
+PRECISIONS = ("int8", "fp32")
+ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
+
+
+class SpecError(InputError):
+    """A job spec is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    engine: str = "auto"  # auto | onednn | x86 | fbgemm | qnnpack
+    calibration_manifest: Optional[str] = None  # default: a reproducible sample of the job's manifest
+    calibration_items: int = 100
+    max_wer_increase: float = 0.005  # accuracy gate, a fraction (0.005 = 0.5 WER points)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str  # path to a .nemo file (or a lean checkpoint), or `demo`
+    manifest: str  # NeMo JSONL, optionally .gz
+    output: str  # run directory
+    precision: str = "int8"
+    workers: Optional[int] = None  # Ray actors; default: one per CPU of the cluster
+    threads_per_worker: int = 1  # torch threads in each actor (measured: 1 per CPU is fastest)
+    shard_seconds: float = 600.0  # target audio seconds per shard
+    max_failed: float = 0.01  # error budget: a fraction of items, or a count if >= 1
+    batch_size: int = 8  # utterances per forward pass inside a worker
+    window_seconds: float = 40.0  # longer files are encoded in windows
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "job spec") -> "JobSpec":
+        data = dict(data)
+        _check_keys(data, cls, where)
+        quant = data.pop("quantization", None) or {}
+        if not isinstance(quant, dict):
+            raise SpecError(f"{where}: quantization must be a mapping of keys, got {type(quant).__name__}")
+        _check_keys(quant, QuantizationSpec, where, prefix="quantization.")
+        missing = [k for k in ("model", "manifest", "output") if data.get(k) in (None, "")]
+        if missing:
+            raise SpecError(f"{where}: missing required key(s): {', '.join(missing)}")
+        spec = cls(**data, quantization=QuantizationSpec(**quant))
+        verify(spec, where)
+        return spec
+
+    def max_failed_items(self, total: int) -> int:
+        """The error budget as a count of items."""
+        return int(self.max_failed) if self.max_failed >= 1 else int(self.max_failed * total)
+
+
+def _check_keys(data: dict, cls, where: str, prefix: str = "") -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise SpecError(f"{where}: unknown key(s) {names}; allowed: {', '.join(prefix + k for k in sorted(allowed))}")
+
+
+def verify(spec: JobSpec, where: str) -> None:
+    """One-line errors naming the offending key (whisper's `_verify_options` style)."""
+    q = spec.quantization
+    checks = [
+        (spec.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}"),
+        (spec.workers is None or (isinstance(spec.workers, int) and spec.workers >= 1),
+         f"workers must be a positive integer, got {spec.workers!r}"),
+        (isinstance(spec.threads_per_worker, int) and spec.threads_per_worker >= 1,
+         f"threads_per_worker must be a positive integer, got {spec.threads_per_worker!r}"),
+        (_number(spec.shard_seconds) and spec.shard_seconds > 0,
+         f"shard_seconds must be a positive number, got {spec.shard_seconds!r}"),
+        (_number(spec.max_failed) and spec.max_failed >= 0 and (spec.max_failed < 1 or float(spec.max_failed).is_integer()),
+         f"max_failed must be a fraction in [0, 1) or a whole count >= 1, got {spec.max_failed!r}"),
+        (isinstance(spec.batch_size, int) and spec.batch_size >= 1, f"batch_size must be >= 1, got {spec.batch_size!r}"),
+        (_number(spec.window_seconds) and spec.window_seconds >= 5,
+         f"window_seconds must be a number >= 5, got {spec.window_seconds!r}"),
+        (q.engine in ENGINES, f"quantization.engine must be one of {', '.join(ENGINES)}, got {q.engine!r}"),
+        (isinstance(q.calibration_items, int) and q.calibration_items >= 1,
+         f"quantization.calibration_items must be a positive integer, got {q.calibration_items!r}"),
+        (_number(q.max_wer_increase) and 0 <= q.max_wer_increase < 1,
+         f"quantization.max_wer_increase is a fraction (0.005 = 0.5 WER points), got {q.max_wer_increase!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SpecError(f"{where}: {message}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_spec(path: Union[str, os.PathLike], **overrides: Any) -> JobSpec:
+    """Read a YAML spec; `overrides` (CLI flags, None = not given) replace its keys before validation."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job spec not found") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job spec is a mapping of keys (model, manifest, output, ...)")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    base = path.resolve().parent
+    for key in ("model", "manifest", "output"):
+        if isinstance(data.get(key), str) and not (key == "model" and data[key] == "demo"):
+            data[key] = str((base / os.path.expanduser(data[key])).resolve())
+    quant = data.get("quantization")
+    if isinstance(quant, dict) and isinstance(quant.get("calibration_manifest"), str):
+        quant["calibration_manifest"] = str((base / quant["calibration_manifest"]).resolve())
+    return JobSpec.from_dict(data, where=str(path))

@@ -1,0 +1,53 @@
+"""Run figures from the Parquet parts: counts, audio seconds, RTFx, WER/CER, the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import cer, normalize_text, wer
+from .output import read_rows
+from .spec import JobSpec
+from .sysinfo import cpu_info
+
+
+def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
+    """`stats.json` content. `audio_seconds` covers the whole job; `rtfx` the audio this invocation
+    transcribed (`processed_audio_seconds`) over its `wall_seconds` (equal for a fresh run)."""
+    table = read_rows(out, ["status", "duration", "text", "reference"])
+    status = table["status"].to_pylist()
+    ok = [s == "ok" for s in status]
+    durations = table["duration"].to_pylist()
+    refs, hyps = _scored_pairs(table, ok)
+    wall = processed.get("wall", 0.0)
+    engines = sorted(set(processed.get("engines", {}).values())) or [_engine(spec)]
+    return {
+        "precision": spec.precision,
+        "engine": engines[0] if len(engines) == 1 else "mixed",
+        "engines": processed.get("engines", {}),
+        "workers": len(processed.get("workers", [])) or spec.workers,
+        "threads_per_worker": spec.threads_per_worker,
+        "utterances": len(status),
+        "failed": len(status) - sum(ok),
+        "audio_seconds": round(sum(d or 0.0 for d, k in zip(durations, ok) if k), 3),
+        "processed_audio_seconds": round(processed.get("audio", 0.0), 3),
+        "startup_seconds": round(processed.get("startup", 0.0), 3),
+        "wall_seconds": round(wall, 3),
+        "rtfx": round(processed.get("audio", 0.0) / wall, 2) if wall > 0 else None,
+        "wer": round(wer(refs, hyps), 5) if refs else None,
+        "cer": round(cer(refs, hyps), 5) if refs else None,
+        "scored_utterances": len(refs),
+        "cpu": cpu_info(),
+    }
+
+
+def _scored_pairs(table, ok: list[bool]) -> tuple[list[str], list[str]]:
+    refs, hyps = [], []
+    for keep, ref, hyp in zip(ok, table["reference"].to_pylist(), table["text"].to_pylist()):
+        if keep and ref is not None:
+            refs.append(normalize_text(ref))
+            hyps.append(normalize_text(hyp or ""))
+    return refs, hyps
+
+
+def _engine(spec: JobSpec) -> str:
+    return "fp32" if spec.precision == "fp32" else spec.quantization.engine

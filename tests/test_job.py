@@ -1,0 +1,165 @@
+"""The job runner end to end on a real local Ray cluster (2 CPUs), real Parquet, generated audio."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import soxr
+
+from runner.audio import load_audio
+from runner.cli import main
+from runner.corpus import sentences, synthesize_many
+from runner.jobs import JobFailed, run_job
+from runner.model import build_model
+from runner.nemo_loader import load_nemo
+from runner.output import read_rows
+from runner.spec import load_spec
+from runner.transcribe import transcribe_batch
+
+pytestmark = pytest.mark.slow
+
+N_SPEECH = 240
+FORMATS = [("wav", 16000, 1, "PCM_16"), ("flac", 22050, 1, "PCM_16"), ("ogg", 44100, 1, "VORBIS"),
+           ("mp3", 48000, 2, "MPEG_LAYER_III"), ("wav", 8000, 1, "PCM_24"), ("wav", 48000, 2, "FLOAT")]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few hundred utterances in mixed formats, rates and channel counts, plus 3 broken files."""
+    folder = tmp_path_factory.mktemp("job corpus")
+    rows = []
+    texts = sentences(N_SPEECH, seed=21)
+    for i, (text, _v, audio) in enumerate(synthesize_many(texts, seed=21)):
+        ext, rate, channels, subtype = FORMATS[i % len(FORMATS)]
+        data = soxr.resample(audio, 16000, rate) if rate != 16000 else audio
+        if channels == 2:
+            data = np.stack([data, data], axis=1)
+        name = f"audio/utt {i:03d}.{ext}"  # a space in every path
+        (folder / "audio").mkdir(exist_ok=True)
+        sf.write(folder / name, data, rate, subtype=subtype)
+        rows.append({"audio_filepath": name, "duration": round(len(audio) / 16000, 3), "text": text})
+    (folder / "audio/empty.wav").write_bytes(b"")
+    (folder / "audio/corrupt.wav").write_bytes(os.urandom(4000))
+    broken = [{"audio_filepath": "audio/missing.wav", "duration": 2.0, "text": "x"},
+              {"audio_filepath": "audio/empty.wav", "duration": 2.0, "text": "x"},
+              {"audio_filepath": "audio/corrupt.wav", "duration": 2.0, "text": "x"}]
+    for pos, row in zip((17, 120, 200), broken):
+        rows.insert(pos, row)
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, manifest, rows
+
+
+def make_spec(folder, manifest, model, out, **extra):
+    keys = {"model": model, "manifest": manifest, "output": out, "precision": "fp32", "workers": 2,
+            "shard_seconds": 60, "max_failed": 5, **extra}
+    path = folder / f"{out.name}.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
+    return path
+
+
+def part_stamps(out):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob("*.parquet")}
+
+
+def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, tiny_nemo_file, tmp_path):
+    folder, manifest, rows = corpus
+    out = tmp_path / "run"
+    spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out))
+    result = run_job(spec)
+
+    table = read_rows(out)
+    assert sorted(table["id"].to_pylist()) == sorted(f"L{i:08d}" for i in range(1, len(rows) + 1))
+    assert table.num_rows == len(rows)  # each id exactly once
+    assert set(table.column_names) >= {"id", "audio_filepath", "offset", "duration", "text", "reference",
+                                       "status", "error", "shard"}
+    errors = [r for r in table.to_pylist() if r["status"] == "error"]
+    assert sorted(os.path.basename(r["audio_filepath"]) for r in errors) == ["corrupt.wav", "empty.wav", "missing.wav"]
+    for r in errors:
+        assert r["id"] in r["error"] and r["audio_filepath"] in r["error"]
+
+    # Texts equal those of the lean model called directly on each file.
+    lean = build_model(*load_nemo(tiny_nemo_file))
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    direct = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in ok])
+    assert [r["text"] for r in ok] == direct
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert (out / "_SUCCESS").exists() and stats["utterances"] == len(rows) and stats["failed"] == 3
+    assert stats["workers"] == 2 and stats["rtfx"] > 1 and 0 <= stats["wer"] < 0.5
+    job = json.loads((out / "job.json").read_text())
+    assert job["fingerprint"]["items"] == len(rows) and len(job["plan"]) >= 10
+
+    # Delete two parts: --resume recomputes exactly those, and leaves the others untouched.
+    parts = sorted((out / "transcripts").glob("*.parquet"))
+    before = part_stamps(out)
+    for p in (parts[2], parts[7]):
+        p.unlink()
+    resumed = run_job(spec, resume=True)
+    assert resumed.ran_shards == [2, 7]
+    after = part_stamps(out)
+    assert {k: v for k, v in after.items() if k not in (parts[2].name, parts[7].name)} == \
+           {k: v for k, v in before.items() if k not in (parts[2].name, parts[7].name)}
+    assert read_rows(out).sort_by("id").equals(table.sort_by("id"))
+
+    # A changed manifest refuses to resume (exit 2), naming what differs.
+    changed = folder / "changed.jsonl"
+    changed.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))
+    shutil.copy(manifest, folder / "manifest.orig")
+    manifest.write_text(changed.read_text())
+    try:
+        assert main(["--quiet", "run", str(make_spec(folder, manifest, tiny_nemo_file, out)), "--resume"]) == 2
+    finally:
+        shutil.copy(folder / "manifest.orig", manifest)
+
+
+def test_malformed_manifest_fails_before_any_work(ray_local, corpus, tiny_nemo_file, tmp_path, capsys):
+    folder, manifest, _ = corpus
+    bad = folder / "bad.jsonl"
+    lines = manifest.read_text().splitlines()
+    lines[41] = lines[41][:-1]  # line 42: truncated JSON
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bad-run"
+    events = []
+    with pytest.raises(Exception, match=r"bad.jsonl:42: invalid JSON"):
+        run_job(load_spec(make_spec(folder, bad, tiny_nemo_file, out)), on_event=lambda k, **d: events.append(k))
+    assert events == [] and not out.exists()
+    assert main(["--quiet", "run", str(make_spec(folder, bad, tiny_nemo_file, out))]) == 2
+    assert "bad.jsonl:42: invalid JSON" in capsys.readouterr().err
+
+
+def test_error_budget_stops_the_job_and_keeps_finished_parts(ray_local, corpus, tiny_nemo_file, tmp_path):
+    folder, manifest, rows = corpus
+    out = tmp_path / "strict"
+    spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out, max_failed=0))
+    with pytest.raises(JobFailed, match="exceed the error budget"):
+        run_job(spec)
+    assert not (out / "_SUCCESS").exists()
+    for part in (out / "transcripts").glob("*.parquet"):
+        assert pq.ParquetFile(part).metadata.num_rows > 0  # every part on disk is complete
+    # The same job with a budget, resumed, completes.
+    relaxed = load_spec(make_spec(folder, manifest, tiny_nemo_file, out))
+    run_job(relaxed, resume=True)
+    assert read_rows(out).num_rows == len(rows) and (out / "_SUCCESS").exists()
+
+
+def test_output_directory_of_another_job_is_refused(ray_local, corpus, tiny_nemo_file, tmp_path, capsys):
+    folder, manifest, _ = corpus
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["--quiet", "run", str(make_spec(folder, manifest, tiny_nemo_file, foreign))]) == 2
+    assert "is not empty and holds no job.json" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
