@@ -44,7 +44,8 @@ class RayPool:
         threads = self.spec.threads_per_worker
         count = self.spec.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         options = DecodeOptions(batch_size=self.spec.batch_size, window_seconds=self.spec.window_seconds)
-        ref = ray.put(self.payload)
+        # Keep the reference for the pool's lifetime: a restarted actor re-reads it.
+        self.payload_ref = ref = ray.put(self.payload)
         remote = ray.remote(ShardWorker).options(num_cpus=threads, max_restarts=ACTOR_RESTARTS,
                                                   max_task_retries=ACTOR_RESTARTS)
         self.actors = [remote.remote(ref, threads, options) for _ in range(count)]

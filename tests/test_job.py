@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import soxr
+import torch
 
 from runner.audio import load_audio
 from runner.cli import main
@@ -18,7 +19,9 @@ from runner.model import build_model
 from runner.nemo_loader import load_nemo
 from runner.output import read_rows
 from runner.spec import load_spec
-from runner.transcribe import transcribe_batch
+from runner.manifest import iter_manifest
+from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.worker import transcribe_items
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +93,23 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     for r in errors:
         assert r["id"] in r["error"] and r["audio_filepath"] in r["error"]
 
-    # Texts equal those of the lean model called directly on each file.
+    # Texts equal those of the lean model called directly, shard by shard, as a worker does
+    # (1 thread, same batches: bit-identical); and file by file they agree but for near-ties.
     lean = build_model(*load_nemo(tiny_nemo_file))
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    items = list(iter_manifest(manifest))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for shard in json.loads((out / "job.json").read_text())["plan"]:
+            chunk = [i for i in items if shard[1] <= i.line <= shard[2]]
+            expected, _ = transcribe_items(lean, chunk, shard[0], DecodeOptions(batch_size=8))
+            assert [by_id[r["id"]]["text"] for r in expected] == [r["text"] for r in expected]
+    finally:
+        torch.set_num_threads(threads)
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
     direct = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in ok])
-    assert [r["text"] for r in ok] == direct
+    assert sum(a == b for a, b in zip(direct, [r["text"] for r in ok])) >= 0.97 * len(ok)
 
     stats = json.loads((out / "stats.json").read_text())
     assert (out / "_SUCCESS").exists() and stats["utterances"] == len(rows) and stats["failed"] == 3
