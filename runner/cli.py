@@ -71,8 +71,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """Log lines on stderr; on a terminal (and not --quiet) through rich, above the live display."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if quiet or not sys.stdout.isatty():
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_console(), show_path=False, markup=False)
+    handler._asr_runner = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_asr_runner", False)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("runner").setLevel(level)
     from .nemo_loader import quiet_nemo_logging
 
     quiet_nemo_logging(verbose)
@@ -126,9 +138,20 @@ def _progress(quiet: bool):
 
     if quiet or not sys.stdout.isatty():
         return LogProgress()
-    from rich.console import Console
+    return RichProgress(_console())
 
-    return RichProgress(Console())
+
+_CONSOLE = None
+
+
+def _console():
+    """One rich console for the live display and log lines, so logs print above the display."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console(stderr=False)
+    return _CONSOLE
 
 
 def _print_stats(stats: dict, out: Path) -> None:

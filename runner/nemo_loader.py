@@ -66,6 +66,7 @@ def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     check_supported(read_nemo_config(path), str(path))
     from nemo.collections.asr.models import EncDecCTCModel  # heavy: 7+ s, 700+ MB
 
+    quiet_nemo_logging(logging.getLogger("runner").isEnabledFor(logging.DEBUG))  # NeMo resets it on import
     log.info("restoring %s with NeMo", path)
     model = EncDecCTCModel.restore_from(str(path), map_location="cpu")
     return describe(model, str(path))

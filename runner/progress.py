@@ -43,29 +43,33 @@ class LogProgress:
 
 
 class RichProgress(LogProgress):
-    """Live bar in audio seconds with ETA and RTFx, and one line per worker."""
+    """Live bar in audio seconds with ETA and RTFx, and a table with each worker's state."""
 
     def __init__(self, console):
+        from rich.live import Live
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         super().__init__()
+        self.console = console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} s audio"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=console, transient=False)
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console)
+        self.live = Live(console=console, refresh_per_second=4, transient=False)
         self.main: Optional[int] = None
-        self.workers: dict[str, int] = {}
+        self.workers: dict[str, list] = {}  # name -> [engine, shards done, last shard, audio seconds]
 
     def on_planned(self, shards, todo, items, seconds, todo_seconds):
         super().on_planned(shards, todo, items, seconds, todo_seconds)
-        self.progress.start()
         self.main = self.progress.add_task("transcribing", total=max(todo_seconds, 1e-9), info="starting workers")
+        self.live.update(self._render())
+        self.live.start()
 
     def on_workers(self, names, engines, startup):
         super().on_workers(names, engines, startup)
-        for name in names:
-            self.workers[name] = self.progress.add_task(f"  {name}", total=None, info=f"{engines[name]}, idle")
-        self.progress.update(self.main, info=f"{len(names)} workers, startup {startup:.1f} s")
+        self.workers = {name: [engines[name], 0, "-", 0.0] for name in names}
+        self.progress.update(self.main, info=f"{len(names)} workers ready in {startup:.1f} s")
+        self.live.update(self._render())
 
     def on_shard(self, shard, audio_seconds, worker, failed, errors):
         self.done += audio_seconds
@@ -73,13 +77,24 @@ class RichProgress(LogProgress):
         rtfx = self.done / max(time.perf_counter() - self.t0, 1e-9)
         self.progress.update(self.main, advance=audio_seconds,
                              info=f"RTFx {rtfx:,.0f} · shards {self.shards}/{self.todo} · failed {failed}")
-        if worker in self.workers:
-            task = self.workers[worker]
-            count = int(self.progress.tasks[task].completed) + 1
-            self.progress.update(task, completed=count, info=f"{count} shards, last {shard}")
+        state = self.workers.setdefault(worker, ["?", 0, "-", 0.0])
+        state[1:] = [state[1] + 1, str(shard), state[3] + audio_seconds]
         for err in errors:
-            self.progress.console.print(f"[yellow]error row:[/] {err}")
+            self.console.print(f"[yellow]error row:[/] {err}")
+        self.live.update(self._render())
+
+    def _render(self):
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(box=None, padding=(0, 2), show_edge=False)
+        for column in ("worker", "engine", "shards", "last shard", "audio s"):
+            table.add_column(column, justify="left" if column in ("worker", "engine") else "right")
+        for name, (engine, count, last, seconds) in self.workers.items():
+            table.add_row(name, engine, str(count), last, f"{seconds:,.0f}")
+        return Group(self.progress, table)
 
     def close(self):
         if self.main is not None:
-            self.progress.stop()
+            self.live.update(self._render())
+            self.live.stop()

@@ -2,8 +2,9 @@
 
 Local by default (`ray.init` with this machine's CPUs); `--address` or `RAY_ADDRESS` joins an
 existing cluster, shipping the `runner` package to its nodes. The model payload is `ray.put`
-once and every actor receives it by reference. Actors restart and retry their shard if their
-process dies (`max_restarts`, `max_task_retries`).
+once and every actor receives it by reference. When an actor's process dies (killed, out of
+memory, node lost), the pool starts a replacement and sends its unfinished shards again, up
+to `SHARD_ATTEMPTS` times per shard.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .worker import ShardWorker
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: an actor never waits for the driver
-ACTOR_RESTARTS = 3
+SHARD_ATTEMPTS = 4
 
 
 class WorkersLost(RunnerError):
@@ -44,19 +45,19 @@ class RayPool:
         threads = self.spec.threads_per_worker
         count = self.spec.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         options = DecodeOptions(batch_size=self.spec.batch_size, window_seconds=self.spec.window_seconds)
-        # Keep the reference for the pool's lifetime: a restarted actor re-reads it.
-        self.payload_ref = ref = ray.put(self.payload)
-        remote = ray.remote(ShardWorker).options(num_cpus=threads, max_restarts=ACTOR_RESTARTS,
-                                                  max_task_retries=ACTOR_RESTARTS)
-        self.actors = [remote.remote(ref, threads, options) for _ in range(count)]
+        # The driver holds this reference for the pool's lifetime, so replacements can use it.
+        self.payload_ref = ray.put(self.payload)
+        self._remote = ray.remote(ShardWorker).options(num_cpus=threads)
+        self._args = (self.payload_ref, threads, options)
+        self.actors = [self._remote.remote(*self._args) for _ in range(count)]
         infos = ray.get([a.info.remote() for a in self.actors])
         self.names = [i["worker"] for i in infos]
         self.engines = {i["worker"]: i["engine"] for i in infos}
-        log.info("%d workers ready (%d thread(s) each)", count, threads)
+        log.debug("%d workers ready (%d thread(s) each)", count, threads)
         return self
 
     def _init(self, ray) -> None:
-        common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                       configure_logging=True)
         if self.address:
             package = str(Path(__file__).resolve().parent)
@@ -70,31 +71,59 @@ class RayPool:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        pending: dict = {}
+        pending: dict = {}  # ObjectRef -> (shard, items, actor index, attempt)
         load = {i: 0 for i in range(len(self.actors))}
         work = iter(work)
         exhausted = False
+        retry: list = []
         while True:
-            while not exhausted and min(load.values()) < IN_FLIGHT_PER_WORKER:
-                nxt = next(work, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                shard, items = nxt
+            while (retry or not exhausted) and min(load.values()) < IN_FLIGHT_PER_WORKER:
+                if retry:
+                    shard, items, attempt = retry.pop()
+                else:
+                    nxt = next(work, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    (shard, items), attempt = nxt, 1
                 idx = min(load, key=load.get)
-                pending[self.actors[idx].__call__.remote(shard.index, items)] = (shard, idx)
+                pending[self.actors[idx].__call__.remote(shard.index, items)] = (shard, items, idx, attempt)
                 load[idx] += 1
             if not pending:
                 return
             [ready], _ = ray.wait(list(pending), num_returns=1)
-            shard, idx = pending.pop(ready)
+            shard, items, idx, attempt = pending.pop(ready)
             load[idx] -= 1
             try:
                 result = ray.get(ready)
             except (RayActorError, RayTaskError) as exc:
-                raise WorkersLost(f"shard {shard.index} failed after {ACTOR_RESTARTS} retries: "
-                                  f"{str(exc).splitlines()[0]}; run again with --resume") from None
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if attempt >= SHARD_ATTEMPTS:
+                    raise WorkersLost(f"shard {shard.index} failed {attempt} times (last: {reason}); "
+                                      "finished parts are kept: run again with --resume") from None
+                log.warning("shard %d lost with its worker (%s); retrying (attempt %d)", shard.index, reason,
+                            attempt + 1)
+                if isinstance(exc, RayActorError):
+                    self._replace(idx)
+                retry.append((shard, items, attempt + 1))
+                continue
             yield shard, result.rows, result
+
+    def _replace(self, idx: int) -> None:
+        """A fresh actor in slot `idx` (once per death: later failures of the same actor are no-ops)."""
+        import ray
+
+        old = self.actors[idx]
+        try:
+            ray.get(old.info.remote(), timeout=5)
+            return  # still alive: an earlier failure already replaced the dead one
+        except Exception:  # noqa: BLE001 - dead, unreachable or restarting
+            pass
+        self.actors[idx] = self._remote.remote(*self._args)
+        info = ray.get(self.actors[idx].info.remote())
+        self.names.append(info["worker"])
+        self.engines[info["worker"]] = info["engine"]
+        log.warning("started replacement worker %s", info["worker"])
 
     def __exit__(self, *exc) -> None:
         import ray

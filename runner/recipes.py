@@ -85,7 +85,7 @@ def train_ctc(model, data: Sequence[tuple[str, np.ndarray]], steps: int, batch_s
         opt.step()
         sched.step()
         if step % log_every == 0:
-            log.info("step %d loss %.3f (%.0f s)", step, float(loss), time.monotonic() - start)
+            log.info("step %d loss %.3f (%.0f s)", step, loss.item(), time.monotonic() - start)
         if time_limit and time.monotonic() - start > time_limit:
             break
     return model.eval()

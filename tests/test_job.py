@@ -178,3 +178,58 @@ def test_output_directory_of_another_job_is_refused(ray_local, corpus, tiny_nemo
     assert main(["--quiet", "run", str(make_spec(folder, manifest, tiny_nemo_file, foreign))]) == 2
     assert "is not empty and holds no job.json" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+
+def test_retry_errors_reruns_only_error_rows_and_logs_progress(ray_local, corpus, tiny_nemo_file, tmp_path, caplog):
+    src, _, rows = corpus
+    folder = tmp_path / "copy"
+    shutil.copytree(src, folder)
+    manifest = folder / "manifest.jsonl"
+    out = tmp_path / "retry"
+    spec_path = make_spec(folder, manifest, tiny_nemo_file, out)
+    caplog.set_level("INFO", logger="runner")
+    assert main(["--quiet", "run", str(spec_path)]) == 0  # 3 error rows, within the budget of 5
+    assert any("shard 0 done by" in r.getMessage() for r in caplog.records)  # plain log lines, no live display
+    table = read_rows(out)
+    error_shards = sorted({r["shard"] for r in table.to_pylist() if r["status"] == "error"})
+    before = part_stamps(out)
+
+    # Repair the broken files, then --retry-errors: only their parts are rewritten.
+    speech = next(synthesize_many(["the cat sees the red box"], seed=3))[2]
+    for name in ("missing.wav", "empty.wav", "corrupt.wav"):
+        sf.write(folder / "audio" / name, speech, 16000)
+    assert main(["--quiet", "run", str(spec_path), "--retry-errors"]) == 0
+    after = part_stamps(out)
+    changed = sorted(int(k[5:10]) for k in after if after[k] != before[k])
+    assert changed == error_shards
+    fixed = read_rows(out)
+    assert fixed.num_rows == len(rows) and set(fixed["status"].to_pylist()) == {"ok"}
+    old_ok = {r["id"]: r["text"] for r in table.to_pylist() if r["status"] == "ok"}
+    assert all(old_ok[r["id"]] == r["text"] for r in fixed.to_pylist() if r["id"] in old_ok)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["failed"] == 0 and stats["utterances"] == len(rows)
+
+
+def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_nemo_file, tmp_path, caplog):
+    import psutil
+
+    folder, manifest, rows = corpus
+    out = tmp_path / "killed"
+    spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out, shard_seconds=20))
+    killed = []
+
+    def on_event(kind, **data):
+        if kind == "shard" and not killed:  # first shard written: SIGKILL one worker process
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("ShardWorker" in part for part in (proc.info["cmdline"] or [])):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    break
+
+    caplog.set_level("WARNING", logger="runner")
+    result = run_job(spec, on_event=on_event)
+    assert killed, "no worker process found to kill"
+    table = read_rows(out)
+    assert table.num_rows == len(rows) and len(set(table["id"].to_pylist())) == len(rows)
+    assert result.stats["failed"] == 3
+    assert any("started replacement worker" in r.getMessage() for r in caplog.records)
