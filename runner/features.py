@@ -17,12 +17,9 @@ from .arch import FeatureConfig
 
 STD_GUARD = 1e-5  # NeMo's CONSTANT, added to the per-feature standard deviation
 
-_WINDOWS = {
-    "hann": torch.hann_window,
-    "hamming": torch.hamming_window,
-    "blackman": torch.blackman_window,
-    "bartlett": torch.bartlett_window,
-}
+# Symmetric windows (torch's `periodic=False`), computed with numpy: building the model on
+# the meta device then needs no torch decompositions (their import costs ~80 MB of RSS).
+_WINDOWS = {"hann": np.hanning, "hamming": np.hamming, "blackman": np.blackman, "bartlett": np.bartlett}
 
 
 def _hz_to_mel(freq: np.ndarray) -> np.ndarray:
@@ -76,7 +73,7 @@ class MelFeatures(nn.Module):
         super().__init__()
         self.cfg = cfg
         window_fn = _WINDOWS.get(cfg.window)
-        window = window_fn(cfg.win_length, periodic=False) if window_fn else None
+        window = torch.from_numpy(window_fn(cfg.win_length).astype(np.float32)) if window_fn else None
         self.register_buffer("window", window)
         self.register_buffer("fb", torch.from_numpy(mel_filterbank(cfg)).unsqueeze(0))
 

@@ -33,7 +33,11 @@ _ACTIVATIONS = {
 
 
 def make_activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name]()
+    """In place where possible, as NeMo's ConvASREncoder does (one allocation less per layer)."""
+    act = _ACTIVATIONS[name]()
+    if hasattr(act, "inplace"):
+        act.inplace = True
+    return act
 
 
 class MaskedConv(nn.Module):
@@ -186,11 +190,17 @@ def load_checkpoint(path) -> tuple[ModelSpec, dict]:
 
 
 def build_model(spec: ModelSpec, state_dict: Optional[dict] = None) -> LeanCTCModel:
-    """The lean model in eval mode, with `state_dict` loaded strictly when given."""
-    model = LeanCTCModel(spec)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    """The lean model in eval mode, with `state_dict` loaded strictly when given.
+
+    With weights, the modules are built on the meta device and take the given tensors as they
+    are (`assign=True`): no second copy of the weights, ~75 MB less RSS for QuartzNet15x5.
+    """
+    if state_dict is None:
+        return LeanCTCModel(spec).eval()
+    with torch.device("meta"):
+        model = LeanCTCModel(spec)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def load_model(path) -> LeanCTCModel:

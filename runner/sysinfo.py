@@ -25,3 +25,21 @@ def cpu_info() -> dict:
         pass
     return {"model": model, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
             "flags": [f for f in FLAGS_THAT_MATTER if f in flags]}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    Reads VmHWM, which starts afresh at exec; `ru_maxrss` would also count the parent's memory
+    at fork time (a process started from a big parent reports the parent's size).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -28,7 +28,8 @@ def test_chunked_transcript_matches_whole_file(tiny_lean, long_speech):
 
 
 RSS_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
+from runner.sysinfo import peak_rss_mb
 t0 = time.perf_counter()
 from runner.audio import load_audio
 from runner.model import load_model
@@ -38,7 +39,7 @@ torch.set_num_threads(2)
 model = load_model(sys.argv[1])
 audio = load_audio(sys.argv[2], 16000)
 text = transcribe_batch(model, [audio])[0]
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"peak_rss_mb": peak_rss_mb(),
                   "seconds": time.perf_counter() - t0, "audio_seconds": len(audio) / 16000,
                   "nemo_imported": any(m.split(".")[0] == "nemo" for m in sys.modules), "words": len(text.split())}))
 """
