@@ -29,6 +29,20 @@ class WorkersLost(RunnerError):
     """A shard could not be completed because its worker kept dying."""
 
 
+def _token_auth_if_available() -> None:
+    """Joining a cluster: use Ray token authentication when a token is at hand, as `ray start` does.
+
+    Ray 2.60 enables token auth on clusters it starts and stores the token in ~/.ray/auth_token;
+    a client must then set RAY_AUTH_MODE=token, else every connection is refused.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        log.info("Ray token authentication: using the token from %s",
+                 "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
+
+
 class RayPool:
     def __init__(self, spec: JobSpec, payload: dict, address: Optional[str] = None):
         self.spec, self.payload, self.address = spec, payload, address or os.environ.get("RAY_ADDRESS")
@@ -38,6 +52,8 @@ class RayPool:
         self._started_ray = False
 
     def __enter__(self) -> "RayPool":
+        if self.address:
+            _token_auth_if_available()  # before `import ray`: Ray reads its auth mode at import
         import ray
 
         if not ray.is_initialized():
