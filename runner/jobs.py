@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from .errors import InputError, RunnerError
 from .manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
-from .output import (JOB_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, read_part,
+from .output import (JOB_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, part_path, read_part,
                      remove_stale_temporaries, write_atomic, write_json, write_part)
 from .shards import Shard, group_items, plan_shards
 from .spec import JobSpec
@@ -170,6 +170,7 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, 
         processed["startup"] = time.perf_counter() - t_start
         processed["workers"] = pool.names
         processed["engines"] = pool.engines
+        processed["worker_heavy_imports"] = pool.heavy_imports
         on_event("workers", names=pool.names, engines=pool.engines, startup=processed["startup"])
         t0 = time.perf_counter()
         _dispatch(spec, plan, todo, retry, pool, on_event, processed)
@@ -184,7 +185,7 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
     work = ((shard, _only(batch, retry.get(shard.index))) for shard, batch in group_items(items, plan.shards, set(todo)))
     for shard, rows, result in pool.map(work):
         if shard.index in retry:
-            rows = _merge(read_part(_part(out, shard)).to_pylist(), rows)
+            rows = _merge(read_part(part_path(out, shard.index)).to_pylist(), rows)
         write_part(out, shard.index, rows, {"worker": result.worker, "engine": result.engine,
                                             "compute_seconds": result.compute_seconds})
         failed += sum(r["status"] == "error" for r in rows)
@@ -199,12 +200,6 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
 
 def _only(batch: list[ManifestItem], ids: Optional[set[str]]) -> list[ManifestItem]:
     return batch if ids is None else [item for item in batch if item.id in ids]
-
-
-def _part(out: Path, shard: Shard) -> Path:
-    from .output import part_path
-
-    return part_path(out, shard.index)
 
 
 def _merge(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:

@@ -49,6 +49,7 @@ class RayPool:
         self.actors: list = []
         self.names: list[str] = []
         self.engines: dict[str, str] = {}
+        self.heavy_imports: list[str] = []  # modules a worker should never load (nemo, lightning)
         self._started_ray = False
 
     def __enter__(self) -> "RayPool":
@@ -69,6 +70,7 @@ class RayPool:
         infos = ray.get([a.info.remote() for a in self.actors])
         self.names = [i["worker"] for i in infos]
         self.engines = {i["worker"]: i["engine"] for i in infos}
+        self.heavy_imports = sorted({m for i in infos for m in i["heavy_imports"]})
         log.debug("%d workers ready (%d thread(s) each)", count, threads)
         return self
 
@@ -79,7 +81,7 @@ class RayPool:
             package = str(Path(__file__).resolve().parent)
             ray.init(address=self.address, runtime_env={"py_modules": [package]}, **common)
         else:
-            ray.init(num_cpus=os.cpu_count(), **common)
+            ray.init(address="local", num_cpus=os.cpu_count(), **common)  # never a leftover local cluster
         self._started_ray = True
 
     def map(self, work: Iterator) -> Iterator[tuple]:

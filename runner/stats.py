@@ -37,6 +37,7 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "cer": round(cer(refs, hyps), 5) if refs else None,
         "scored_utterances": len(refs),
         "cpu": cpu_info(),
+        "worker_heavy_imports": processed.get("worker_heavy_imports", []),
     }
 
 

@@ -119,4 +119,7 @@ class ShardWorker:
         return ShardResult(shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages)
 
     def info(self) -> dict:
-        return {"worker": self.name, "engine": self.engine}
+        import sys
+
+        heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning"})
+        return {"worker": self.name, "engine": self.engine, "heavy_imports": heavy}

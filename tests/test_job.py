@@ -33,7 +33,7 @@ FORMATS = [("wav", 16000, 1, "PCM_16"), ("flac", 22050, 1, "PCM_16"), ("ogg", 44
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -114,6 +114,7 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     stats = json.loads((out / "stats.json").read_text())
     assert (out / "_SUCCESS").exists() and stats["utterances"] == len(rows) and stats["failed"] == 3
     assert stats["workers"] == 2 and stats["rtfx"] > 1 and 0 <= stats["wer"] < 0.5
+    assert stats["worker_heavy_imports"] == []  # Ray workers never imported NeMo
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"]["items"] == len(rows) and len(job["plan"]) >= 10
 
