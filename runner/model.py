@@ -63,8 +63,8 @@ class MaskedConv(nn.Module):
         return torch.div(lens + total_pad - span - 1, c.stride[0], rounding_mode="trunc") + 1
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_mask:
-            x = x * time_mask(lens, x.shape[-1]).to(x.dtype)
+        if self.use_mask:  # masked_fill, not NeMo's multiply: the same zeros, and it works on int8 tensors
+            x = x.masked_fill(~time_mask(lens, x.shape[-1]), 0.0)
         if self.pad is not None:
             x = nn.functional.pad(x, self.pad)
         return self.conv(x), self.output_lengths(lens)
@@ -102,6 +102,8 @@ class ConvBlock(nn.Module):
                 for p in panes
             )
         self.mout = nn.Sequential(make_activation(activation), nn.Identity())
+        self.skip = None  # set by runner.quantize: a FloatFunctional for the int8 residual add
+        self.skip_relu = False  # True when the block's ReLU is fused into that add
 
     def _conv_bn(self, cin, cout, kernel, stride, dilation, pad, use_mask, separable=None):
         separable = self.spec.separable if separable is None else separable
@@ -128,10 +130,9 @@ class ConvBlock(nn.Module):
         return (xs + [out] if self.dense else [out]), lens
 
     def add_residual(self, out: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        """A separate method so the quantizer can swap in a quantized add."""
-        if self.spec.residual_mode in ("add", "stride_add"):
-            return out + res
-        return torch.max(out, res)
+        if self.skip is not None:  # int8: quantized add (with the ReLU fused in when possible)
+            return self.skip.add_relu(out, res) if self.skip_relu else self.skip.add(out, res)
+        return out + res
 
 
 class ConvEncoder(nn.Module):
