@@ -147,6 +147,9 @@ def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, add
     if spec.precision == "int8":
         raise InputError("precision int8 needs the quantizer, which is not in this version yet; "
                          "run with --precision fp32 (or `precision: fp32` in the spec)")
+    from .nemo_loader import check_model_file
+
+    check_model_file(spec.model)
     plan = prepare(spec)
     fp = fingerprint(spec, plan)
     claim_output(spec, plan, fp, resume or retry_errors)

@@ -159,6 +159,15 @@ def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str) -> dict[str
     return out
 
 
+def check_model_file(path: str | Path) -> None:
+    """Cheap checks before any work: the file exists, and a .nemo holds a supported model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found; set `model` in the job spec")
+    if tarfile.is_tarfile(path):
+        check_supported(read_nemo_config(path), str(path))
+
+
 def load_any(path: str | Path):
     """Lean fp32 model from a `.nemo` file (through NeMo) or a lean checkpoint (without NeMo)."""
     from .model import build_model, load_checkpoint

@@ -171,6 +171,14 @@ def test_error_budget_stops_the_job_and_keeps_finished_parts(ray_local, corpus, 
     assert read_rows(out).num_rows == len(rows) and (out / "_SUCCESS").exists()
 
 
+def test_missing_or_unsupported_model_fails_before_any_work(corpus, tmp_path, capsys):
+    folder, manifest, _ = corpus
+    out = tmp_path / "no-model"
+    assert main(["--quiet", "run", str(make_spec(folder, manifest, tmp_path / "absent.nemo", out))]) == 2
+    assert "absent.nemo: model file not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_output_directory_of_another_job_is_refused(ray_local, corpus, tiny_nemo_file, tmp_path, capsys):
     folder, manifest, _ = corpus
     foreign = tmp_path / "foreign"
