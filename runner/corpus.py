@@ -11,8 +11,7 @@ import random
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -82,22 +81,3 @@ def synthesize_many(texts: list[str], seed: int, sample_rate: int = 16000,
         if noise > 0:
             audio = audio + noise * nrng.standard_normal(audio.shape).astype(np.float32)
         yield text, voice, audio
-
-
-def write_corpus(folder: Path, texts: list[str], seed: int, fmt: str = "wav",
-                 sample_rate: int = 16000, noise: float = 0.0,
-                 manifest_name: Optional[str] = "manifest.jsonl") -> list[dict]:
-    """Synthesize `texts` into `folder` and write a NeMo JSONL manifest; return its rows."""
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (text, _voice, audio) in enumerate(synthesize_many(texts, seed, sample_rate, noise)):
-        path = folder / f"utt{i:05d}.{fmt}"
-        sf.write(path, audio, sample_rate)
-        rows.append({"audio_filepath": path.name, "duration": round(len(audio) / sample_rate, 4), "text": text})
-    if manifest_name:
-        with open(folder / manifest_name, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    return rows

@@ -157,7 +157,7 @@ def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, add
     todo_seconds = sum(plan.shards[i].seconds for i in todo)
     on_event("planned", shards=len(plan.shards), todo=len(todo), items=plan.items, seconds=plan.seconds,
              todo_seconds=todo_seconds)
-    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": [], "engines": {}}
+    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": 0, "engines": {}}
     if todo:
         payload = load_payload(spec)
         _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start)
@@ -171,7 +171,7 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, 
 
     with ray_pool.RayPool(spec, payload, address) as pool:
         processed["startup"] = time.perf_counter() - t_start
-        processed["workers"] = pool.names
+        processed["workers"] = len(pool.actors)  # replacements of dead workers do not add to it
         processed["engines"] = pool.engines
         processed["worker_heavy_imports"] = pool.heavy_imports
         on_event("workers", names=pool.names, engines=pool.engines, startup=processed["startup"])

@@ -99,15 +99,6 @@ def _header_duration(path: str, offset: float) -> Optional[float]:
         return None  # the item becomes an error row when a worker reads it
 
 
-@dataclass(frozen=True)
-class ManifestSummary:
-    path: str
-    sha256: str  # of the file's bytes (as stored, compressed or not)
-    items: int
-    seconds: float
-    with_text: int
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "precision": spec.precision,
         "engine": engines[0] if len(engines) == 1 else "mixed",
         "engines": processed.get("engines", {}),
-        "workers": len(processed.get("workers", [])) or spec.workers,
+        "workers": processed.get("workers") or spec.workers,
         "threads_per_worker": spec.threads_per_worker,
         "utterances": len(status),
         "failed": len(status) - sum(ok),

@@ -45,11 +45,11 @@ def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
     """Transcripts of mono float32 arrays at the model's rate, in input order."""
     rate = model.spec.features.sample_rate
     texts: list[str] = [""] * len(audios)
-    long_ids = [i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate]
-    for i in long_ids:
+    long_ids = {i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate}
+    for i in sorted(long_ids):
         lp = long_log_probs(model, audios[i], options)
         texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.spec.vocabulary)[0]
-    short = sorted((i for i, a in enumerate(audios) if i not in set(long_ids)), key=lambda i: len(audios[i]))
+    short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
         ids = short[start: start + options.batch_size]
         batch, lengths = pad_batch([audios[i] for i in ids])

@@ -6,14 +6,13 @@ Everything is generated here; nothing is downloaded. Session-scoped so the suite
 from __future__ import annotations
 
 import logging
-import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from runner.corpus import sentences, synthesize_many
+from runner.corpus import espeak_available, sentences, synthesize_many
 
 RATE = 16000
 TRAIN_SEED, TEST_SEED = 1, 2
@@ -27,7 +26,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _require_espeak():
-    if shutil.which("espeak-ng") is None:
+    if not espeak_available():
         pytest.exit("espeak-ng is required (apt-get install -y espeak-ng); .ci/run installs it", returncode=3)
 
 

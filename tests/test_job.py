@@ -81,7 +81,7 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     folder, manifest, rows = corpus
     out = tmp_path / "run"
     spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out))
-    result = run_job(spec)
+    run_job(spec)
 
     table = read_rows(out)
     assert sorted(table["id"].to_pylist()) == sorted(f"L{i:08d}" for i in range(1, len(rows) + 1))
