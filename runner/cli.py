@@ -63,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp32"])
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("quantize", parents=[common],
+                       help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report")
+    p.add_argument("model", help=".nemo file (or lean checkpoint)")
+    p.add_argument("--calibration", required=True, metavar="MANIFEST",
+                   help="NeMo manifest to sample calibration and held-out gate utterances from (disjoint samples)")
+    p.add_argument("--out", required=True, metavar="ARTIFACT", help="artifact file to write")
+    p.add_argument("--engine", default="auto", choices=["auto", "onednn", "x86", "fbgemm", "qnnpack"],
+                   help="engine the accuracy gate runs on (default: the fastest here); workers choose their own")
+    p.add_argument("--items", type=int, default=100, help="calibration utterances (default 100)")
+    p.add_argument("--gate-items", type=int, default=100, help="held-out utterances for the accuracy gate")
+    p.add_argument("--max-wer-increase", type=float, default=0.005,
+                   help="accuracy gate, a fraction (default 0.005 = 0.5 WER points)")
+    p.add_argument("--max-fp32-layers", type=int, default=3,
+                   help="layers the gate may keep in fp32 before it fails (default 3)")
+    p.set_defaults(func=_cmd_quantize)
+
     p = sub.add_parser("export", parents=[common], help="write a .nemo model as a lean checkpoint (no NeMo needed to load)")
     p.add_argument("model", help=".nemo file")
     p.add_argument("--out", required=True, help="output file")
@@ -170,6 +186,78 @@ def _print_stats(stats: dict, out: Path) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console(soft_wrap=True).print(table)
+
+
+def _cmd_quantize(args) -> int:
+    from . import artifact
+    from .calibrate import GateFailed, Settings, make_artifact
+    from .errors import InputError
+    from .nemo_loader import check_model_file
+
+    check_model_file(args.model)
+    checks = [(args.items >= 1, "--items must be >= 1"), (args.gate_items >= 1, "--gate-items must be >= 1"),
+              (0 <= args.max_wer_increase < 1, "--max-wer-increase is a fraction in [0, 1) (0.005 = 0.5 points)"),
+              (args.max_fp32_layers >= 0, "--max-fp32-layers must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    settings = Settings(calibration_items=args.items, gate_items=args.gate_items,
+                        max_wer_increase=args.max_wer_increase, max_fp32_layers=args.max_fp32_layers,
+                        engine=args.engine)
+    try:
+        data, _ = make_artifact(args.model, args.calibration, None, settings, use_cache=False)
+    except GateFailed as exc:
+        _print_report(exc.report)
+        raise
+    artifact.save(data, args.out)
+    _print_report(artifact.Artifact.from_bytes(data).report)
+    print(f"wrote {args.out} ({len(data) / 1e6:.2f} MB, sha256 {artifact.sha256(data)[:16]})")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    """The quantization report as tables: gate, observers, engines, fp32 fallback."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    gate = report.get("gate", {})
+    t = Table(title="int8 accuracy gate", show_header=False)
+    t.add_row("held-out utterances", f"{gate.get('utterances')} ({gate.get('seconds', 0):.0f} s), "
+              f"calibration on {report.get('calibration', {}).get('utterances')} others")
+    t.add_row("measure", gate.get("mode", "-"))
+    if gate.get("fp32"):
+        t.add_row("WER fp32 / int8", f"{pct(gate['fp32'].get('wer'))} / {pct(gate.get('int8', {}).get('wer'))}")
+        t.add_row("CER fp32 / int8", f"{pct(gate['fp32'].get('cer'))} / {pct(gate.get('int8', {}).get('cer'))}")
+    int8 = gate.get("int8", {})
+    t.add_row("int8 vs fp32 transcripts (WER)", pct(int8.get("wer_vs_fp32")))
+    t.add_row("logit cosine / frame agreement", f"{int8.get('logit_cosine', 0):.4f} / {pct(int8.get('frame_agreement'))}")
+    t.add_row("increase / limit", f"{pct(gate.get('increase'))} / {pct(gate.get('max_wer_increase'))}")
+    t.add_row("kept in fp32", ", ".join(report.get("fp32_units", [])) or "none")
+    t.add_row("result", "[green]passed[/]" if gate.get("passed") else "[red]FAILED[/]")
+    console.print(t)
+    obs = Table(title=f"activation observers (chosen: {report.get('observer')})")
+    for col in ("observer", "WER vs fp32", "logit error", "WER"):
+        obs.add_column(col)
+    for name, fig in report.get("observers", {}).items():
+        obs.add_row(name, pct(fig["wer_vs_fp32"]), f"{fig['logit_error']:.5f}", pct(fig.get("wer")))
+    console.print(obs)
+    if report.get("engine_seconds_per_audio_second"):
+        eng = Table(title=f"engines on this CPU (gate ran on {report.get('engine')})")
+        eng.add_column("engine")
+        eng.add_column("speed (x real time, 1 s probe)")
+        for name, sec in sorted(report["engine_seconds_per_audio_second"].items(), key=lambda kv: kv[1]):
+            eng.add_row(name, f"{1 / sec:,.0f}x" if sec > 0 else "-")
+        console.print(eng)
+    if report.get("sensitivity"):
+        sens = Table(title="layer sensitivity (logit error with the layer kept in fp32; all-int8: "
+                           f"{report['sensitivity'][0]['logit_error_all_int8']:.5f})")
+        sens.add_column("layer")
+        sens.add_column("logit error")
+        for row in report["sensitivity"]:
+            sens.add_row(row["unit"], f"{row['logit_error_with_unit_in_fp32']:.5f}")
+        console.print(sens)
 
 
 def _cmd_export(args) -> int:

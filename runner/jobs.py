@@ -3,7 +3,9 @@
 Ray itself stays at the edge, in `runner.ray_pool`. Order of work, so bad input costs nothing:
 1. validate the manifest (every line, unique ids) and plan shards;     -> exit 2 on errors
 2. claim the output directory (fingerprint check for --resume);        -> exit 2 on mismatch
-3. load the model on the driver (NeMo only here), `ray.put` it once;
+3. load the model on the driver (NeMo only here); for int8, make (or take from the cache) the
+   calibrated, accuracy-gated artifact (`runner.calibrate`) -> exit 1 if the gate fails;
+   `ray.put` the payload once;
 4. one actor per worker (`num_cpus=threads_per_worker`), a bounded number of shards in
    flight per actor, each result written as an atomic Parquet part by the driver;
 5. past the error budget: stop cleanly (exit 1), finished parts stay valid for --resume;
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 from .errors import InputError, RunnerError
 from .manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
-from .output import (JOB_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, part_path, read_part,
+from .output import (JOB_FILE, QUANTIZATION_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, part_path, read_part,
                      remove_stale_temporaries, write_atomic, write_json, write_part)
 from .shards import Shard, group_items, plan_shards
 from .spec import JobSpec
@@ -76,14 +78,27 @@ def fingerprint(spec: JobSpec, plan: Plan) -> dict:
         "manifest_sha256": plan.manifest_sha256,
         "model_sha256": file_sha256(spec.model),
         "precision": spec.precision,
+        # int8 parts must come from the same quantization settings (the engine may differ: the
+        # artifact is engine-neutral and each worker picks its own).
+        "quantization": _quantization_fingerprint(spec),
         "shard_seconds": spec.shard_seconds,
         "items": plan.items,
         "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
     }
 
 
-def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool) -> None:
-    """Create or re-open the run directory; refuse (exit 2) to mix two jobs in one folder."""
+def _quantization_fingerprint(spec: JobSpec) -> Optional[dict]:
+    if spec.precision != "int8":
+        return None
+    q = spec.quantization.__dict__.copy()
+    q.pop("engine")
+    if q["calibration_manifest"]:
+        q["calibration_manifest"] = file_sha256(q["calibration_manifest"])
+    return q
+
+
+def check_output(spec: JobSpec, fp: dict, resume: bool) -> None:
+    """Refuse (exit 2) to mix two jobs in one folder; writes nothing."""
     out = Path(spec.output)
     job_file = out / JOB_FILE
     if job_file.exists():
@@ -97,12 +112,19 @@ def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool) -> None:
                              f"({_why(diff)}); use a new --out for a new job")
     elif out.exists() and any(out.iterdir()):
         raise InputError(f"{out} is not empty and holds no {JOB_FILE}; choose a new or empty output directory")
+
+
+def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool, extra: Optional[dict] = None) -> None:
+    """Create or re-open the run directory (after `check_output`) and write `job.json`."""
+    check_output(spec, fp, resume)
+    out = Path(spec.output)
+    job_file = out / JOB_FILE
     out.mkdir(parents=True, exist_ok=True)
     (out / SUCCESS_FILE).unlink(missing_ok=True)
     remove_stale_temporaries(out)
     write_json(job_file, {"spec": spec.to_dict(), "fingerprint": fp,
                           "plan": [s.to_list() for s in plan.shards],
-                          "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"]})
+                          "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"], **(extra or {})})
 
 
 def _why(keys: list[str]) -> str:
@@ -133,33 +155,61 @@ def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[i
 
 
 def load_payload(spec: JobSpec) -> dict:
-    """What every worker needs to rebuild its model, in one picklable dict (put in Ray once)."""
+    """fp32: what every worker needs to rebuild its model, in one picklable dict (put in Ray once)."""
     from .nemo_loader import load_any  # NeMo is imported here only for .nemo files
 
     model = load_any(spec.model)
-    return {"spec": model.spec.to_dict(), "state_dict": model.state_dict(), "engine": "fp32"}
+    return {"precision": "fp32", "spec": model.spec.to_dict(), "state_dict": model.state_dict()}
+
+
+def quantization_settings(spec: JobSpec):
+    from .calibrate import Settings
+
+    q = spec.quantization
+    return Settings(calibration_items=q.calibration_items, gate_items=q.gate_items,
+                    max_wer_increase=q.max_wer_increase, max_fp32_layers=q.max_fp32_layers, engine=q.engine)
+
+
+def int8_payload(spec: JobSpec, on_event: Event) -> tuple[dict, dict]:
+    """int8: the calibrated, gated artifact (made once, then from the cache); raises GateFailed (exit 1)."""
+    from . import artifact
+    from .calibrate import make_artifact
+
+    on_event("quantizing", model=spec.model)
+    t0 = time.perf_counter()
+    data, cached = make_artifact(spec.model, spec.manifest, spec.quantization.calibration_manifest,
+                                 quantization_settings(spec))
+    report = artifact.Artifact.from_bytes(data).report
+    info = {"sha256": artifact.sha256(data), "from_cache": cached, "seconds": round(time.perf_counter() - t0, 2),
+            "fp32_units": report.get("fp32_units", []), "gate": report.get("gate", {})}
+    on_event("quantized", **info)
+    return {"precision": "int8", "artifact": data, "engine": spec.quantization.engine}, {"report": report, **info}
 
 
 def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, address: Optional[str] = None,
             on_event: Event = lambda kind, **data: None) -> RunResult:
     """Run (or resume) a job to completion; raises `InputError` (exit 2) or `JobFailed` (exit 1)."""
     t_start = time.perf_counter()
-    if spec.precision == "int8":
-        raise InputError("precision int8 needs the quantizer, which is not in this version yet; "
-                         "run with --precision fp32 (or `precision: fp32` in the spec)")
     from .nemo_loader import check_model_file
 
     check_model_file(spec.model)
     plan = prepare(spec)
     fp = fingerprint(spec, plan)
-    claim_output(spec, plan, fp, resume or retry_errors)
+    check_output(spec, fp, resume or retry_errors)
     todo, retry = shards_to_run(spec, plan, retry_errors)
+    payload, quant = None, None
+    if todo:
+        payload, quant = int8_payload(spec, on_event) if spec.precision == "int8" else (load_payload(spec), None)
+    claim_output(spec, plan, fp, resume or retry_errors,
+                 {"int8_artifact_sha256": quant["sha256"]} if quant else None)
+    if quant:
+        write_json(Path(spec.output) / QUANTIZATION_FILE, quant["report"])
     todo_seconds = sum(plan.shards[i].seconds for i in todo)
     on_event("planned", shards=len(plan.shards), todo=len(todo), items=plan.items, seconds=plan.seconds,
              todo_seconds=todo_seconds)
-    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": 0, "engines": {}}
+    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": 0, "engines": {},
+                 "quantization": {k: v for k, v in (quant or {}).items() if k != "report"} or None}
     if todo:
-        payload = load_payload(spec)
         _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start)
     stats = finish(spec, plan, processed)
     on_event("finished", stats=stats)
@@ -173,6 +223,7 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, 
         processed["startup"] = time.perf_counter() - t_start
         processed["workers"] = len(pool.actors)  # replacements of dead workers do not add to it
         processed["engines"] = pool.engines
+        processed["worker_info"] = pool.infos
         processed["worker_heavy_imports"] = pool.heavy_imports
         on_event("workers", names=pool.names, engines=pool.engines, startup=processed["startup"])
         t0 = time.perf_counter()

@@ -174,6 +174,11 @@ class LeanCTCModel(nn.Module):
         enc, lens = self.encoder(feats, frames)
         return self.log_probs(enc), lens
 
+    def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output [B, C, T'] before log-softmax, and output lengths."""
+        enc, lens = self.encoder(feats, frames)
+        return self.decoder(enc), lens
+
     def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.decoder(encoded).transpose(1, 2), dim=-1)
 

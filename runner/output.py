@@ -30,6 +30,7 @@ SCHEMA = pa.schema([
 ])
 
 JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
+QUANTIZATION_FILE = "quantization.json"  # int8 runs: the artifact's report (gate, sensitivity, engines)
 
 
 def part_path(out: Path, shard: int) -> Path:

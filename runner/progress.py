@@ -24,6 +24,16 @@ class LogProgress:
         self.total, self.todo = todo_seconds, todo
         log.info("%d items, %.1f h of audio in %d shards; %d to run", items, seconds / 3600, shards, todo)
 
+    def on_quantizing(self, model):
+        log.info("int8: calibrating and checking accuracy for %s (done once, then cached)", model)
+
+    def on_quantized(self, sha256, from_cache, seconds, fp32_units, gate):
+        from .calibrate import gate_description
+
+        source = "from the cache" if from_cache else f"made in {seconds:.1f} s"
+        kept = f"; kept in fp32: {', '.join(fp32_units)}" if fp32_units else ""
+        log.info("int8 artifact %s (%s): %s%s", sha256[:12], source, gate_description(gate), kept)
+
     def on_workers(self, names, engines, startup):
         self.t0 = time.perf_counter()
         log.info("%d workers ready in %.1f s (engines: %s)", len(names), startup,

@@ -1,34 +1,42 @@
-"""int8 post-training static quantization of the lean model (eager mode).
+"""int8 post-training static quantization of the lean model (eager mode): the mechanics.
 
 Every `torch.ao.quantization` call lives here, so a later move to torchao's pt2e flow touches
-one module. The mel front end stays fp32 (it is ~1% of the time); the encoder and decoder run
-int8 between a QuantStub (on the features) and a DeQuantStub (before log-softmax).
+one module. The mel front end stays fp32 (~1% of the time); the encoder blocks and the decoder
+run int8 between a QuantStub (on the features) and a DeQuantStub (before log-softmax).
 Recipe: fuse Conv+BN(+ReLU) -> residual adds as FloatFunctional (add+ReLU fused) -> observers
-(per-channel weights) -> calibrate on real audio -> convert.
+(per-channel symmetric int8 weights, full-range uint8 activations; the activation observer is
+chosen by measurement in `runner.calibrate`) -> calibrate on real audio -> convert.
+
+"Units" are the pieces the accuracy gate may keep in fp32: each encoder block and the decoder.
+A unit kept in fp32 is the original float module between a dequantize and a requantize with the
+int8 model's own scale at that border (recorded as `in_scale`/`in_zero_point`), so keeping a
+unit in fp32 needs no second calibration.
+
+The converted state dict is engine-neutral (int8 weights, per-channel scales, activation scales
+and zero points); `int8_structure` rebuilds the modules for any engine without fp32 weights,
+and loading the state dict under an engine packs the weights for it.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
+import time
 import warnings
 from contextlib import contextmanager
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from .arch import ModelSpec
 from .model import ConvBlock, LeanCTCModel, MaskedConv
-from .transcribe import pad_batch
-
-log = logging.getLogger(__name__)
 
 ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")
+OBSERVERS = ("histogram", "minmax", "moving_average")
 
 
 @contextmanager
-def _quiet():
+def quiet():
     """torch.ao.quantization warns that it is deprecated (in favour of torchao); keep it out of user output."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,8 +54,22 @@ def engine_scope(engine: str):
         torch.backends.quantized.engine = previous
 
 
+def available_engines() -> list[str]:
+    """The engines of `ENGINES` this torch build has, in our preference order."""
+    have = set(torch.backends.quantized.supported_engines)
+    return [e for e in ENGINES if e in have]
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of auto, {', '.join(ENGINES)}; got {engine!r}")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"engine {engine!r} is not available in this torch build "
+                         f"(available: {', '.join(available_engines())})")
+
+
 class QuantizedEncoder(nn.Module):
-    """QuantStub -> lean encoder -> decoder conv -> DeQuantStub: the part of the model that runs int8."""
+    """QuantStub -> encoder blocks -> decoder conv -> DeQuantStub; some units may stay fp32."""
 
     def __init__(self, model: LeanCTCModel):
         super().__init__()
@@ -57,10 +79,42 @@ class QuantizedEncoder(nn.Module):
         self.encoder = copy.deepcopy(model.encoder)
         self.decoder = copy.deepcopy(model.decoder)
         self.dequant = DeQuantStub()
+        units = len(self.encoder.blocks) + 1
+        # Input scale / zero point of each unit in the int8 model: where an fp32 unit hands back to int8.
+        self.register_buffer("in_scale", torch.ones(units, dtype=torch.float64))
+        self.register_buffer("in_zero_point", torch.zeros(units, dtype=torch.int64))
+        self.float_units: frozenset[int] = frozenset()
+
+    def unit_names(self) -> list[str]:
+        return [f"encoder.blocks.{i}" for i in range(len(self.encoder.blocks))] + ["decoder"]
+
+    def units(self) -> list[nn.Module]:
+        return list(self.encoder.blocks) + [self.decoder]
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        enc, lens = self.encoder(self.quant(feats), lens)
-        return self.dequant(self.decoder(enc)), lens
+        if not self.float_units:
+            enc, lens = self.encoder(self.quant(feats), lens)
+            return self.dequant(self.decoder(enc)), lens
+        x, quantized = feats, False
+        for k, unit in enumerate(self.units()):
+            if k in self.float_units:
+                if quantized:
+                    x, quantized = x.dequantize(), False
+            elif not quantized:
+                x = self.quant(x) if k == 0 else torch.quantize_per_tensor(
+                    x, float(self.in_scale[k]), int(self.in_zero_point[k]), torch.quint8)
+                quantized = True
+            if isinstance(unit, ConvBlock):
+                xs, lens = unit([x], lens)
+                x = xs[-1]
+            else:
+                x = unit(x)
+        return (x.dequantize() if quantized else x), lens
+
+
+def fallback_possible(spec: ModelSpec) -> bool:
+    """Units can be kept in fp32 one by one unless blocks feed later ones densely (Jasper DR)."""
+    return not any(b.residual and b.residual_dense for b in spec.encoder.blocks)
 
 
 def fusion_groups(encoder: nn.Module, prefix: str = "encoder") -> list[list[str]]:
@@ -84,22 +138,41 @@ def _runs(layers: Sequence[nn.Module], name: str) -> list[list[str]]:
     return out
 
 
-def prepare(model: LeanCTCModel, engine: str) -> QuantizedEncoder:
+def qconfig(observer: str = "histogram"):
+    """Per-channel symmetric int8 weights (every engine's choice) and full-range uint8 activations.
+
+    Full range (no `reduce_range`) keeps one artifact valid for every engine; x86/fbgemm kernels
+    can saturate with it on CPUs without VNNI, which is why `auto` skips them there.
+    """
+    from torch.ao.quantization import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, QConfig,
+                                       default_per_channel_weight_observer)
+
+    activations = {
+        "histogram": HistogramObserver.with_args(reduce_range=False),
+        "minmax": MinMaxObserver.with_args(reduce_range=False),
+        "moving_average": MovingAverageMinMaxObserver.with_args(averaging_constant=0.01, reduce_range=False),
+    }
+    if observer not in activations:
+        raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    return QConfig(activation=activations[observer], weight=default_per_channel_weight_observer)
+
+
+def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedEncoder:
     """Fused, observed copy of the encoder+decoder, ready for calibration."""
-    from torch.ao.quantization import fuse_modules, get_default_qconfig, prepare as ao_prepare
+    from torch.ao.quantization import fuse_modules, prepare as ao_prepare
     from torch.ao.nn.quantized import FloatFunctional
 
     qmodel = QuantizedEncoder(model).eval()
-    with _quiet(), engine_scope(engine):
+    with quiet():
         fuse_modules(qmodel, fusion_groups(qmodel.encoder), inplace=True)
         for block in qmodel.encoder.blocks:
             _quantizable_residual(block, FloatFunctional)
-        qmodel.qconfig = get_default_qconfig(engine)
+        qmodel.qconfig = qconfig(observer)
         ao_prepare(qmodel, inplace=True)
     return qmodel
 
 
-def _quantizable_residual(block: ConvBlock, float_functional) -> None:
+def _quantizable_residual(block: ConvBlock, float_functional: Callable[[], nn.Module]) -> None:
     if block.res is None:
         return
     block.skip = float_functional()
@@ -109,29 +182,122 @@ def _quantizable_residual(block: ConvBlock, float_functional) -> None:
 
 
 @torch.inference_mode()
-def calibrate(model: LeanCTCModel, qmodel: QuantizedEncoder, audios: Iterable[np.ndarray], batch_size: int = 8) -> None:
-    """Run real audio through the observed model so observers see the activation ranges."""
-    audios = sorted(audios, key=len)
-    for start in range(0, len(audios), batch_size):
-        feats, frames = model.features(*pad_batch(audios[start: start + batch_size]))
+def calibrate(qmodel: QuantizedEncoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Run (features, frames) batches of real audio through the observed model."""
+    for feats, frames in batches:
         qmodel(feats, frames)
 
 
 def convert(qmodel: QuantizedEncoder, engine: str) -> QuantizedEncoder:
-    """Observed -> int8 modules, packed for `engine`."""
+    """Observed -> int8 modules packed for `engine`, with each unit's input scale recorded."""
     from torch.ao.quantization import convert as ao_convert
 
-    with _quiet(), engine_scope(engine):
-        return ao_convert(qmodel.eval(), inplace=False)
+    with quiet(), engine_scope(engine):
+        converted = ao_convert(qmodel.eval(), inplace=False)
+        _record_unit_inputs(converted, qmodel)
+    return converted
+
+
+@torch.inference_mode()
+def _record_unit_inputs(converted: QuantizedEncoder, observed: QuantizedEncoder) -> None:
+    """Each unit's input scale/zero point, read off one forward pass of the all-int8 model."""
+    seen: dict[int, tuple[float, int]] = {}
+
+    def hook(k):
+        def record(_module, args):
+            x = args[0][-1] if isinstance(args[0], list) else args[0]
+            seen[k] = (x.q_scale(), x.q_zero_point())
+        return record
+
+    handles = [u.register_forward_pre_hook(hook(k)) for k, u in enumerate(converted.units())]
+    try:
+        feat_in = observed.encoder.blocks[0].mconv[0].conv.in_channels
+        converted(torch.zeros(1, feat_in, 64), torch.tensor([64]))
+    finally:
+        for h in handles:
+            h.remove()
+    for k, (scale, zero_point) in seen.items():
+        converted.in_scale[k] = scale
+        converted.in_zero_point[k] = zero_point
+
+
+def with_float_units(qenc: QuantizedEncoder, model: LeanCTCModel, units: Iterable[int]) -> QuantizedEncoder:
+    """A copy of the int8 `qenc` in which `units` run the fp32 modules of `model` (shared, not copied)."""
+    units = frozenset(units)
+    hybrid = copy.deepcopy(qenc)
+    for k in units:
+        if k == len(model.encoder.blocks):
+            hybrid.decoder = model.decoder
+        else:
+            hybrid.encoder.blocks[k] = model.encoder.blocks[k]
+    hybrid.float_units = units
+    return hybrid
+
+
+def int8_structure(spec: ModelSpec, engine: str, float_units: Sequence[int] = ()) -> QuantizedEncoder:
+    """The converted module structure for `spec`, built directly (no fp32 weights, no calibration).
+
+    Load an artifact's state dict into it under `engine_scope(engine)` to get the int8 model.
+    """
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+    with torch.device("meta"):
+        skeleton = LeanCTCModel(spec)
+    qenc = QuantizedEncoder(skeleton)
+    qenc.in_scale = torch.ones(len(qenc.in_scale), dtype=torch.float64)
+    qenc.in_zero_point = torch.zeros(len(qenc.in_zero_point), dtype=torch.int64)
+    with quiet(), engine_scope(engine):
+        for group in fusion_groups(qenc.encoder):
+            conv = _get(qenc, group[0])
+            _set(qenc, group[0], _qconv(nniq.ConvReLU1d if len(group) == 3 else nnq.Conv1d, conv, bias=True))
+            for name in group[1:]:
+                _set(qenc, name, nn.Identity())
+        for name, module in list(qenc.named_modules()):
+            if type(module) is nn.Conv1d:
+                _set(qenc, name, _qconv(nnq.Conv1d, module, bias=module.bias is not None))
+        for block in qenc.encoder.blocks:
+            _quantizable_residual(block, nnq.QFunctional)
+        qenc.quant = nnq.Quantize(1.0, 0, torch.quint8)
+        qenc.dequant = nnq.DeQuantize()
+    for k in float_units:  # fp32 modules with real (empty) storage, filled by load_state_dict
+        if k == len(spec.encoder.blocks):
+            qenc.decoder = skeleton.decoder.to_empty(device="cpu")
+        else:
+            qenc.encoder.blocks[k] = skeleton.encoder.blocks[k].to_empty(device="cpu")
+    qenc.float_units = frozenset(float_units)
+    return qenc.eval()
+
+
+def _qconv(cls, conv: nn.Conv1d, bias: bool):
+    return cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
+               padding=conv.padding[0], dilation=conv.dilation[0], groups=conv.groups, bias=bias)
+
+
+def _get(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name)
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = ()) -> QuantizedEncoder:
+    """Rebuild the int8 encoder for `engine` from an engine-neutral state dict."""
+    qenc = int8_structure(spec, engine, float_units)
+    with quiet(), engine_scope(engine):
+        qenc.load_state_dict(state_dict, strict=True)
+    return qenc.requires_grad_(False)
 
 
 class Int8CTCModel(nn.Module):
     """fp32 features + int8 encoder/decoder, with the lean model's interface (`spec`, forward)."""
 
-    def __init__(self, model: LeanCTCModel, qencoder: QuantizedEncoder, engine: str):
+    def __init__(self, spec: ModelSpec, features: nn.Module, qencoder: QuantizedEncoder, engine: str):
         super().__init__()
-        self.spec = model.spec
-        self.features = model.features
+        self.spec = spec
+        self.features = features
         self.qencoder = qencoder
         self.engine = engine
 
@@ -140,18 +306,59 @@ class Int8CTCModel(nn.Module):
         return self.forward_features(feats, frames)
 
     def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
-        with engine_scope(self.engine):
-            logits, lens = self.qencoder(feats, frames)
+        logits, lens = self.logits(feats, frames)
         return torch.log_softmax(logits.transpose(1, 2), dim=-1), lens
 
+    def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output [B, C, T'] before log-softmax (what the accuracy gate compares), and lengths."""
+        with quiet(), engine_scope(self.engine):
+            return self.qencoder(feats, frames)
 
-def quantize(model: LeanCTCModel, calibration: Sequence[np.ndarray], engine: str = "onednn") -> Int8CTCModel:
-    """Static int8 model of `model`, calibrated on `calibration` audio (mono float32 at the model rate)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"engine {engine!r} is not available in this torch build "
-                         f"(available: {', '.join(torch.backends.quantized.supported_engines)})")
-    qmodel = prepare(model, engine)
-    calibrate(model, qmodel, calibration)
-    return Int8CTCModel(model, convert(qmodel, engine), engine).eval()
+
+@torch.inference_mode()
+def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]], feat_in: int,
+                 engines: Sequence[str], frames: int = 100, budget_seconds: float = 0.6) -> dict[str, float]:
+    """Seconds each engine takes for one forward pass over `frames` feature frames (1 s of audio).
+
+    `build(engine)` returns a callable(feats, lens). Each engine gets a short warm-up (weight
+    packing, first-call set-up), then the faster of two timed passes; an engine whose warm-up
+    alone is over 10x the best time so far is recorded at that warm-up time and not timed further,
+    which keeps the whole measurement well under a second even when an engine is 50x slower.
+    """
+    torch.manual_seed(0)
+    feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
+    warm_feats, warm_lens = feats[:, :, : frames // 4], torch.tensor([frames // 4])
+    timings: dict[str, float] = {}
+    for engine in engines:
+        with engine_scope(engine):
+            run = build(engine)
+            t0 = time.perf_counter()
+            run(warm_feats, warm_lens)
+            warm = time.perf_counter() - t0
+            best = min(timings.values(), default=None)
+            if best is not None and warm > 10 * best:
+                timings[engine] = warm * 4  # a quarter of the frames: a lower bound on the full pass
+                continue
+            runs = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                run(feats, lens)
+                runs.append(time.perf_counter() - t0)
+                if sum(runs) > budget_seconds:
+                    break
+            timings[engine] = min(runs)
+    return timings
+
+
+def candidate_engines(cpu_flags: Optional[Sequence[str]] = None) -> list[str]:
+    """Engines `auto` considers on this CPU.
+
+    The artifact uses full-range uint8 activations; fbgemm/x86 multiply them in 16-bit
+    intermediates that can saturate unless the CPU has VNNI, so there they are left out.
+    """
+    if cpu_flags is None:
+        from .sysinfo import cpu_info
+
+        cpu_flags = cpu_info()["flags"]
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags))
+    return [e for e in available_engines() if vnni or e not in ("x86", "fbgemm")]

@@ -49,6 +49,7 @@ class RayPool:
         self.actors: list = []
         self.names: list[str] = []
         self.engines: dict[str, str] = {}
+        self.infos: dict[str, dict] = {}  # per worker: engine, engine timings (auto), load seconds, CPU
         self.heavy_imports: list[str] = []  # modules a worker should never load (nemo, lightning)
         self._started_ray = False
 
@@ -70,6 +71,7 @@ class RayPool:
         infos = ray.get([a.info.remote() for a in self.actors])
         self.names = [i["worker"] for i in infos]
         self.engines = {i["worker"]: i["engine"] for i in infos}
+        self.infos = {i["worker"]: {k: i[k] for k in ("engine", "engine_seconds", "load_seconds", "cpu")} for i in infos}
         self.heavy_imports = sorted({m for i in infos for m in i["heavy_imports"]})
         log.debug("%d workers ready (%d thread(s) each)", count, threads)
         return self
@@ -141,6 +143,7 @@ class RayPool:
         info = ray.get(self.actors[idx].info.remote())
         self.names.append(info["worker"])
         self.engines[info["worker"]] = info["engine"]
+        self.infos[info["worker"]] = {k: info[k] for k in ("engine", "engine_seconds", "load_seconds", "cpu")}
         log.warning("started replacement worker %s", info["worker"])
 
     def __exit__(self, *exc) -> None:

@@ -29,7 +29,9 @@ class QuantizationSpec:
     engine: str = "auto"  # auto | onednn | x86 | fbgemm | qnnpack
     calibration_manifest: Optional[str] = None  # default: a reproducible sample of the job's manifest
     calibration_items: int = 100
+    gate_items: int = 100  # held-out utterances the accuracy gate compares int8 with fp32 on
     max_wer_increase: float = 0.005  # accuracy gate, a fraction (0.005 = 0.5 WER points)
+    max_fp32_layers: int = 3  # layers (encoder blocks, decoder) the gate may keep in fp32
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ def verify(spec: JobSpec, where: str) -> None:
         (q.engine in ENGINES, f"quantization.engine must be one of {', '.join(ENGINES)}, got {q.engine!r}"),
         (isinstance(q.calibration_items, int) and q.calibration_items >= 1,
          f"quantization.calibration_items must be a positive integer, got {q.calibration_items!r}"),
+        (isinstance(q.gate_items, int) and q.gate_items >= 1,
+         f"quantization.gate_items must be a positive integer, got {q.gate_items!r}"),
+        (isinstance(q.max_fp32_layers, int) and q.max_fp32_layers >= 0,
+         f"quantization.max_fp32_layers must be an integer >= 0, got {q.max_fp32_layers!r}"),
         (_number(q.max_wer_increase) and 0 <= q.max_wer_increase < 1,
          f"quantization.max_wer_increase is a fraction (0.005 = 0.5 WER points), got {q.max_wer_increase!r}"),
     ]

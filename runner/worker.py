@@ -98,19 +98,28 @@ def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options
 
 
 class ShardWorker:
-    """Holds one lean model; called once per shard."""
+    """Holds one model (lean fp32, or int8 rebuilt from the artifact); called once per shard."""
 
     def __init__(self, payload: dict, threads: int, options: DecodeOptions):
         import torch
 
-        from .arch import ModelSpec
-        from .model import build_model
-
         torch.set_num_threads(threads)
         self.options = options
-        self.model = build_model(ModelSpec.from_dict(payload["spec"]), payload["state_dict"])
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = payload.get("engine", "fp32")
+        self.engine_seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if payload["precision"] == "int8":
+            from .artifact import build_int8_model
+
+            loaded = build_int8_model(payload["artifact"], payload.get("engine", "auto"))
+            self.model, self.engine, self.engine_seconds = loaded.model, loaded.engine, loaded.engine_seconds
+        else:
+            from .arch import ModelSpec
+            from .model import build_model
+
+            self.model = build_model(ModelSpec.from_dict(payload["spec"]), payload["state_dict"])
+            self.engine = "fp32"
+        self.load_seconds = time.perf_counter() - t0
 
     def __call__(self, shard: int, items: list[ManifestItem]) -> ShardResult:
         t0 = time.perf_counter()
@@ -121,5 +130,8 @@ class ShardWorker:
     def info(self) -> dict:
         import sys
 
+        from .sysinfo import cpu_info
+
         heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning"})
-        return {"worker": self.name, "engine": self.engine, "heavy_imports": heavy}
+        return {"worker": self.name, "engine": self.engine, "engine_seconds": self.engine_seconds,
+                "load_seconds": round(self.load_seconds, 3), "heavy_imports": heavy, "cpu": cpu_info()["model"]}

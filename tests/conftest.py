@@ -6,6 +6,7 @@ Everything is generated here; nothing is downloaded. Session-scoped so the suite
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ TRAIN_SENTENCES = 400
 
 def pytest_configure(config):
     logging.getLogger("nemo_logger").setLevel(logging.ERROR)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("ASR_RUNNER_TEST_THREADS", "2")))  # CI: 2 cores
 
 
 @pytest.fixture(scope="session", autouse=True)

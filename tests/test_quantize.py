@@ -1,19 +1,56 @@
-"""int8 static quantization of the lean model (first slice of the quantizer: no artifact/gate yet)."""
+"""int8 post-training static quantization: fusion, engines, the accuracy gate, the artifact, the CLI."""
+
+import json
+import subprocess
+import sys
 
 import pytest
+import soundfile as sf
 import torch
 
+from runner.artifact import Artifact, build_int8_model, sha256
+from runner.calibrate import GateFailed, Settings, quantize_model
+from runner.cli import main
 from runner.corpus import sentences, synthesize_many
 from runner.metrics import wer
-from runner.quantize import ENGINES, fusion_groups, quantize
+from runner.model import build_model
+from runner.quantize import available_engines, fusion_groups, int8_structure
 from runner.transcribe import DecodeOptions, transcribe_batch
-from tests.conftest import pad
+from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 
 
 @pytest.fixture(scope="module")
 def calibration():
-    """Calibration audio kept apart from the held-out `speech` set (other sentences, other seed)."""
-    return [a for _t, _v, a in synthesize_many(sentences(24, seed=9), seed=9)]
+    """Calibration audio kept apart from the held-out sets (other sentences, other seed)."""
+    return [a for _t, _v, a in synthesize_many(sentences(40, seed=9), seed=9)]
+
+
+@pytest.fixture(scope="module")
+def gate_set():
+    """Held-out utterances for the gate: neither training, calibration nor the `speech` test set."""
+    train = set(sentences(TRAIN_SENTENCES, TRAIN_SEED)) | set(sentences(80, 2))
+    texts = [t for t in sentences(400, seed=3) if t not in train][:60]
+    return [(t, a) for t, _v, a in synthesize_many(texts, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_lean, calibration, gate_set):
+    return quantize_model(tiny_lean, calibration, [a for _, a in gate_set], [t for t, _ in gate_set])
+
+
+def copy_model(model):
+    return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def make_outlier_channels(model, block: int, channels: slice = slice(0, 4)) -> None:
+    """Same fp32 function, hostile to per-tensor int8: 1000x larger activations in a few channels of
+    one block (BN scale up, the next pointwise conv's input weights down by the same factor)."""
+    layers = model.encoder.blocks[block].mconv
+    bn, next_pointwise = layers[2], layers[6].conv
+    with torch.no_grad():
+        bn.weight[channels] *= 1000
+        bn.bias[channels] *= 1000
+        next_pointwise.weight[:, channels, :] /= 1000
 
 
 def test_fusion_covers_every_conv_bn_pair(tiny_lean):
@@ -23,32 +60,145 @@ def test_fusion_covers_every_conv_bn_pair(tiny_lean):
     assert any(len(g) == 3 for g in groups)  # conv + bn + relu inside repeated sub-blocks
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e in torch.backends.quantized.supported_engines])
-def test_int8_agrees_with_fp32_on_every_engine(tiny_lean, speech, calibration, engine):
+def test_gate_passes_and_reports(artifact):
+    report = artifact.report
+    gate = report["gate"]
+    assert gate["passed"] and gate["mode"] == "references" and report["fp32_units"] == []
+    assert gate["increase"] <= 0.005 and gate["int8"]["logit_cosine"] > 0.99
+    assert set(report["observers"]) == {"histogram", "minmax", "moving_average"}
+    assert report["observer"] in report["observers"]
+    assert set(report["engine_seconds_per_audio_second"]) <= set(available_engines())
+    assert artifact.recipe["weights"].startswith("qint8 per-channel")
+
+
+@pytest.mark.parametrize("engine", available_engines())
+def test_int8_agrees_with_fp32_on_every_engine(tiny_lean, artifact, speech, engine):
+    """Every engine this torch has runs the one engine-neutral artifact, qnnpack included."""
+    loaded = build_int8_model(artifact.to_bytes(), engine)
+    assert loaded.engine == engine
     audios = [a for _, a in speech]
-    int8 = quantize(tiny_lean, calibration, engine)
-    fp32_text = transcribe_batch(tiny_lean, audios)
-    int8_text = transcribe_batch(int8, audios)
-    agreement = wer(fp32_text, int8_text)
-    print(engine, "WER of int8 against fp32 hypotheses:", agreement)
-    # onednn/qnnpack use full-range 8-bit activations; x86/fbgemm reduce them to 7 bits. The
-    # issue's target (<= 2%) needs the observer choice and the accuracy gate, still to come:
-    # this 0.17 M-parameter model measures 2.7-3.4% (onednn/qnnpack) and 5.8% (x86/fbgemm).
-    assert agreement <= (0.05 if engine in ("onednn", "qnnpack") else 0.08)
+    disagreement = wer(transcribe_batch(tiny_lean, audios), transcribe_batch(loaded.model, audios))
+    print(engine, "WER of int8 against fp32 transcripts:", disagreement)
+    # This 0.17 M-parameter model trained for 2 minutes measures 1.5-3%; the <= 2% target is
+    # checked on the trained demo model (tests/test_demo.py).
+    assert disagreement <= 0.04
 
 
-def test_int8_transcript_does_not_depend_on_batch(tiny_lean, speech, calibration):
-    int8 = quantize(tiny_lean, calibration, "onednn")
+def test_artifact_round_trips_to_identical_outputs(artifact, speech):
+    data = artifact.to_bytes()
+    again = Artifact.from_bytes(data)
+    assert again.spec == artifact.spec and again.float_units == artifact.float_units
+    assert again.report == artifact.report and again.recipe == artifact.recipe
+    assert again.int8.keys() == artifact.int8.keys()
+    for key, tensor in artifact.int8.items():
+        if isinstance(tensor, torch.Tensor):
+            other = again.int8[key]
+            assert (torch.equal(tensor.int_repr(), other.int_repr()) and torch.equal(
+                tensor.q_per_channel_scales(), other.q_per_channel_scales())) if tensor.is_quantized and \
+                tensor.qscheme() == torch.per_channel_symmetric else torch.equal(tensor, other), key
+    assert len(sha256(data)) == 64
+    a, b = build_int8_model(data, "onednn").model, build_int8_model(again, "onednn").model
+    audio = [s[1] for s in speech[:8]]
+    with torch.inference_mode():
+        assert torch.equal(a(*pad(audio))[0], b(*pad(audio))[0])
+    assert all(t.dtype in (torch.qint8, torch.quint8) for k, t in artifact.int8.items() if k.endswith(".weight"))
+
+
+def test_auto_picks_the_fastest_candidate_and_reports_timings(artifact):
+    loaded = build_int8_model(artifact.to_bytes(), "auto")
+    assert set(loaded.engine_seconds) >= {"onednn", "qnnpack"}
+    assert loaded.engine == min(loaded.engine_seconds, key=loaded.engine_seconds.get)
+
+
+def test_int8_transcript_does_not_depend_on_batch(artifact, speech):
+    model = build_int8_model(artifact.to_bytes(), "onednn").model
     audios = [a for _, a in speech[:12]]
-    batched = transcribe_batch(int8, audios, DecodeOptions(batch_size=12))
-    alone = [transcribe_batch(int8, [a], DecodeOptions(batch_size=1))[0] for a in audios]
+    batched = transcribe_batch(model, audios, DecodeOptions(batch_size=12))
+    alone = [transcribe_batch(model, [a], DecodeOptions(batch_size=1))[0] for a in audios]
     assert batched == alone
 
 
-def test_int8_model_runs_convs_in_int8(tiny_lean, calibration, speech):
-    int8 = quantize(tiny_lean, calibration, "onednn")
-    kinds = {type(m).__name__ for m in int8.qencoder.modules()}
-    assert {"ConvReLU1d", "Conv1d", "Quantize", "DeQuantize"} <= kinds
+def test_int8_structure_runs_convs_in_int8(artifact):
+    kinds = {type(m).__name__ for m in int8_structure(artifact.spec, "onednn").modules()}
+    assert {"ConvReLU1d", "Conv1d", "Quantize", "DeQuantize", "QFunctional"} <= kinds
     assert "BatchNorm1d" not in kinds
-    log_probs, lens = int8(*pad([speech[0][1]]))
-    assert torch.isfinite(log_probs).all() and 0 < int(lens[0]) <= log_probs.shape[1]
+
+
+def test_worker_loads_the_artifact_in_a_fresh_process_without_nemo(artifact, speech_files, tmp_path):
+    path = tmp_path / "model.int8"
+    path.write_bytes(artifact.to_bytes())
+    wavs = [p for _, p in speech_files[:6]]
+    code = (
+        "import json, sys\n"
+        "from runner.artifact import build_int8_model\n"
+        "from runner.audio import load_audio\n"
+        "from runner.transcribe import transcribe_batch\n"
+        f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'auto')\n"
+        f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
+        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'nemo', 'lightning', 'pytorch_lightning'})\n"
+        "print(json.dumps({'texts': texts, 'engine': m.engine, 'heavy': heavy}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    here = build_int8_model(artifact.to_bytes(), out["engine"]).model
+    assert out["texts"] == transcribe_batch(here, [sf.read(p, dtype="float32")[0] for p in wavs])
+    assert "Warning" not in run.stderr and "deprecat" not in run.stderr.lower()
+
+
+def test_gate_keeps_the_sensitive_block_in_fp32(tiny_lean, calibration, gate_set):
+    model = copy_model(tiny_lean)
+    make_outlier_channels(model, block=2)
+    audios, refs = [a for _, a in gate_set], [t for t, _ in gate_set]
+    assert transcribe_batch(model, audios) == transcribe_batch(tiny_lean, audios)  # fp32 unchanged
+    art = quantize_model(model, calibration, audios, refs, Settings(max_wer_increase=0.01))
+    report = art.report
+    assert report["steps"][0]["increase"] > 0.1  # all-int8 is far outside the tolerance
+    assert report["sensitivity"][0]["unit"] == "encoder.blocks.2"  # measured as the most sensitive
+    assert report["fp32_units"] == ["encoder.blocks.2"] and art.float_units == [2]
+    assert report["gate"]["passed"] and report["gate"]["increase"] <= 0.01
+    # The hybrid artifact rebuilds (fp32 block inside the int8 model) on every engine.
+    for engine in available_engines():
+        loaded = build_int8_model(art.to_bytes(), engine).model
+        assert isinstance(loaded.qencoder.encoder.blocks[2].mconv[2], torch.nn.BatchNorm1d)
+        assert wer(refs, transcribe_batch(loaded, audios)) <= report["gate"]["fp32"]["wer"] + 0.03
+
+
+def test_gate_falls_back_then_fails_with_a_report(tiny_lean, calibration, gate_set):
+    model = copy_model(tiny_lean)
+    make_outlier_channels(model, block=1)
+    make_outlier_channels(model, block=2)
+    audios, refs = [a for _, a in gate_set], [t for t, _ in gate_set]
+    with pytest.raises(GateFailed, match="outside the tolerance.*max_wer_increase") as failure:
+        quantize_model(model, calibration, audios, refs, Settings(max_wer_increase=0.001, max_fp32_layers=1))
+    report = failure.value.report
+    assert not report["gate"]["passed"] and report["fp32_units"] == []
+    assert len(report["steps"]) == 2 and len(report["steps"][1]["fp32_units"]) == 1  # tried one, then failed
+    assert {r["unit"] for r in report["sensitivity"][:2]} == {"encoder.blocks.1", "encoder.blocks.2"}
+
+
+def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tiny_nemo_file, gate_set, tmp_path, capsys):
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    with open(folder / "manifest.jsonl", "w") as f:
+        for i, (text, audio) in enumerate(gate_set):
+            sf.write(folder / f"u{i}.flac", audio, 16000)
+            f.write(json.dumps({"audio_filepath": f"u{i}.flac", "text": text}) + "\n")
+    out = tmp_path / "model.int8"
+    args = ["quantize", tiny_nemo_file, "--calibration", str(folder / "manifest.jsonl"), "--items", "30",
+            "--gate-items", "30", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 accuracy gate" in printed and "passed" in printed and f"wrote {out}" in printed
+    report = Artifact.from_bytes(out.read_bytes()).report
+    assert report["calibration"]["utterances"] == 30 and report["gate"]["utterances"] == 30
+    assert not set(report["calibration"]["ids"]) & set(report["gate"]["ids"])  # disjoint samples
+    # An unreachable tolerance in "agreement" mode (no references) with no fp32 fallback allowed.
+    with open(folder / "no_text.jsonl", "w") as f:
+        f.writelines(json.dumps({"audio_filepath": f"u{i}.flac"}) + "\n" for i in range(len(gate_set)))
+    failed = tmp_path / "failed.int8"
+    assert main(["quantize", tiny_nemo_file, "--calibration", str(folder / "no_text.jsonl"), "--out", str(failed),
+                 "--max-wer-increase", "0", "--max-fp32-layers", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "error: int8 accuracy is outside the tolerance" in captured.err
+    assert not failed.exists()

@@ -1,0 +1,143 @@
+"""The int8 artifact: what the driver makes once and every worker rebuilds its model from.
+
+Contents (one `torch.save` file, loadable with `weights_only=True`): the architecture
+(`ModelSpec`: features config, encoder blocks, vocabulary), the fp32 mel front end's buffers,
+the engine-neutral int8 state dict (int8 weights with per-channel scales, activation scales and
+zero points), the units kept in fp32 with their weights, the recipe and the quantization report.
+It is identified by the sha256 of its bytes.
+
+A worker calls `build_int8_model(data, engine)`: torch only (no NeMo, no calibration, no fp32
+weights for the int8 units); with `engine="auto"` it times the candidate engines on its own CPU
+first and keeps the fastest, so a cluster can mix CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .arch import ModelSpec
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "asr-runner/int8-ctc/1"
+
+
+@dataclass
+class Artifact:
+    spec: ModelSpec
+    features: dict  # fp32 buffers of the mel front end
+    int8: dict  # engine-neutral state dict of the quantized encoder + decoder
+    float_units: list[int] = field(default_factory=list)  # units kept in fp32 by the accuracy gate
+    recipe: dict = field(default_factory=dict)  # observers, dtypes: how the int8 weights were made
+    report: dict = field(default_factory=dict)  # calibration, gate figures, sensitivity, engine timings
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        with _no_storage_warnings():
+            torch.save({"format": FORMAT, "spec": self.spec.to_dict(), "features": self.features, "int8": self.int8,
+                        "float_units": list(self.float_units), "recipe": self.recipe, "report": self.report},
+                       buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "artifact") -> "Artifact":
+        try:
+            with _no_storage_warnings():
+                raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise InputError(f"{where}: not an asr-runner int8 artifact ({type(exc).__name__}: {exc}); "
+                             "make one with `asr-runner quantize`") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise InputError(f"{where}: not an asr-runner int8 artifact (format {FORMAT}); "
+                             "make one with `asr-runner quantize`")
+        return cls(ModelSpec.from_dict(raw["spec"]), raw["features"], raw["int8"], list(raw["float_units"]),
+                   raw["recipe"], raw["report"])
+
+
+@contextmanager
+def _no_storage_warnings():
+    """(De)serializing quantized tensors warns twice (TypedStorage and quantized tensors are
+    deprecated); both are torch internals a user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save(data: bytes, path: Union[str, os.PathLike]) -> None:
+    """Write artifact bytes atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read(path: Union[str, os.PathLike]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the int8 artifact ({exc.strerror})") from None
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # quantize.Int8CTCModel
+    engine: str
+    engine_seconds: dict[str, float]  # auto: each candidate's time for 1 s of audio; else {}
+    load_seconds: float
+
+
+def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
+    """The int8 model for this process's CPU: `engine="auto"` times the candidates and keeps the fastest."""
+    from .features import MelFeatures
+    from .quantize import Int8CTCModel, candidate_engines, check_engine, load_int8, time_engines
+
+    t0 = time.perf_counter()
+    art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
+    spec = art.spec
+    with torch.device("meta"):
+        features = MelFeatures(spec.features)
+    features.load_state_dict(art.features, strict=True, assign=True)
+    features.eval()
+    built: dict[str, Any] = {}
+
+    def build(name: str):
+        built[name] = load_int8(spec, art.int8, name, art.float_units)
+        return built[name]
+
+    timings: dict[str, float] = {}
+    if engine == "auto":
+        candidates = candidate_engines()
+        if len(candidates) > 1:
+            timings = time_engines(build, spec.encoder.feat_in, candidates)
+            engine = min(timings, key=timings.get)
+        else:
+            engine = candidates[0]
+    else:
+        try:
+            check_engine(engine)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    qencoder = built.get(engine) or build(engine)
+    built.clear()
+    model = Int8CTCModel(spec, features, qencoder, engine).eval()
+    return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0)

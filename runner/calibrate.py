@@ -1,0 +1,373 @@
+"""Driver side of int8: sample audio, calibrate, choose observers, gate accuracy, make the artifact.
+
+    samples (seeded, calibration kept apart from the gate's held-out items)
+    -> per activation observer: prepare -> calibrate -> convert          (runner.quantize)
+    -> held-out gate: int8 vs fp32 (WER/CER with references, else agreement with fp32
+       transcripts), plus logit similarity; the observer with the best figures is kept
+    -> over the tolerance: per-unit sensitivity (logit error with that unit kept in fp32),
+       then the most sensitive units go back to fp32 one by one until the gate passes, or
+       `max_fp32_layers` is reached and quantization fails with the report (exit 1)
+    -> Artifact (runner.artifact), cached on disk by model + manifests + settings.
+
+Runs where the fp32 model already is (the job driver, `asr-runner quantize`). No Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import artifact as artifact_io
+from .artifact import Artifact
+from .audio import load_audio
+from .decoding import greedy_decode
+from .errors import AudioLoadError, InputError, QuantizationError
+from .manifest import ManifestItem, file_sha256, iter_manifest
+from .metrics import cer, normalize_text, wer
+from .model import LeanCTCModel
+from .transcribe import pad_batch
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump when the recipe changes what an artifact holds: invalidates the cache
+
+
+class GateFailed(QuantizationError):
+    """int8 accuracy stayed outside the tolerance even with `max_fp32_layers` units in fp32."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Settings:
+    calibration_items: int = 100
+    gate_items: int = 100
+    max_wer_increase: float = 0.005  # a fraction: 0.005 = 0.5 WER points
+    max_fp32_layers: int = 3  # units (encoder blocks, decoder) the gate may keep in fp32
+    engine: str = "auto"  # engine the gate evaluates with (auto: the fastest here)
+    observers: tuple[str, ...] = ("histogram", "minmax", "moving_average")
+    seed: int = 0
+    max_seconds: float = 30.0  # items longer than this: calibration uses their start, the gate skips them
+
+
+# --------------------------------------------------------------------------- samples
+@dataclass
+class Samples:
+    calibration: list[ManifestItem]
+    gate: list[ManifestItem]
+
+
+def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: Settings) -> Samples:
+    """Reproducible samples (seeded reservoir, one streaming pass): calibration and gate never share a line.
+
+    Without a separate calibration manifest both come from `manifest`, disjoint. Items longer
+    than `max_seconds` are left out when enough shorter ones exist (the gate runs whole files).
+    """
+    if calibration_manifest is None:
+        both = _reservoir(manifest, settings.calibration_items + settings.gate_items, settings)
+        if len(both) < 2:
+            raise InputError(f"{manifest}: int8 calibration needs at least 2 readable items (one to calibrate, "
+                             "one to check accuracy); the manifest has fewer")
+        n_gate = min(settings.gate_items, max(1, len(both) * settings.gate_items
+                                              // (settings.calibration_items + settings.gate_items)))
+        return Samples(calibration=both[n_gate:], gate=both[:n_gate])
+    calibration = _reservoir(calibration_manifest, settings.calibration_items, settings)
+    taken = {(i.audio_filepath, i.offset) for i in calibration}
+    gate = [i for i in _reservoir(manifest, settings.gate_items, settings, salt=1)
+            if (i.audio_filepath, i.offset) not in taken]
+    if not calibration or not gate:
+        empty = calibration_manifest if not calibration else manifest
+        raise InputError(f"{empty}: no items to {'calibrate on' if not calibration else 'check accuracy on'}")
+    return Samples(calibration, gate)
+
+
+def _reservoir(path: str, k: int, settings: Settings, salt: int = 0) -> list[ManifestItem]:
+    rng = random.Random(f"{settings.seed}:{salt}")
+    short, long_ = [], []
+    seen_short = seen_long = 0
+    for item in iter_manifest(path):
+        if item.duration is None or item.duration <= settings.max_seconds:
+            seen_short += 1
+            _offer(short, item, seen_short, k, rng)
+        else:
+            seen_long += 1
+            _offer(long_, item, seen_long, k, rng)
+    picked = short if len(short) >= min(k, 2) else short + long_[: k - len(short)]
+    picked.sort(key=lambda i: i.line)
+    random.Random(f"{settings.seed}:{salt}:order").shuffle(picked)
+    return picked
+
+
+def _offer(pool: list, item, seen: int, k: int, rng: random.Random) -> None:
+    if len(pool) < k:
+        pool.append(item)
+    else:
+        j = rng.randrange(seen)
+        if j < k:
+            pool[j] = item
+
+
+def read_items(items: Sequence[ManifestItem], rate: int, max_seconds: float) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
+    """Audio of the readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones."""
+    audios, kept, skipped = [], [], []
+    for item in items:
+        try:
+            audio = load_audio(item.audio_filepath, rate, item.offset, item.duration)
+        except AudioLoadError as exc:
+            skipped.append(f"id {item.id}: {exc}")
+            continue
+        if len(audio) < 400:
+            skipped.append(f"id {item.id}: shorter than one analysis window")
+            continue
+        audios.append(audio[: int(max_seconds * rate)])
+        kept.append(item)
+    return audios, kept, skipped
+
+
+# --------------------------------------------------------------------------- measuring
+def feature_batches(model: LeanCTCModel, audios: Sequence[np.ndarray], batch_size: int = 8):
+    """(features, frames, indices) batches, sorted by length: the batching the workers use."""
+    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            ids = order[start: start + batch_size]
+            feats, frames = model.features(*pad_batch([audios[i] for i in ids]))
+            out.append((feats, frames, ids))
+    return out
+
+
+class GateSet:
+    """Held-out utterances with the fp32 model's logits and transcripts, to score int8 variants against."""
+
+    def __init__(self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: Optional[list[str]]):
+        self.vocabulary = model.spec.vocabulary
+        self.batches = feature_batches(model, audios)
+        self.references = [normalize_text(r) for r in references] if references else None
+        self.seconds = sum(len(a) for a in audios) / model.spec.features.sample_rate
+        with torch.inference_mode():
+            self.fp32 = [model.logits(f, n) for f, n, _ in self.batches]
+        self.fp32_texts = self._texts(self.fp32)
+        self.fp32_figures = self._error_rates(self.fp32_texts)
+
+    def _texts(self, outputs) -> list[str]:
+        texts = [""] * sum(len(ids) for *_, ids in self.batches)
+        for (logits, lens), (*_, ids) in zip(outputs, self.batches):
+            for i, text in zip(ids, greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, self.vocabulary)):
+                texts[i] = normalize_text(text)
+        return texts
+
+    def _error_rates(self, texts: list[str]) -> dict:
+        if self.references is None:
+            return {}
+        return {"wer": wer(self.references, texts), "cer": cer(self.references, texts)}
+
+    @torch.inference_mode()
+    def score(self, run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Figures of a model variant: agreement with fp32 transcripts, logit similarity, WER/CER."""
+        outputs = [run(f, n) for f, n, _ in self.batches]
+        err = ref = cos_sum = 0.0
+        frames = agree = 0
+        for (a, lens), (b, _) in zip(outputs, self.fp32):
+            valid = (torch.arange(a.shape[-1]).unsqueeze(0) < lens.unsqueeze(1))  # [B, T]
+            diff = (a - b).pow(2).sum(1)[valid]
+            err += float(diff.sum())
+            ref += float(b.pow(2).sum(1)[valid].sum())
+            cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1)[valid].sum())
+            agree += int((a.argmax(1) == b.argmax(1))[valid].sum())
+            frames += int(valid.sum())
+        texts = self._texts(outputs)
+        figures = {"wer_vs_fp32": wer(self.fp32_texts, texts), "logit_error": err / max(ref, 1e-12),
+                   "logit_cosine": cos_sum / max(frames, 1), "frame_agreement": agree / max(frames, 1)}
+        figures.update(self._error_rates(texts))
+        return {k: round(v, 6) for k, v in figures.items()}
+
+    def increase(self, figures: dict) -> float:
+        """What the gate compares with `max_wer_increase`: WER increase over fp32 with references,
+        else the WER of int8 against the fp32 transcripts (an upper bound on the increase)."""
+        if self.references is not None:
+            return figures["wer"] - self.fp32_figures["wer"]
+        return figures["wer_vs_fp32"]
+
+
+# --------------------------------------------------------------------------- quantizing
+def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
+                   references: Optional[list[str]], settings: Settings = Settings(),
+                   info: Optional[dict] = None) -> Artifact:
+    """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
+    from .artifact import build_int8_model
+    from .quantize import (candidate_engines, check_engine, convert, fallback_possible, load_int8, prepare,
+                           calibrate, time_engines, with_float_units)
+
+    t_start = time.perf_counter()
+    spec = model.spec
+    rate = spec.features.sample_rate
+    report: dict = {"recipe_version": RECIPE_VERSION, **(info or {}), "settings": asdict(settings)}
+    report["calibration"] = {**report.get("calibration", {}), "utterances": len(calibration),
+                             "seconds": round(sum(len(a) for a in calibration) / rate, 2)}
+    cal_batches = [(f, n) for f, n, _ in feature_batches(model, calibration)]
+    gate = GateSet(model, gate_audio, references)
+    report["gate"] = {**report.get("gate", {}), "utterances": len(gate_audio), "seconds": round(gate.seconds, 2),
+                      "mode": "references" if references else "agreement with fp32",
+                      "max_wer_increase": settings.max_wer_increase, "fp32": gate.fp32_figures}
+    log.info("calibrating on %d utterances (%.0f s), gate on %d held-out utterances (%.0f s)",
+             len(calibration), report["calibration"]["seconds"], len(gate_audio), gate.seconds)
+
+    converted, engine = {}, settings.engine
+    for observer in settings.observers:
+        observed = prepare(model, observer)
+        calibrate(observed, cal_batches)
+        if engine == "auto":  # the gate evaluates on the engine that is fastest here
+            first = convert(observed, "onednn" if "onednn" in candidate_engines() else candidate_engines()[0])
+            timings = time_engines(lambda e: load_int8(spec, first.state_dict(), e), spec.encoder.feat_in,
+                                   candidate_engines())
+            engine = min(timings, key=timings.get)
+            report["engine_seconds_per_audio_second"] = {k: round(v, 5) for k, v in timings.items()}
+        else:
+            check_engine(engine)
+        converted[observer] = convert(observed, engine)
+    report["engine"] = engine
+
+    def run_on_engine(qenc):
+        from .quantize import engine_scope
+
+        def run(feats, frames):
+            with engine_scope(engine):
+                return qenc(feats, frames)
+        return run
+
+    scores = {name: gate.score(run_on_engine(q)) for name, q in converted.items()}
+    report["observers"] = scores
+    # Best = passes the gate, then closest to fp32 (agreement of transcripts, then logits): with a few
+    # hundred held-out words, a WER *below* fp32's is luck, not a better observer.
+    chosen = min(scores, key=lambda n: (gate.increase(scores[n]) > settings.max_wer_increase,
+                                        scores[n]["wer_vs_fp32"], scores[n]["logit_error"]))
+    report["observer"] = chosen
+    qenc, figures = converted[chosen], scores[chosen]
+    units = qenc.unit_names()
+    steps = [{"fp32_units": [], "increase": round(gate.increase(figures), 6), **figures}]
+    log.info("int8 (%s observers, %s engine): %s", chosen, engine, _summary(gate, figures))
+
+    passed = gate.increase(figures) <= settings.max_wer_increase
+    kept: list[int] = []
+    report["sensitivity"] = []
+    if not passed and settings.max_fp32_layers > 0 and fallback_possible(spec):
+        sensitivity = {k: gate.score(run_on_engine(with_float_units(qenc, model, [k])))["logit_error"]
+                       for k in range(len(units))}
+        ranked = sorted(sensitivity, key=sensitivity.get)  # lowest error with k in fp32 = most sensitive
+        report["sensitivity"] = [{"unit": units[k], "logit_error_with_unit_in_fp32": sensitivity[k],
+                                  "logit_error_all_int8": figures["logit_error"]} for k in ranked]
+        for k in ranked[: settings.max_fp32_layers]:
+            kept.append(k)
+            hybrid = with_float_units(qenc, model, kept)
+            figures = gate.score(run_on_engine(hybrid))
+            steps.append({"fp32_units": [units[u] for u in kept], "increase": round(gate.increase(figures), 6), **figures})
+            log.info("keeping %s in fp32: %s", ", ".join(units[u] for u in kept), _summary(gate, figures))
+            if gate.increase(figures) <= settings.max_wer_increase:
+                passed, qenc = True, hybrid
+                break
+    report["steps"] = steps
+    report["fp32_units"] = [units[u] for u in kept] if passed else []
+    report["gate"].update(int8=figures, increase=round(gate.increase(figures), 6), passed=passed)
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    if not passed:
+        raise GateFailed(
+            f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
+            f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
+            "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
+            "or run with precision fp32", report)
+    art = Artifact(spec, model.features.state_dict(), qenc.state_dict(), sorted(kept),
+                   recipe={"observer": chosen, "weights": "qint8 per-channel symmetric",
+                           "activations": "quint8 per-tensor affine, full range", "version": RECIPE_VERSION},
+                   report=report)
+    # What a worker will do: rebuild from bytes alone, on the gate's engine, and get the same logits.
+    rebuilt = build_int8_model(art.to_bytes(), engine).model
+    check = gate.score(rebuilt.logits)
+    if check["wer_vs_fp32"] != figures["wer_vs_fp32"] or abs(check["logit_error"] - figures["logit_error"]) > \
+            1e-5 + 0.01 * figures["logit_error"]:
+        raise QuantizationError(f"the int8 artifact does not reproduce the gated model (logit error "
+                                f"{check['logit_error']} vs {figures['logit_error']}); please report this")
+    report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2), "artifact": round(len(art.to_bytes()) / 1e6, 2)}
+    return art
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _summary(gate: GateSet, figures: dict) -> str:
+    text = f"WER vs fp32 transcripts {100 * figures['wer_vs_fp32']:.2f}%, logit cosine {figures['logit_cosine']:.4f}"
+    if "wer" in figures:
+        text += f", WER {100 * figures['wer']:.2f}% (fp32 {100 * gate.fp32_figures['wer']:.2f}%)"
+    return text
+
+
+def gate_description(gate: dict) -> str:
+    what = "WER increase over fp32" if gate["mode"] == "references" else "WER of int8 against fp32 transcripts"
+    return f"{what} {100 * gate['increase']:.2f} points (limit {100 * gate['max_wer_increase']:.2f})"
+
+
+# --------------------------------------------------------------------------- from files, with a cache
+def cache_dir() -> Path:
+    """ASR_RUNNER_CACHE, else $XDG_CACHE_HOME/asr-runner, else ~/.cache/asr-runner."""
+    if os.environ.get("ASR_RUNNER_CACHE"):
+        return Path(os.environ["ASR_RUNNER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asr-runner"
+
+
+def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings) -> str:
+    parts = {"recipe": RECIPE_VERSION, "model": file_sha256(model_path), "manifest": file_sha256(manifest),
+             "calibration": file_sha256(calibration_manifest) if calibration_manifest else None,
+             "settings": asdict(settings), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional[str] = None,
+                  settings: Settings = Settings(), use_cache: bool = True) -> tuple[bytes, bool]:
+    """Artifact bytes for a model and manifest, from the cache when the same inputs made one before.
+
+    Returns (bytes, came_from_cache). Raises `GateFailed` (exit 1) or `InputError` (exit 2).
+    """
+    key = cache_key(model_path, manifest, calibration_manifest, settings)
+    cached = cache_dir() / f"int8-{key[:32]}.pt"
+    if use_cache and cached.is_file():
+        data = cached.read_bytes()
+        try:
+            Artifact.from_bytes(data, str(cached))
+            log.info("int8 artifact from the cache: %s", cached)
+            return data, True
+        except InputError:
+            log.warning("ignoring a damaged cached artifact %s", cached)
+    from .nemo_loader import load_any
+
+    model = load_any(model_path)
+    samples = draw_samples(manifest, calibration_manifest, settings)
+    rate = model.spec.features.sample_rate
+    cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds)
+    gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds)
+    if not cal_audio or not gate_audio:
+        raise InputError(f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
+                         f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})")
+    whole = all(i.duration is None or i.duration <= settings.max_seconds for i in gate_items)
+    references = [i.text for i in gate_items] if whole and all(i.text is not None for i in gate_items) else None
+    info = {"model": {"file": str(model_path), "sha256": file_sha256(model_path)},
+            "calibration": {"manifest": str(calibration_manifest or manifest), "skipped": cal_skipped[:20],
+                            "ids": [i.id for i in cal_items][:1000]},
+            "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]}}
+    art = quantize_model(model, cal_audio, gate_audio, references, settings, info)
+    data = art.to_bytes()
+    if use_cache:
+        artifact_io.save(data, cached)
+    return data, False
