@@ -128,7 +128,8 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
     if engine == "auto":
         candidates = candidate_engines()
         if len(candidates) > 1:
-            timings = time_engines(build, spec.encoder.feat_in, candidates)
+            timings = time_engines(build, spec.encoder.feat_in, candidates,
+                                   spec.features.sample_rate / spec.features.hop_length)
             engine = min(timings, key=timings.get)
         else:
             engine = candidates[0]

@@ -65,8 +65,14 @@ class Settings:
 # --------------------------------------------------------------------------- samples
 @dataclass
 class Samples:
-    calibration: list[ManifestItem]
+    calibration: list[ManifestItem]  # candidates in sampled order, with spares for unreadable items
     gate: list[ManifestItem]
+    calibration_items: int  # how many of each to use
+    gate_items: int
+
+
+def _with_spares(k: int) -> int:
+    return k + k // 10 + 5
 
 
 def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: Settings) -> Samples:
@@ -74,23 +80,25 @@ def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: S
 
     Without a separate calibration manifest both come from `manifest`, disjoint. Items longer
     than `max_seconds` are left out when enough shorter ones exist (the gate runs whole files).
+    Each sample carries spares, used in order when an item cannot be read.
     """
+    want_cal, want_gate = settings.calibration_items, settings.gate_items
     if calibration_manifest is None:
-        both = _reservoir(manifest, settings.calibration_items + settings.gate_items, settings)
+        both = _reservoir(manifest, _with_spares(want_cal + want_gate), settings)
         if len(both) < 2:
             raise InputError(f"{manifest}: int8 calibration needs at least 2 readable items (one to calibrate, "
                              "one to check accuracy); the manifest has fewer")
-        n_gate = min(settings.gate_items, max(1, len(both) * settings.gate_items
-                                              // (settings.calibration_items + settings.gate_items)))
-        return Samples(calibration=both[n_gate:], gate=both[:n_gate])
-    calibration = _reservoir(calibration_manifest, settings.calibration_items, settings)
+        # Gate candidates first, the rest calibrate; spares (and a small manifest) split in proportion.
+        n_gate = min(len(both) - 1, max(1, len(both) * want_gate // (want_cal + want_gate)))
+        return Samples(both[n_gate:], both[:n_gate], want_cal, want_gate)
+    calibration = _reservoir(calibration_manifest, _with_spares(want_cal), settings)
     taken = {(i.audio_filepath, i.offset) for i in calibration}
-    gate = [i for i in _reservoir(manifest, settings.gate_items, settings, salt=1)
+    gate = [i for i in _reservoir(manifest, _with_spares(want_gate), settings, salt=1)
             if (i.audio_filepath, i.offset) not in taken]
     if not calibration or not gate:
         empty = calibration_manifest if not calibration else manifest
         raise InputError(f"{empty}: no items to {'calibrate on' if not calibration else 'check accuracy on'}")
-    return Samples(calibration, gate)
+    return Samples(calibration, gate, want_cal, want_gate)
 
 
 def _reservoir(path: str, k: int, settings: Settings, salt: int = 0) -> list[ManifestItem]:
@@ -119,10 +127,13 @@ def _offer(pool: list, item, seen: int, k: int, rng: random.Random) -> None:
             pool[j] = item
 
 
-def read_items(items: Sequence[ManifestItem], rate: int, max_seconds: float) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
-    """Audio of the readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones."""
+def read_items(items: Sequence[ManifestItem], rate: int, max_seconds: float,
+               limit: Optional[int] = None) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
+    """Audio of the first `limit` readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones."""
     audios, kept, skipped = [], [], []
     for item in items:
+        if limit is not None and len(kept) >= limit:
+            break
         try:
             audio = load_audio(item.audio_filepath, rate, item.offset, item.duration)
         except AudioLoadError as exc:
@@ -232,7 +243,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
         if engine == "auto":  # the gate evaluates on the engine that is fastest here
             first = convert(observed, "onednn" if "onednn" in candidate_engines() else candidate_engines()[0])
             timings = time_engines(lambda e: load_int8(spec, first.state_dict(), e), spec.encoder.feat_in,
-                                   candidate_engines())
+                                   candidate_engines(), spec.features.sample_rate / spec.features.hop_length)
             engine = min(timings, key=timings.get)
             report["engine_seconds_per_audio_second"] = {k: round(v, 5) for k, v in timings.items()}
         else:
@@ -264,14 +275,14 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     kept: list[int] = []
     report["sensitivity"] = []
     if not passed and settings.max_fp32_layers > 0 and fallback_possible(spec):
-        sensitivity = {k: gate.score(run_on_engine(with_float_units(qenc, model, [k])))["logit_error"]
+        sensitivity = {k: gate.score(run_on_engine(with_float_units(qenc, model, [k], engine)))["logit_error"]
                        for k in range(len(units))}
         ranked = sorted(sensitivity, key=sensitivity.get)  # lowest error with k in fp32 = most sensitive
         report["sensitivity"] = [{"unit": units[k], "logit_error_with_unit_in_fp32": sensitivity[k],
                                   "logit_error_all_int8": figures["logit_error"]} for k in ranked]
         for k in ranked[: settings.max_fp32_layers]:
             kept.append(k)
-            hybrid = with_float_units(qenc, model, kept)
+            hybrid = with_float_units(qenc, model, kept, engine)
             figures = gate.score(run_on_engine(hybrid))
             steps.append({"fp32_units": [units[u] for u in kept], "increase": round(gate.increase(figures), 6), **figures})
             log.info("keeping %s in fp32: %s", ", ".join(units[u] for u in kept), _summary(gate, figures))
@@ -355,8 +366,9 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     model = load_any(model_path)
     samples = draw_samples(manifest, calibration_manifest, settings)
     rate = model.spec.features.sample_rate
-    cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds)
-    gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds)
+    cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds,
+                                                   samples.calibration_items)
+    gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds, samples.gate_items)
     if not cal_audio or not gate_audio:
         raise InputError(f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
                          f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})")

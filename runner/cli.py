@@ -246,7 +246,7 @@ def _print_report(report: dict) -> None:
     if report.get("engine_seconds_per_audio_second"):
         eng = Table(title=f"engines on this CPU (gate ran on {report.get('engine')})")
         eng.add_column("engine")
-        eng.add_column("speed (x real time, 1 s probe)")
+        eng.add_column("probe speed (x real time)")
         for name, sec in sorted(report["engine_seconds_per_audio_second"].items(), key=lambda kv: kv[1]):
             eng.add_row(name, f"{1 / sec:,.0f}x" if sec > 0 else "-")
         console.print(eng)

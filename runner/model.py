@@ -63,11 +63,28 @@ class MaskedConv(nn.Module):
         return torch.div(lens + total_pad - span - 1, c.stride[0], rounding_mode="trunc") + 1
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_mask:  # masked_fill, not NeMo's multiply: the same zeros, and it works on int8 tensors
-            x = x.masked_fill(~time_mask(lens, x.shape[-1]), 0.0)
+        if self.use_mask and int(lens.min()) < x.shape[-1]:
+            # Zero the padded frames in place (masked_fill_, not NeMo's multiply: the same zeros, no
+            # copy, and it works on int8 tensors). In place is safe: only padded frames change, and
+            # nothing reads them for a valid output (every frame-mixing conv masks its input first;
+            # the 1x1 residual convs that share this input act frame by frame). No padding: no mask.
+            zero_padding_(x, lens)
         if self.pad is not None:
             x = nn.functional.pad(x, self.pad)
         return self.conv(x), self.output_lengths(lens)
+
+
+def zero_padding_(x: torch.Tensor, lens: torch.Tensor) -> None:
+    """Zero the frames of `x` [B, C, T] past each length, in place."""
+    if x.is_quantized and x.stride(1) == 1:
+        # int8 activations from oneDNN convs are channels-last: each row's padded frames are one
+        # contiguous run, and fill_ on it is ~6x faster than quantized masked_fill_.
+        rows = x.transpose(1, 2)
+        for i, n in enumerate(lens.tolist()):
+            if n < x.shape[-1]:
+                rows[i, n:].fill_(0.0)
+    else:
+        x.masked_fill_(~time_mask(lens, x.shape[-1]), 0.0)
 
 
 def time_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -131,6 +148,12 @@ class ConvBlock(nn.Module):
 
     def add_residual(self, out: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         if self.skip is not None:  # int8: quantized add (with the ReLU fused in when possible)
+            if out.stride(1) == 1 and res.stride(1) == 1:
+                # Both channels-last (oneDNN conv outputs): the quantized add is 20x faster on the
+                # contiguous [B, T, C] views than on strided [B, C, T] tensors.
+                out, res = out.transpose(1, 2), res.transpose(1, 2)
+                summed = self.skip.add_relu(out, res) if self.skip_relu else self.skip.add(out, res)
+                return summed.transpose(1, 2)
             return self.skip.add_relu(out, res) if self.skip_relu else self.skip.add(out, res)
         return out + res
 

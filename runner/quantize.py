@@ -221,10 +221,13 @@ def _record_unit_inputs(converted: QuantizedEncoder, observed: QuantizedEncoder)
         converted.in_zero_point[k] = zero_point
 
 
-def with_float_units(qenc: QuantizedEncoder, model: LeanCTCModel, units: Iterable[int]) -> QuantizedEncoder:
-    """A copy of the int8 `qenc` in which `units` run the fp32 modules of `model` (shared, not copied)."""
+def with_float_units(qenc: QuantizedEncoder, model: LeanCTCModel, units: Iterable[int],
+                     engine: str) -> QuantizedEncoder:
+    """A copy of the int8 `qenc` (packed for `engine`) in which `units` run the fp32 modules of
+    `model` (shared, not copied)."""
     units = frozenset(units)
-    hybrid = copy.deepcopy(qenc)
+    with quiet(), engine_scope(engine):  # copying repacks the int8 weights for the current engine
+        hybrid = copy.deepcopy(qenc)
     for k in units:
         if k == len(model.encoder.blocks):
             hybrid.decoder = model.decoder
@@ -317,37 +320,49 @@ class Int8CTCModel(nn.Module):
 
 @torch.inference_mode()
 def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]], feat_in: int,
-                 engines: Sequence[str], frames: int = 100, budget_seconds: float = 0.6) -> dict[str, float]:
-    """Seconds each engine takes for one forward pass over `frames` feature frames (1 s of audio).
+                 engines: Sequence[str], frames_per_second: float = 100.0, frames: int = 50, rounds: int = 5,
+                 budget_seconds: float = 0.3) -> dict[str, float]:
+    """Seconds each engine needs per second of audio, probed on `frames` feature frames (0.5 s).
 
-    `build(engine)` returns a callable(feats, lens). Each engine gets a short warm-up (weight
-    packing, first-call set-up), then the faster of two timed passes; an engine whose warm-up
-    alone is over 10x the best time so far is recorded at that warm-up time and not timed further,
-    which keeps the whole measurement well under a second even when an engine is 50x slower.
+    `build(engine)` returns a callable(feats, lens). Engines are tried in preference order. Each
+    first runs a short pass (16 frames) that absorbs first-call set-up; an engine whose short pass
+    already takes over 10x the best probe time so far is recorded at that time, scaled to
+    `frames`, and dropped (a slow engine costs one short pass). The others run one untimed pass
+    at the probe's shape (kernels are set up per shape), then timed passes in interleaved rounds
+    (noise hits all alike), keeping each engine's best, until `rounds` rounds or `budget_seconds`.
     """
     torch.manual_seed(0)
     feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
-    warm_feats, warm_lens = feats[:, :, : frames // 4], torch.tensor([frames // 4])
+    short, short_lens = feats[:, :, :16], torch.tensor([16])
     timings: dict[str, float] = {}
+    runs: dict[str, Callable] = {}
     for engine in engines:
         with engine_scope(engine):
             run = build(engine)
             t0 = time.perf_counter()
-            run(warm_feats, warm_lens)
-            warm = time.perf_counter() - t0
-            best = min(timings.values(), default=None)
-            if best is not None and warm > 10 * best:
-                timings[engine] = warm * 4  # a quarter of the frames: a lower bound on the full pass
+            run(short, short_lens)
+            first = (time.perf_counter() - t0) * frames / 16
+            if runs and first > 10 * min(timings[e] for e in runs):
+                timings[engine] = first
                 continue
-            runs = []
-            for _ in range(2):
+            run(feats, lens)
+            t0 = time.perf_counter()
+            run(feats, lens)
+            timings[engine] = time.perf_counter() - t0
+            runs[engine] = run
+    spent = 0.0
+    for _ in range(rounds - 1):
+        if spent > budget_seconds:
+            break
+        for engine, run in runs.items():
+            with engine_scope(engine):
                 t0 = time.perf_counter()
                 run(feats, lens)
-                runs.append(time.perf_counter() - t0)
-                if sum(runs) > budget_seconds:
-                    break
-            timings[engine] = min(runs)
-    return timings
+                took = time.perf_counter() - t0
+            timings[engine] = min(timings[engine], took)
+            spent += took
+    audio_seconds = frames / frames_per_second
+    return {e: t / audio_seconds for e, t in timings.items()}
 
 
 def candidate_engines(cpu_flags: Optional[Sequence[str]] = None) -> list[str]:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -202,3 +203,29 @@ def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tin
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "error: int8 accuracy is outside the tolerance" in captured.err
     assert not failed.exists()
+
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "runner" / "data" / "demo_quartznet.nemo"
+DEMO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "demo"
+
+
+def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
+    """The trained QuartzNet 5x3 (issue 5's demo model): int8 vs fp32 transcripts within 2% WER."""
+    from runner.audio import load_audio
+    from runner.calibrate import make_artifact
+    from runner.manifest import iter_manifest
+    from runner.nemo_loader import load_any
+
+    data, _ = make_artifact(str(DEMO_MODEL), str(DEMO_MANIFESTS / "test.jsonl"),
+                            str(DEMO_MANIFESTS / "calibration.jsonl"), Settings(), use_cache=False)
+    art = Artifact.from_bytes(data)
+    assert art.report["gate"]["passed"] and art.report["gate"]["mode"] == "references"
+    items = list(iter_manifest(DEMO_MANIFESTS / "test.jsonl"))
+    audios = [load_audio(i.audio_filepath, 16000) for i in items]
+    fp32 = transcribe_batch(load_any(DEMO_MODEL), audios)
+    int8 = transcribe_batch(build_int8_model(data, "auto").model, audios)
+    refs = [i.text for i in items]
+    print(f"demo model, {len(items)} held-out utterances: WER fp32 {wer(refs, fp32):.4f}, int8 {wer(refs, int8):.4f}, "
+          f"int8 vs fp32 {wer(fp32, int8):.4f}; observer {art.report['observer']}")
+    assert wer(fp32, int8) <= 0.02
+    assert wer(refs, int8) <= wer(refs, fp32) + 0.005
