@@ -7,7 +7,7 @@ utterances for every configuration, batch 1 and 8: NeMo fp32 (its own forward), 
 model, the int8 model rebuilt from one engine-neutral artifact on each engine this torch has,
 and the engine `auto` picks (timed the way a worker does at start-up). Throughput is RTFx =
 audio seconds / seconds of features + encoder + greedy decoding (NeMo: its forward only).
-Configurations are timed interleaved (best of up to 3 rounds; very slow ones once) so machine
+Configurations are timed interleaved (best of 3 rounds; one over 8 s per round: once) so machine
 noise hits them alike. Weights are random (BN statistics randomized); calibration uses real speech.
 """
 
@@ -25,48 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lean_model import ten_second_utterances  # noqa: E402
+from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
 from runner.artifact import Artifact, build_int8_model  # noqa: E402
 from runner.corpus import sentences, synthesize_many  # noqa: E402
 from runner.model import build_model  # noqa: E402
 from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.quantize import available_engines, calibrate, convert, prepare  # noqa: E402
-from runner.recipes import build_nemo_model, quartznet15x5_config  # noqa: E402
+from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm  # noqa: E402
 from runner.calibrate import feature_batches  # noqa: E402
 from runner.sysinfo import cpu_info  # noqa: E402
 from runner.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
-
-
-def randomize_batchnorm(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm1d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
-            mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            mod.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
-def timed(fns: dict, clips: list[np.ndarray], batch: int, rounds: int = 3, slow_seconds: float = 8.0) -> dict:
-    """RTFx per function: best of `rounds` interleaved rounds; a function slower than `slow_seconds`
-    per round is timed once (its figure is then a single measurement)."""
-    for fn in fns.values():
-        fn(clips[:batch])  # warm-up (weight packing, first-call set-up)
-    best = {name: float("inf") for name in fns}
-    once = set()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name in once:
-                continue
-            t0 = time.perf_counter()
-            for i in range(0, len(clips), batch):
-                fn(clips[i: i + batch])
-            took = time.perf_counter() - t0
-            best[name] = min(best[name], took)
-            if took > slow_seconds:
-                once.add(name)
-    return {name: len(clips) * 10.0 / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
@@ -113,7 +81,7 @@ def main() -> None:
     # clips for this model, and an allocation failure at batch 8; it is timed at batch 1 only.
     for batch in (1, 8):
         use = {k: f for k, f in fns.items() if not (batch > 1 and k == "int8_qnnpack")}
-        results["rtfx"][f"b{batch}"] = timed(use, clips, batch)
+        results["rtfx"][f"b{batch}"] = rtfx_pair(use, clips, batch, repeats=3, slow_seconds=8.0)
 
     print(f"QuartzNet15x5 architecture ({results['params'] / 1e6:.1f} M parameters), torch {torch.__version__}, "
           f"{args.threads} threads, {len(clips)} x 10 s utterances; CPU {results['cpu']['model']} "

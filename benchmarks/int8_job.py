@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runner.jobs import run_job  # noqa: E402
 from runner.manifest import iter_manifest  # noqa: E402
@@ -32,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_random_quartznet15x5(path: str) -> None:
     import torch
 
-    from int8_engines import randomize_batchnorm
-    from runner.recipes import build_nemo_model, quartznet15x5_config
+    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_nemo_model(quartznet15x5_config())

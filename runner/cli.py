@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp32"])
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("demo", parents=[common],
+                       help="the bundled model and audio: int8 job, fp32 baseline job, comparison (offline)")
+    p.add_argument("--out", help="folder for the two runs (default: runs/demo-DATE-TIME)")
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("quantize", parents=[common],
                        help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report")
     p.add_argument("model", help=".nemo file (or lean checkpoint)")
@@ -186,6 +191,32 @@ def _print_stats(stats: dict, out: Path) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console(soft_wrap=True).print(table)
+
+
+def _cmd_demo(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    result = run_demo(Path(args.out) if args.out else None, progress=lambda: _progress(args.quiet))
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    i8, f32 = result["int8"], result["fp32"]
+    table = Table(title=f"demo: {result['utterances']} held-out utterances, {result['audio_seconds'] / 60:.1f} min "
+                        f"of audio, {i8['workers']} workers", show_lines=False)
+    for col in ("", "int8", "fp32", "difference"):
+        table.add_column(col, justify="right")
+    table.add_row("WER", pct(i8["wer"]), pct(f32["wer"]), pct(result["wer_difference"]))
+    table.add_row("CER", pct(i8["cer"]), pct(f32["cer"]), pct(result["cer_difference"]))
+    table.add_row("RTFx (x real time)", f"{i8['rtfx']:,.0f}", f"{f32['rtfx']:,.0f}",
+                  "-" if result["speedup"] is None else f"{result['speedup']:.2f}x speedup")
+    table.add_row("wall / startup", f"{i8['wall_seconds']:.1f} s / {i8['startup_seconds']:.1f} s",
+                  f"{f32['wall_seconds']:.1f} s / {f32['startup_seconds']:.1f} s", "")
+    table.add_row("engine", i8["engine"], f32["engine"], "")
+    Console(soft_wrap=True).print(table)
+    print(f"runs: {result['runs']['int8']} and {result['runs']['fp32']} "
+          f"(int8 artifact {'from the cache' if result['quantization'].get('from_cache') else 'made now'})")
+    return 0
 
 
 def _cmd_quantize(args) -> int:

@@ -119,6 +119,9 @@ def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool, extra: Optio
     check_output(spec, fp, resume)
     out = Path(spec.output)
     job_file = out / JOB_FILE
+    if job_file.exists() and not extra:  # a resume with nothing to run keeps what the job recorded
+        old = json.loads(job_file.read_text())
+        extra = {k: old[k] for k in ("int8_artifact_sha256",) if k in old}
     out.mkdir(parents=True, exist_ok=True)
     (out / SUCCESS_FILE).unlink(missing_ok=True)
     remove_stale_temporaries(out)
@@ -130,6 +133,7 @@ def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool, extra: Optio
 def _why(keys: list[str]) -> str:
     reasons = {"manifest_sha256": "the manifest changed", "model_sha256": "the model file changed",
                "precision": "precision changed", "shard_seconds": "shard_seconds changed",
+               "quantization": "the int8 quantization settings changed",
                "items": "the manifest has a different number of items", "plan_sha256": "the shard plan changed"}
     return "; ".join(reasons.get(k, k) for k in keys)
 

@@ -67,6 +67,19 @@ def build_nemo_model(config: dict):
     return EncDecCTCModel(cfg=OmegaConf.create(config)).eval()
 
 
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine weights for an untrained model, so that benchmarks and
+    parity tests see realistic activation ranges (and a wrong BN order or eps shows in the outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+            mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
 def train_ctc(model, data: Sequence[tuple[str, np.ndarray]], steps: int, batch_size: int = 16,
               lr: float = 3e-3, seed: int = 0, log_every: int = 50, time_limit: Optional[float] = None):
     """Train a NeMo CTC model in place on (text, 16 kHz audio) pairs with AdamW; returns it in eval mode."""

@@ -17,6 +17,7 @@ import yaml
 from .errors import InputError
 
 PRECISIONS = ("int8", "fp32")
+DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_quartznet.nemo"  # `model: demo`
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
 
 
@@ -127,8 +128,10 @@ def load_spec(path: Union[str, os.PathLike], **overrides: Any) -> JobSpec:
         raise SpecError(f"{path}: a job spec is a mapping of keys (model, manifest, output, ...)")
     data.update({k: v for k, v in overrides.items() if v is not None})
     base = path.resolve().parent
+    if data.get("model") == "demo":
+        data["model"] = str(DEMO_MODEL)
     for key in ("model", "manifest", "output"):
-        if isinstance(data.get(key), str) and not (key == "model" and data[key] == "demo"):
+        if isinstance(data.get(key), str):
             data[key] = str((base / os.path.expanduser(data[key])).resolve())
     quant = data.get("quantization")
     if isinstance(quant, dict) and isinstance(quant.get("calibration_manifest"), str):

@@ -81,24 +81,12 @@ def tiny_lean(tiny_nemo):
 @pytest.fixture(scope="session")
 def quartznet15x5_nemo():
     """NeMo's QuartzNet15x5 architecture (18.9 M parameters) with random weights and BN statistics."""
-    from runner.recipes import build_nemo_model, quartznet15x5_config
+    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_nemo_model(quartznet15x5_config())
     randomize_batchnorm(model)
     return model
-
-
-def randomize_batchnorm(model, seed: int = 0) -> None:
-    """Non-trivial BN statistics, so that a wrong BN order or eps would show in the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm1d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
-            mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            mod.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
 
 
 def pad(audios):
