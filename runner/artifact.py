@@ -118,17 +118,13 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
         features = MelFeatures(spec.features)
     features.load_state_dict(art.features, strict=True, assign=True)
     features.eval()
-    built: dict[str, Any] = {}
-
-    def build(name: str):
-        built[name] = load_int8(spec, art.int8, name, art.float_units)
-        return built[name]
-
     timings: dict[str, float] = {}
     if engine == "auto":
         candidates = candidate_engines()
         if len(candidates) > 1:
-            timings = time_engines(build, spec.encoder.feat_in, candidates,
+            # Each candidate is built, probed and released in turn; the winner is built again.
+            timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units),
+                                   spec.encoder.feat_in, candidates,
                                    spec.features.sample_rate / spec.features.hop_length)
             engine = min(timings, key=timings.get)
         else:
@@ -138,7 +134,6 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
             check_engine(engine)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    qencoder = built.get(engine) or build(engine)
-    built.clear()
+    qencoder = load_int8(spec, art.int8, engine, art.float_units)
     model = Int8CTCModel(spec, features, qencoder, engine).eval()
     return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0)

@@ -320,47 +320,40 @@ class Int8CTCModel(nn.Module):
 
 @torch.inference_mode()
 def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]], feat_in: int,
-                 engines: Sequence[str], frames_per_second: float = 100.0, frames: int = 50, rounds: int = 5,
+                 engines: Sequence[str], frames_per_second: float = 100.0, frames: int = 50, rounds: int = 3,
                  budget_seconds: float = 0.3) -> dict[str, float]:
     """Seconds each engine needs per second of audio, probed on `frames` feature frames (0.5 s).
 
-    `build(engine)` returns a callable(feats, lens). Engines are tried in preference order. Each
-    first runs a short pass (16 frames) that absorbs first-call set-up; an engine whose short pass
-    already takes over 10x the best probe time so far is recorded at that time, scaled to
-    `frames`, and dropped (a slow engine costs one short pass). The others run one untimed pass
-    at the probe's shape (kernels are set up per shape), then timed passes in interleaved rounds
-    (noise hits all alike), keeping each engine's best, until `rounds` rounds or `budget_seconds`.
+    `build(engine)` returns a callable(feats, lens). Engines are tried one at a time in preference
+    order and each is released before the next is built (peak memory = one engine's, not all of
+    them: qnnpack's buffers alone can be hundreds of MB). Each first runs a short pass (16 frames)
+    that absorbs first-call set-up; one whose short pass already takes over 10x the best probe
+    so far is recorded at that time, scaled to `frames`, and dropped: a slow engine costs one short
+    pass. The others run one untimed pass at the probe's shape (kernels are set up per shape), then
+    up to `rounds` timed passes within their share of `budget_seconds`; the best pass counts.
     """
     torch.manual_seed(0)
     feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
     short, short_lens = feats[:, :, :16], torch.tensor([16])
     timings: dict[str, float] = {}
-    runs: dict[str, Callable] = {}
     for engine in engines:
         with engine_scope(engine):
             run = build(engine)
             t0 = time.perf_counter()
             run(short, short_lens)
             first = (time.perf_counter() - t0) * frames / 16
-            if runs and first > 10 * min(timings[e] for e in runs):
+            if timings and first > 10 * min(timings.values()):
                 timings[engine] = first
+                del run
                 continue
             run(feats, lens)
-            t0 = time.perf_counter()
-            run(feats, lens)
-            timings[engine] = time.perf_counter() - t0
-            runs[engine] = run
-    spent = 0.0
-    for _ in range(rounds - 1):
-        if spent > budget_seconds:
-            break
-        for engine, run in runs.items():
-            with engine_scope(engine):
+            passes: list[float] = []
+            while len(passes) < rounds and sum(passes) < budget_seconds / len(engines):
                 t0 = time.perf_counter()
                 run(feats, lens)
-                took = time.perf_counter() - t0
-            timings[engine] = min(timings[engine], took)
-            spent += took
+                passes.append(time.perf_counter() - t0)
+            timings[engine] = min(passes)
+            del run
     audio_seconds = frames / frames_per_second
     return {e: t / audio_seconds for e, t in timings.items()}
 
