@@ -247,7 +247,10 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
             engine = min(timings, key=timings.get)
             report["engine_seconds_per_audio_second"] = {k: round(v, 5) for k, v in timings.items()}
         else:
-            check_engine(engine)
+            try:
+                check_engine(engine)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
         converted[observer] = convert(observed, engine)
     report["engine"] = engine
 
