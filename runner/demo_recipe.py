@@ -385,9 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"test WER {report['test_wer']:.4f} CER {report['test_cer']:.4f} | parameters {params} | "
-          f"steps {facts['steps']} in {facts['train_seconds']:.0f} s | {train_hours:.2f} h of audio | "
-          f"report {report_path}")
+    log.info("test WER %.4f CER %.4f | parameters %d | steps %d in %.0f s | %.2f h of audio | report %s",
+             report["test_wer"], report["test_cer"], params, facts["steps"], facts["train_seconds"], train_hours,
+             report_path)
     return report
 
 
