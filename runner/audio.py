@@ -48,6 +48,9 @@ def load_audio(path: str, sample_rate: int, offset: float = 0.0, duration: Optio
     except Exception as exc:
         raise AudioLoadError(_describe(path, exc)) from None
     mono = _to_mono(samples, path, channel)
+    if not np.isfinite(mono).all():
+        bad = int(np.count_nonzero(~np.isfinite(mono)))
+        raise AudioLoadError(f"{path}: {bad} samples are NaN or infinite (a broken float file); re-encode it")
     if native_rate != sample_rate and mono.size:
         mono = soxr.resample(mono, native_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)
@@ -77,6 +80,8 @@ def _to_mono(samples: np.ndarray, path, channel: Optional[int]) -> np.ndarray:
 def _describe(path, exc: Exception) -> str:
     if not os.path.exists(path):
         return f"{path}: file not found; check audio_filepath in the manifest"
+    if os.path.isdir(path):
+        return f"{path}: is a directory, not an audio file; check audio_filepath in the manifest"
     if os.path.getsize(path) == 0:
         return f"{path}: file is empty (0 bytes)"
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

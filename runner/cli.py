@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the two runs (default: runs/demo-DATE-TIME)")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("compare", parents=[common],
+                       help="two finished runs side by side: speed, accuracy, transcript agreement, worker memory")
+    p.add_argument("run_a", metavar="RUN_A", help="a run folder (the --out of `asr-runner run`), e.g. the int8 run")
+    p.add_argument("run_b", metavar="RUN_B", help="the run to compare it with, e.g. the fp32 baseline; "
+                   "speedup = RTFx A / RTFx B, differences = A - B")
+    p.add_argument("--out", metavar="DIR", default=".",
+                   help="folder for compare-A-vs-B.json (the figures) and compare-A-vs-B.png (the chart), "
+                        "A and B being the run folders' names (with their parents' when the two are the same; "
+                        "default DIR: the current directory)")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("quantize", parents=[common],
                        help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report")
     p.add_argument("model", help=".nemo file (or lean checkpoint)")
@@ -194,29 +205,58 @@ def _print_stats(stats: dict, out: Path) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from .demo import run_demo
 
     result = run_demo(Path(args.out) if args.out else None, progress=lambda: _progress(args.quiet))
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    i8, f32 = result["int8"], result["fp32"]
-    table = Table(title=f"demo: {result['utterances']} held-out utterances, {result['audio_seconds'] / 60:.1f} min "
-                        f"of audio, {i8['workers']} workers", show_lines=False)
-    for col in ("", "int8", "fp32", "difference"):
-        table.add_column(col, justify="right")
-    table.add_row("WER", pct(i8["wer"]), pct(f32["wer"]), pct(result["wer_difference"]))
-    table.add_row("CER", pct(i8["cer"]), pct(f32["cer"]), pct(result["cer_difference"]))
-    table.add_row("RTFx (x real time)", f"{i8['rtfx']:,.0f}", f"{f32['rtfx']:,.0f}",
-                  "-" if result["speedup"] is None else f"{result['speedup']:.2f}x speedup")
-    table.add_row("wall / startup", f"{i8['wall_seconds']:.1f} s / {i8['startup_seconds']:.1f} s",
-                  f"{f32['wall_seconds']:.1f} s / {f32['startup_seconds']:.1f} s", "")
-    table.add_row("engine", i8["engine"], f32["engine"], "")
-    Console(soft_wrap=True).print(table)
-    print(f"runs: {result['runs']['int8']} and {result['runs']['fp32']} "
-          f"(int8 artifact {'from the cache' if result['quantization'].get('from_cache') else 'made now'})")
+    i8, f32 = result["a"], result["b"]
+    _print_comparison(result, f"demo: the bundled model on {i8['utterances']} held-out utterances")
+    print(f"runs: {i8['path']} and {f32['path']} "
+          f"(int8 artifact {'from the cache' if (i8['quantization'] or {}).get('from_cache') else 'made now'}); "
+          f"comparison.json and comparison.png in {Path(i8['path']).parent}")
     return 0
+
+
+def _cmd_compare(args) -> int:
+    from . import compare
+
+    result = compare.compare_runs(Path(args.run_a), Path(args.run_b))
+    figures, chart = compare.write(result, Path(args.out), compare.file_stem(result))
+    _print_comparison(result, f"A = {result['a']['path']}\nB = {result['b']['path']}")
+    print(f"wrote {figures} and {chart}")
+    return 0
+
+
+def _print_comparison(result: dict, title: str) -> None:
+    """Two runs side by side (`compare`, `demo`): each run's figures, then A against B in the last column."""
+    from rich.console import Console
+    from rich.table import Table
+
+    a, b, agree = result["a"], result["b"], result["agreement"]
+    table = Table(title=title, caption=agree["note"])
+    table.add_column("")
+    for col in (a["label"], b["label"], f"{a['label']} vs {b['label']}"):
+        table.add_column(col, justify="right")
+    rows = [("precision / engine", lambda r: f"{r['precision']} / {r['engine']}", ""),
+            ("workers x threads", lambda r: f"{r['workers']} x {r['threads_per_worker']}", ""),
+            ("utterances (failed)", lambda r: f"{r['utterances']:,} ({r['failed']:,})", ""),
+            ("audio", lambda r: f"{r['audio_seconds'] / 60:,.1f} min", ""),
+            ("RTFx (x real time)", lambda r: "-" if r["rtfx"] is None else f"{r['rtfx']:,.0f}",
+             "-" if result["speedup"] is None else f"{result['speedup']:.2f}x speedup"),
+            ("wall / startup", lambda r: f"{r['wall_seconds']:.1f} s / {r['startup_seconds']:.1f} s", ""),
+            ("WER", lambda r: _pct(r["wer"]), _pct(result["wer_difference"], "+")),
+            ("CER", lambda r: _pct(r["cer"]), _pct(result["cer_difference"], "+")),
+            ("peak worker RSS max / mean", lambda r: "-" if r["peak_rss_mb"] is None else
+             f"{r['peak_rss_mb']['max']:,.0f} / {r['peak_rss_mb']['mean']:,.0f} MB", "")]
+    for name, cell, versus in rows:
+        table.add_row(name, cell(a), cell(b), versus)
+    table.add_row("identical transcripts", "", "", f"{_pct(agree['identical'])} of {agree['utterances']:,}")
+    table.add_row(f"WER {a['label']} vs {b['label']} text", "", "", _pct(agree["wer_a_vs_b"]))
+    Console(soft_wrap=True).print(table)
+
+
+def _pct(value: Optional[float], sign: str = "") -> str:
+    """A fraction as a percentage (`sign="+"` for differences); "-" when there is none."""
+    return "-" if value is None else f"{100 * value:{sign}.2f}%"
 
 
 def _cmd_quantize(args) -> int:

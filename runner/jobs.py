@@ -105,11 +105,17 @@ def check_output(spec: JobSpec, fp: dict, resume: bool) -> None:
         if not resume:
             raise InputError(f"{out} already holds a job ({JOB_FILE}); pass --resume to continue it "
                              "(or --retry-errors), or choose another --out")
-        old = json.loads(job_file.read_text()).get("fingerprint", {})
+        try:
+            old = json.loads(job_file.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"cannot resume {out}: its {JOB_FILE} is unreadable ({type(exc).__name__}); it was not "
+                             "written by asr-runner or was damaged: use a new --out") from None
         diff = [k for k in fp if old.get(k) != fp[k]]
         if diff:
             raise InputError(f"cannot resume {out}: {', '.join(diff)} differ from the job that wrote it "
                              f"({_why(diff)}); use a new --out for a new job")
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a directory; choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise InputError(f"{out} is not empty and holds no {JOB_FILE}; choose a new or empty output directory")
 
@@ -141,11 +147,11 @@ def _why(keys: list[str]) -> str:
 def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[int], dict[int, set[str]]]:
     """Shards without a valid part; with `retry_errors`, also those holding error rows (and which ids)."""
     out = Path(spec.output)
-    parts = existing_parts(out)
+    parts = existing_parts(out)  # files past the plan (part-99999...) are not ours: left alone, never read
     todo, retry = [], {}
     for shard in plan.shards:
         path = parts.get(shard.index)
-        if path is None or not part_is_valid(path, shard.items):
+        if path is None or not part_is_valid(path, shard.index, shard.items):
             if path is not None:
                 log.warning("part %s is damaged or incomplete; recomputing shard %d", path.name, shard.index)
             todo.append(shard.index)
@@ -228,11 +234,11 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, 
         processed["workers"] = len(pool.actors)  # replacements of dead workers do not add to it
         processed["engines"] = pool.engines
         processed["worker_info"] = pool.infos
-        processed["worker_heavy_imports"] = pool.heavy_imports
         on_event("workers", names=pool.names, engines=pool.engines, startup=processed["startup"])
         t0 = time.perf_counter()
         _dispatch(spec, plan, todo, retry, pool, on_event, processed)
         processed["wall"] = time.perf_counter() - t0
+        processed["worker_heavy_imports"] = pool.heavy_imports  # replacements included
 
 
 def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
@@ -248,6 +254,8 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
                                             "compute_seconds": result.compute_seconds})
         failed += sum(r["status"] == "error" for r in rows)
         processed["audio"] += result.audio_seconds
+        info = processed["worker_info"].setdefault(result.worker, {})  # the pool's dict: replacements too
+        info["peak_rss_mb"] = max(info.get("peak_rss_mb", 0.0), result.peak_rss_mb)
         on_event("shard", shard=shard.index, audio_seconds=result.audio_seconds, worker=result.worker,
                  failed=failed, errors=[r["error"] for r in rows if r["status"] == "error"][:3])
         if failed > budget:

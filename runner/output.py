@@ -8,6 +8,7 @@ same folder, flushed to disk, then renamed: a part file that exists is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +31,7 @@ SCHEMA = pa.schema([
 ])
 
 JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
+DIGEST_KEY = b"asr_runner_rows_sha256"  # footer metadata: sha256 of the part's rows
 QUANTIZATION_FILE = "quantization.json"  # int8 runs: the artifact's report (gate, sensitivity, engines)
 
 
@@ -57,12 +59,15 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_part(out: Path, shard: int, rows: list[dict], metadata: Optional[dict] = None) -> Path:
-    """Write one shard's rows as `transcripts/part-NNNNN.parquet`, atomically."""
+    """Write one shard's rows as `transcripts/part-NNNNN.parquet`, atomically, with page CRCs and a
+    digest of its rows in the footer (`part_is_valid` checks both)."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    meta = {DIGEST_KEY: _rows_digest(table).encode()}
     if metadata:
-        table = table.replace_schema_metadata({b"asr_runner": json.dumps(metadata).encode()})
+        meta[b"asr_runner"] = json.dumps(metadata).encode()
+    table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     path = part_path(out, shard)
     write_atomic(path, sink.getvalue().to_pybytes())
     return path
@@ -72,12 +77,26 @@ def read_part(path: Path) -> pa.Table:
     return pq.read_table(path, schema=SCHEMA)
 
 
-def part_is_valid(path: Path, expected_rows: int) -> bool:
-    """A part counts as done when its footer reads and it holds the shard's row count."""
+def part_is_valid(path: Path, shard: int, expected_rows: int) -> bool:
+    """A part counts as done when it reads in full (footer; every page against its CRC-32), its rows
+    match the digest written with them, it holds the shard's row count and only rows of this shard.
+    Anything else - a file cut short, bytes flipped on disk, a part of another plan - means the shard
+    is recomputed."""
     try:
-        return pq.ParquetFile(path).metadata.num_rows == expected_rows
-    except Exception:
+        footer = pq.ParquetFile(path)
+        if footer.metadata.num_rows != expected_rows:
+            return False
+        digest = (footer.schema_arrow.metadata or {}).get(DIGEST_KEY, b"").decode()
+        table = pq.read_table(path, schema=SCHEMA, page_checksum_verification=True)
+    except Exception:  # noqa: BLE001 - any read failure means "not a finished part"
         return False
+    return (table.num_rows == expected_rows and set(table["shard"].to_pylist()) <= {shard}
+            and digest == _rows_digest(table))
+
+
+def _rows_digest(table: pa.Table) -> str:
+    rows = table.select(SCHEMA.names).to_pylist()
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def existing_parts(out: Path) -> dict[int, Path]:
@@ -102,9 +121,18 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def read_rows(out: Path, columns: Optional[Iterable[str]] = None) -> pa.Table:
-    parts = sorted(existing_parts(out).items())
+    """All rows of a run: the parts of the shards its `job.json` plans (other files are not ours)."""
+    planned = _planned_shards(out)
+    parts = sorted((i, p) for i, p in existing_parts(out).items() if planned is None or i < planned)
     tables = [pq.read_table(p, columns=list(columns) if columns else None) for _, p in parts]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _planned_shards(out: Path) -> Optional[int]:
+    try:
+        return len(json.loads((out / JOB_FILE).read_text())["plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _remove_quietly(path: str) -> None:

@@ -31,7 +31,8 @@ from torch import nn
 from .arch import ModelSpec
 from .model import ConvBlock, LeanCTCModel, MaskedConv
 
-ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")
+ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # also `auto`'s preference order on near-ties
+TIE_MARGIN = 0.10  # probes closer than this to the fastest count as ties
 OBSERVERS = ("histogram", "minmax", "moving_average")
 
 
@@ -356,6 +357,16 @@ def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], o
             del run
     audio_seconds = frames / frames_per_second
     return {e: t / audio_seconds for e, t in timings.items()}
+
+
+def choose_engine(timings: dict[str, float], tie: float = TIE_MARGIN) -> str:
+    """The engine `auto` keeps: the first in `ENGINES` order whose probe is within `tie` of the fastest.
+
+    A 0.5 s probe on a busy machine can put a slow engine a few percent ahead (qnnpack once beat
+    onednn 0.028 s to 0.029 s under load, then ran real shards several times slower with 3x the
+    memory); near-ties go to the engine that is fastest on long inputs here, onednn."""
+    best = min(timings.values())
+    return next(e for e in sorted(timings, key=ENGINES.index) if timings[e] <= best * (1 + tie))
 
 
 def candidate_engines(cpu_flags: Optional[Sequence[str]] = None) -> list[str]:

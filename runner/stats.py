@@ -38,7 +38,7 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "scored_utterances": len(refs),
         "cpu": cpu_info(),
         "worker_heavy_imports": processed.get("worker_heavy_imports", []),
-        "worker_info": processed.get("worker_info", {}),  # engine, auto timings, load seconds, CPU per worker
+        "worker_info": processed.get("worker_info", {}),  # per worker: engine, auto timings, load s, CPU, peak RSS MB
         "quantization": processed.get("quantization"),  # int8: artifact sha256, cache, fp32 units, gate
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from .audio import load_audio
 from .errors import AudioLoadError
 from .manifest import ManifestItem
+from .sysinfo import peak_rss_mb
 from .transcribe import DecodeOptions, transcribe_batch
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class ShardResult:
     worker: str
     engine: str = "fp32"
     stages: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
 
 
 def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions) -> tuple[list[dict], dict]:
@@ -51,8 +54,8 @@ def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: 
             _fail(rows[i], item, str(exc))
             continue
         rows[i]["duration"] = len(audio) / rate
-        if len(audio) < MIN_SAMPLES:
-            rows[i]["text"] = ""
+        if len(audio) < MIN_SAMPLES or not audio.any():
+            rows[i]["text"] = ""  # too short to analyse, or digital silence: no speech (the model may babble)
         else:
             audios[i] = audio
     stages["read"] = time.perf_counter() - t0
@@ -73,6 +76,7 @@ def _row(item: ManifestItem, shard: int) -> dict:
 
 
 def _fail(row: dict, item: ManifestItem, reason: str) -> None:
+    reason = reason.removeprefix(f"{item.audio_filepath}: ")  # audio errors start with the path: say it once
     row.update(status="error", text=None, error=f"id {item.id} ({item.audio_filepath}): {reason}")
 
 
@@ -125,13 +129,14 @@ class ShardWorker:
         t0 = time.perf_counter()
         rows, stages = transcribe_items(self.model, items, shard, self.options)
         audio = sum(r["duration"] or 0.0 for r in rows if r["status"] == "ok")
-        return ShardResult(shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages)
+        return ShardResult(shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages,
+                           round(peak_rss_mb(), 1))
 
     def info(self) -> dict:
-        import sys
-
         from .sysinfo import cpu_info
 
         heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning"})
         return {"worker": self.name, "engine": self.engine, "engine_seconds": self.engine_seconds,
-                "load_seconds": round(self.load_seconds, 3), "heavy_imports": heavy, "cpu": cpu_info()["model"]}
+                "load_seconds": round(self.load_seconds, 3), "heavy_imports": heavy, "cpu": cpu_info()["model"],
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
+

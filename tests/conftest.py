@@ -20,9 +20,46 @@ TRAIN_SEED, TEST_SEED = 1, 2
 TRAIN_SENTENCES = 400
 
 
+RELIABILITY: list[dict] = []  # outcomes of the fault-injection tests, printed at the end of the run
+
+
 def pytest_configure(config):
     logging.getLogger("nemo_logger").setLevel(logging.ERROR)
     torch.set_num_threads(int(os.environ.get("ASR_RUNNER_TEST_THREADS", "2")))  # CI: 2 cores
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The README's Reliability table, measured by this run (faults injected by the tests)."""
+    if not RELIABILITY:
+        return
+    terminalreporter.section("reliability: faults injected and their measured outcome")
+    terminalreporter.write_line("| fault | injected by | manifest rows | rows lost | rows duplicated | parts recomputed "
+                                "| outcome |")
+    terminalreporter.write_line("|---|---|---|---|---|---|---|")
+    for r in RELIABILITY:
+        terminalreporter.write_line(f"| {r['fault']} | {r['injection']} | {r['rows']} | {r['lost']} | {r['duplicated']} "
+                                    f"| {r['recomputed']} | {r['outcome']} |")
+
+
+@pytest.fixture
+def reliability():
+    """`record(fault, injection, manifest_ids, table_ids, recomputed, outcome)` for the summary table."""
+    def record(fault: str, injection: str, manifest_ids, table_ids, recomputed, outcome: str) -> None:
+        table_ids = list(table_ids)
+        RELIABILITY.append({"fault": fault, "injection": injection, "rows": len(manifest_ids),
+                            "lost": len(set(manifest_ids) - set(table_ids)),
+                            "duplicated": len(table_ids) - len(set(table_ids)), "recomputed": recomputed,
+                            "outcome": outcome})
+    return record
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs for the tests of one module."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)
