@@ -92,7 +92,11 @@ class RayPool:
         live = set()
         for ref in ready:
             idx = self._starting.pop(ref)
-            self._register(ray.get(ref))
+            try:
+                self._register(ray.get(ref))
+            except ray.exceptions.RayError as exc:  # the model did not build in the worker: no use retrying
+                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                raise WorkersLost(f"a worker failed to start ({reason}); nothing was transcribed") from None
             live.add(idx)
         if self._starting:
             log.warning("%d of %d workers are waiting for free CPUs on the cluster; starting with %d",
