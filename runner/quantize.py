@@ -374,10 +374,15 @@ def candidate_engines(cpu_flags: Optional[Sequence[str]] = None) -> list[str]:
 
     The artifact uses full-range uint8 activations; fbgemm/x86 multiply them in 16-bit
     intermediates that can saturate unless the CPU has VNNI, so there they are left out.
+    qnnpack is the fallback only, when none of the others is available: its buffers grow with
+    kernel size x input length (~7 GB for ONE 10 s utterance of QuartzNet15x5, and the driver
+    was OOM-killed at 23 GB when a busy machine's 0.5 s probe had put qnnpack ahead and the
+    accuracy gate then ran 30 s utterances on it), which a short probe cannot see.
     """
     if cpu_flags is None:
         from .sysinfo import cpu_info
 
         cpu_flags = cpu_info()["flags"]
     vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags))
-    return [e for e in available_engines() if vnni or e not in ("x86", "fbgemm")]
+    engines = [e for e in available_engines() if vnni or e not in ("x86", "fbgemm")]
+    return [e for e in engines if e != "qnnpack"] or engines

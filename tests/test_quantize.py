@@ -15,7 +15,8 @@ from runner.cli import main
 from runner.corpus import sentences, synthesize_many
 from runner.metrics import wer
 from runner.model import build_model
-from runner.quantize import TIE_MARGIN, available_engines, choose_engine, fusion_groups, int8_structure
+from runner.quantize import (TIE_MARGIN, available_engines, candidate_engines, choose_engine, fusion_groups,
+                             int8_structure)
 from runner.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 
@@ -108,7 +109,7 @@ def test_artifact_round_trips_to_identical_outputs(artifact, speech):
 def test_auto_picks_the_fastest_candidate_and_reports_timings(artifact):
     loaded = build_int8_model(artifact.to_bytes(), "auto")
     timings = loaded.engine_seconds
-    assert set(timings) >= {"onednn", "qnnpack"}
+    assert "onednn" in timings and "qnnpack" not in timings  # qnnpack: a fallback, not a candidate here
     assert timings[loaded.engine] <= min(timings.values()) * (1 + TIE_MARGIN)
     assert loaded.engine == choose_engine(timings)
 
@@ -117,6 +118,15 @@ def test_auto_breaks_near_ties_by_preference_not_by_noise():
     assert choose_engine({"qnnpack": 0.028, "onednn": 0.029}) == "onednn"  # seen on a loaded machine
     assert choose_engine({"qnnpack": 0.020, "onednn": 0.029}) == "qnnpack"  # a real lead still wins
     assert choose_engine({"fbgemm": 0.0100, "x86": 0.0104, "onednn": 0.0200}) == "x86"
+
+
+def test_auto_candidates_follow_the_cpu_and_leave_qnnpack_as_fallback(monkeypatch):
+    import runner.quantize as quantize
+
+    assert candidate_engines(["avx512_vnni"]) == [e for e in available_engines() if e != "qnnpack"]
+    assert candidate_engines(["avx2"]) == [e for e in available_engines() if e not in ("x86", "fbgemm", "qnnpack")]
+    monkeypatch.setattr(quantize, "available_engines", lambda: ["qnnpack"])  # an ARM-like build
+    assert candidate_engines(["avx2"]) == ["qnnpack"]
 
 
 def test_int8_transcript_does_not_depend_on_batch(artifact, speech):
