@@ -17,6 +17,7 @@ import soundfile as sf
 import soxr
 
 from .errors import AudioLoadError
+from .timing import timed
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,25 @@ def audio_info(path: str) -> AudioInfo:
 
 
 def load_audio(path: str, sample_rate: int, offset: float = 0.0, duration: Optional[float] = None,
-               channel: Optional[int] = None) -> np.ndarray:
-    """Mono float32 samples of `path` (or of its `offset`..`offset+duration` segment) at `sample_rate`."""
-    try:
-        with sf.SoundFile(str(path)) as f:
-            samples, native_rate = _read_segment(f, path, offset, duration)
-    except AudioLoadError:
-        raise
-    except Exception as exc:
-        raise AudioLoadError(_describe(path, exc)) from None
-    mono = _to_mono(samples, path, channel)
-    if not np.isfinite(mono).all():
-        bad = int(np.count_nonzero(~np.isfinite(mono)))
-        raise AudioLoadError(f"{path}: {bad} samples are NaN or infinite (a broken float file); re-encode it")
+               channel: Optional[int] = None, timings: Optional[dict] = None) -> np.ndarray:
+    """Mono float32 samples of `path` (or of its `offset`..`offset+duration` segment) at `sample_rate`.
+
+    With `timings`, adds the seconds spent decoding (`read`) and resampling (`resample`) to it."""
+    with timed(timings, "read"):
+        try:
+            with sf.SoundFile(str(path)) as f:
+                samples, native_rate = _read_segment(f, path, offset, duration)
+        except AudioLoadError:
+            raise
+        except Exception as exc:
+            raise AudioLoadError(_describe(path, exc)) from None
+        mono = _to_mono(samples, path, channel)
+        if not np.isfinite(mono).all():
+            bad = int(np.count_nonzero(~np.isfinite(mono)))
+            raise AudioLoadError(f"{path}: {bad} samples are NaN or infinite (a broken float file); re-encode it")
     if native_rate != sample_rate and mono.size:
-        mono = soxr.resample(mono, native_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+        with timed(timings, "resample"):
+            mono = soxr.resample(mono, native_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

@@ -199,6 +199,9 @@ def _print_stats(stats: dict, out: Path) -> None:
             ("startup / wall", f"{stats['startup_seconds']:.1f} s / {stats['wall_seconds']:.1f} s"),
             ("RTFx", "-" if stats["rtfx"] is None else f"{stats['rtfx']:,.1f}"),
             ("WER / CER", f"{pct(stats['wer'])} / {pct(stats['cer'])}")]
+    fractions = sorted((stats.get("stage_fractions") or {}).items(), key=lambda kv: -kv[1])
+    if fractions:
+        rows.append(("time by stage", ", ".join(f"{k} {100 * v:.0f}%" for k, v in fractions)))
     for key, value in rows:
         table.add_row(key, value)
     Console(soft_wrap=True).print(table)

@@ -250,8 +250,10 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
     for shard, rows, result in pool.map(work):
         if shard.index in retry:
             rows = _merge(read_part(part_path(out, shard.index)).to_pylist(), rows)
+        t0 = time.perf_counter()
         write_part(out, shard.index, rows, {"worker": result.worker, "engine": result.engine,
-                                            "compute_seconds": result.compute_seconds})
+                                            "compute_seconds": result.compute_seconds, "stages": result.stages})
+        _add_stages(processed, result, time.perf_counter() - t0)
         failed += sum(r["status"] == "error" for r in rows)
         processed["audio"] += result.audio_seconds
         info = processed["worker_info"].setdefault(result.worker, {})  # the pool's dict: replacements too
@@ -262,6 +264,14 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
             raise JobFailed(f"{failed} failed items exceed the error budget max_failed={spec.max_failed} "
                             f"({budget} of {plan.items} items); finished parts are kept: fix the inputs "
                             "(see the `error` column) and run again with --resume or --retry-errors")
+
+
+def _add_stages(processed: dict, result, write_seconds: float) -> None:
+    """Sum the worker's per-stage seconds, its compute seconds and the driver's Parquet write."""
+    stages = processed.setdefault("stages", {})
+    for name, seconds in {**result.stages, "write": write_seconds}.items():
+        stages[name] = stages.get(name, 0.0) + seconds
+    processed["compute"] = processed.get("compute", 0.0) + result.compute_seconds
 
 
 def _only(batch: list[ManifestItem], ids: Optional[set[str]]) -> list[ManifestItem]:

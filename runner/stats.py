@@ -40,7 +40,30 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "worker_heavy_imports": processed.get("worker_heavy_imports", []),
         "worker_info": processed.get("worker_info", {}),  # per worker: engine, auto timings, load s, CPU, peak RSS MB
         "quantization": processed.get("quantization"),  # int8: artifact sha256, cache, fp32 units, gate
+        **stage_breakdown(processed),
     }
+
+
+def stage_breakdown(processed: dict) -> dict:
+    """Where this invocation's time went: `stages` (seconds) and `stage_fractions` (of their sum).
+
+    The worker-seconds available are workers x wall_seconds. Workers report seconds per stage
+    (read, resample, features, encoder, decode) inside each shard's compute seconds; `other` is
+    the rest of that compute (row bookkeeping). `ray_overhead` is what the workers did not spend
+    computing: worker-seconds available minus the summed compute seconds (dispatch, result
+    transfer, idle workers waiting for a shard or at the tail of the job). `write` is the driver's
+    Parquet writing, which overlaps the workers' time; fractions are of the sum of all stages.
+    """
+    measured, compute = processed.get("stages", {}), processed.get("compute", 0.0)
+    if not measured:
+        return {"stages": {}, "stage_fractions": {}}
+    available = (processed.get("workers") or 0) * processed.get("wall", 0.0)
+    worker = {k: v for k, v in measured.items() if k != "write"}
+    stages = {**worker, "other": max(0.0, compute - sum(worker.values())), "write": measured.get("write", 0.0),
+              "ray_overhead": max(0.0, available - compute)}
+    total = sum(stages.values()) or 1.0
+    return {"stages": {k: round(v, 3) for k, v in stages.items()},
+            "stage_fractions": {k: round(v / total, 4) for k, v in stages.items()}}
 
 
 def _scored_pairs(table, ok: list[bool]) -> tuple[list[str], list[str]]:

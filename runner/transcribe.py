@@ -7,13 +7,16 @@ statistics included), then the encoder runs over fixed windows that each see
 `context_seconds` of neighbouring audio, and the kept output frames are concatenated before
 greedy decoding. Memory then grows with the window, not with the file (apart from the
 samples and log-mel frames themselves: ~90 KB per second of audio).
+
+Given a `timings` dict, both add the seconds they spend per stage: `features` (padding + log-mel),
+`encoder` (encoder + decoder conv + log-softmax) and `decode` (greedy CTC); results are unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ import torch
 from .decoding import greedy_decode
 from .features import feature_lengths, mask_frames, normalize
 from .model import LeanCTCModel
+from .timing import timed
 
 
 @dataclass(frozen=True)
@@ -41,28 +45,35 @@ def pad_batch(audios: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.inference_mode()
 def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
-                     options: DecodeOptions = DecodeOptions()) -> list[str]:
+                     options: DecodeOptions = DecodeOptions(), timings: Optional[dict] = None) -> list[str]:
     """Transcripts of mono float32 arrays at the model's rate, in input order."""
     rate = model.spec.features.sample_rate
     texts: list[str] = [""] * len(audios)
     long_ids = {i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate}
     for i in sorted(long_ids):
-        lp = long_log_probs(model, audios[i], options)
-        texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.spec.vocabulary)[0]
+        lp = long_log_probs(model, audios[i], options, timings)
+        with timed(timings, "decode"):
+            texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.spec.vocabulary)[0]
     short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
         ids = short[start: start + options.batch_size]
-        batch, lengths = pad_batch([audios[i] for i in ids])
-        log_probs, out_lens = model(batch, lengths)
-        for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.spec.vocabulary)):
-            texts[i] = text
+        with timed(timings, "features"):  # model(batch, lengths) in two steps, to time them apart
+            batch, lengths = pad_batch([audios[i] for i in ids])
+            feats, frames = model.features(batch, lengths)
+        with timed(timings, "encoder"):
+            log_probs, out_lens = model.forward_features(feats, frames)
+        with timed(timings, "decode"):
+            for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.spec.vocabulary)):
+                texts[i] = text
     return texts
 
 
 @torch.inference_mode()
-def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions) -> torch.Tensor:
+def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions,
+                   timings: Optional[dict] = None) -> torch.Tensor:
     """[T', C] log-probabilities of one long file, computed in bounded-memory windows."""
-    feats = whole_file_features(model, audio, chunk_frames=6000)
+    with timed(timings, "features"):
+        feats = whole_file_features(model, audio, chunk_frames=6000)
     sub = model.spec.encoder.subsampling
     fps = model.spec.features.sample_rate / model.spec.features.hop_length
     window = max(sub, int(options.window_seconds * fps) // sub * sub)
@@ -70,9 +81,10 @@ def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOption
     total = feats.shape[1]
     spans = [(a, min(a + window, total)) for a in range(0, total, window)]
     pieces = []
-    for group in range(0, len(spans), options.window_batch):
-        pieces += _encode_windows(model, feats, spans[group: group + options.window_batch], context, sub)
-    return torch.cat(pieces, dim=0)
+    with timed(timings, "encoder"):
+        for group in range(0, len(spans), options.window_batch):
+            pieces += _encode_windows(model, feats, spans[group: group + options.window_batch], context, sub)
+        return torch.cat(pieces, dim=0)
 
 
 def _encode_windows(model, feats, spans, context, sub) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from .audio import load_audio
 from .errors import AudioLoadError
 from .manifest import ManifestItem
 from .sysinfo import peak_rss_mb
+from .timing import WORKER_STAGES
 from .transcribe import DecodeOptions, transcribe_batch
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,19 @@ class ShardResult:
     compute_seconds: float
     worker: str
     engine: str = "fp32"
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (WORKER_STAGES), within compute
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
 
 
 def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions) -> tuple[list[dict], dict]:
-    """Rows (Parquet schema) for `items`, in their order; and seconds spent per stage."""
+    """Rows (Parquet schema) for `items`, in their order; and seconds spent per stage:
+    read (decode from file), resample, features, encoder, decode (greedy CTC)."""
     rate = model.spec.features.sample_rate
-    rows, audios, stages = [], {}, {"read": 0.0, "transcribe": 0.0}
-    t0 = time.perf_counter()
+    rows, audios, stages = [], {}, dict.fromkeys(WORKER_STAGES, 0.0)
     for i, item in enumerate(items):
         rows.append(_row(item, shard))
         try:
-            audio = _read(item, rate)
+            audio = _read(item, rate, stages)
         except AudioLoadError as exc:
             _fail(rows[i], item, str(exc))
             continue
@@ -58,14 +59,11 @@ def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: 
             rows[i]["text"] = ""  # too short to analyse, or digital silence: no speech (the model may babble)
         else:
             audios[i] = audio
-    stages["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i, text in _transcribe_isolating_failures(model, audios, options, items).items():
+    for i, text in _transcribe_isolating_failures(model, audios, options, stages).items():
         if isinstance(text, Exception):
             _fail(rows[i], items[i], f"transcription failed: {type(text).__name__}: {text}")
         else:
             rows[i]["text"] = text
-    stages["transcribe"] = time.perf_counter() - t0
     return rows, stages
 
 
@@ -80,22 +78,22 @@ def _fail(row: dict, item: ManifestItem, reason: str) -> None:
     row.update(status="error", text=None, error=f"id {item.id} ({item.audio_filepath}): {reason}")
 
 
-def _read(item: ManifestItem, rate: int) -> np.ndarray:
+def _read(item: ManifestItem, rate: int, timings: dict) -> np.ndarray:
     """The item's samples; `offset` and `duration` select a segment, as in NeMo's data layer."""
-    return load_audio(item.audio_filepath, rate, offset=item.offset, duration=item.duration)
+    return load_audio(item.audio_filepath, rate, offset=item.offset, duration=item.duration, timings=timings)
 
 
-def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options, items) -> dict[int, Any]:
+def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options, timings: dict) -> dict[int, Any]:
     """Texts by row index; if a batch fails, retry its items one by one so only the culprit fails."""
     ids = list(audios)
     try:
-        return dict(zip(ids, transcribe_batch(model, [audios[i] for i in ids], options)))
+        return dict(zip(ids, transcribe_batch(model, [audios[i] for i in ids], options, timings)))
     except Exception as exc:  # noqa: BLE001 - any failure becomes data, inside the budget
         log.warning("batch failed (%s); retrying items one at a time", exc)
     out: dict[int, Any] = {}
     for i in ids:
         try:
-            out[i] = transcribe_batch(model, [audios[i]], options)[0]
+            out[i] = transcribe_batch(model, [audios[i]], options, timings)[0]
         except Exception as exc:  # noqa: BLE001
             out[i] = exc
     return out

@@ -65,6 +65,20 @@ def make_spec(folder, manifest, model, out, **extra):
     return path
 
 
+def check_stage_seconds(out, stats):
+    """Each part's worker stages are present, non-negative and within its compute seconds;
+    stats.json sums them with the driver's write and the Ray overhead."""
+    for path in sorted((out / "transcripts").glob("*.parquet")):
+        meta = json.loads(pq.read_schema(path).metadata[b"asr_runner"])
+        stages = meta["stages"]
+        assert set(stages) == {"read", "resample", "features", "encoder", "decode"}, path.name
+        assert min(stages.values()) >= 0 and sum(stages.values()) <= meta["compute_seconds"] + 1e-3, (path.name, meta)
+    assert set(stats["stages"]) == {"read", "resample", "features", "encoder", "decode", "other", "write",
+                                    "ray_overhead"}
+    assert min(stats["stages"].values()) >= 0 and stats["stages"]["encoder"] > 0 and stats["stages"]["write"] > 0
+    assert abs(sum(stats["stage_fractions"].values()) - 1) < 1e-3
+
+
 def part_stamps(out):
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob("*.parquet")}
 
@@ -107,6 +121,7 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     assert (out / "_SUCCESS").exists() and stats["utterances"] == len(rows) and stats["failed"] == 3
     assert stats["workers"] == 2 and stats["rtfx"] > 1 and 0 <= stats["wer"] < 0.5
     assert stats["worker_heavy_imports"] == []  # Ray workers never imported NeMo
+    check_stage_seconds(out, stats)
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"]["items"] == len(rows) and len(job["plan"]) >= 10
 

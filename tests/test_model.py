@@ -57,6 +57,15 @@ def test_transcript_does_not_depend_on_batch(tiny_lean, speech):
     assert batched == alone
 
 
+def test_stage_timings_leave_transcripts_unchanged(tiny_lean, speech):
+    """A `timings` dict gets seconds per stage, windowed files included; the texts stay bit-identical."""
+    audios = [a for _, a in speech[:6]]
+    for options in (DecodeOptions(batch_size=4), DecodeOptions(window_seconds=1.0, context_seconds=0.5)):
+        timings: dict = {}
+        assert transcribe_batch(tiny_lean, audios, options, timings) == transcribe_batch(tiny_lean, audios, options)
+        assert set(timings) == {"features", "encoder", "decode"} and min(timings.values()) > 0
+
+
 def test_logits_do_not_depend_on_batch(tiny_lean, speech):
     audios = [a for _, a in speech[:16]]
     lp, n = tiny_lean(*pad(audios))
