@@ -251,10 +251,11 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_n
     assert sorted(table["id"].to_pylist()) == sorted(ids)  # every manifest line exactly once
     assert result.stats["failed"] == 3
     lost = [r.getMessage() for r in caplog.records if "lost with its worker" in r.getMessage()]
-    assert lost and any("joined (slot" in r.getMessage() for r in caplog.records)
+    # A replacement is started; the survivor may finish the job before it is up (then it is dropped).
+    assert lost and any("starting a replacement" in r.getMessage() for r in caplog.records)
     reliability("worker killed", "SIGKILL of a worker actor's process after the first part", ids,
                 table["id"].to_pylist(), f"{len(lost)} shard(s) resent",
-                "replacement actor started; job completed, exit 0")
+                "replacement actor started (dropped if the survivor finishes first); job completed, exit 0")
 
 
 def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch):
