@@ -191,14 +191,13 @@ def _print_stats(stats: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"{out}", show_header=False)
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     rows = [("precision / engine", f"{stats['precision']} / {stats['engine']}"),
             ("workers x threads", f"{stats['workers']} x {stats['threads_per_worker']}"),
             ("utterances (failed)", f"{stats['utterances']:,} ({stats['failed']:,})"),
             ("audio", f"{stats['audio_seconds'] / 3600:.2f} h"),
             ("startup / wall", f"{stats['startup_seconds']:.1f} s / {stats['wall_seconds']:.1f} s"),
             ("RTFx", "-" if stats["rtfx"] is None else f"{stats['rtfx']:,.1f}"),
-            ("WER / CER", f"{pct(stats['wer'])} / {pct(stats['cer'])}")]
+            ("WER / CER", f"{_pct(stats['wer'])} / {_pct(stats['cer'])}")]
     fractions = sorted((stats.get("stage_fractions") or {}).items(), key=lambda kv: -kv[1])
     if fractions:
         rows.append(("time by stage", ", ".join(f"{k} {100 * v:.0f}%" for k, v in fractions)))
@@ -295,19 +294,18 @@ def _print_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console(soft_wrap=True)
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     gate = report.get("gate", {})
     t = Table(title="int8 accuracy gate", show_header=False)
     t.add_row("held-out utterances", f"{gate.get('utterances')} ({gate.get('seconds', 0):.0f} s), "
               f"calibration on {report.get('calibration', {}).get('utterances')} others")
     t.add_row("measure", gate.get("mode", "-"))
     if gate.get("fp32"):
-        t.add_row("WER fp32 / int8", f"{pct(gate['fp32'].get('wer'))} / {pct(gate.get('int8', {}).get('wer'))}")
-        t.add_row("CER fp32 / int8", f"{pct(gate['fp32'].get('cer'))} / {pct(gate.get('int8', {}).get('cer'))}")
+        t.add_row("WER fp32 / int8", f"{_pct(gate['fp32'].get('wer'))} / {_pct(gate.get('int8', {}).get('wer'))}")
+        t.add_row("CER fp32 / int8", f"{_pct(gate['fp32'].get('cer'))} / {_pct(gate.get('int8', {}).get('cer'))}")
     int8 = gate.get("int8", {})
-    t.add_row("int8 vs fp32 transcripts (WER)", pct(int8.get("wer_vs_fp32")))
-    t.add_row("logit cosine / frame agreement", f"{int8.get('logit_cosine', 0):.4f} / {pct(int8.get('frame_agreement'))}")
-    t.add_row("increase / limit", f"{pct(gate.get('increase'))} / {pct(gate.get('max_wer_increase'))}")
+    t.add_row("int8 vs fp32 transcripts (WER)", _pct(int8.get("wer_vs_fp32")))
+    t.add_row("logit cosine / frame agreement", f"{int8.get('logit_cosine', 0):.4f} / {_pct(int8.get('frame_agreement'))}")
+    t.add_row("increase / limit", f"{_pct(gate.get('increase'))} / {_pct(gate.get('max_wer_increase'))}")
     t.add_row("kept in fp32", ", ".join(report.get("fp32_units", [])) or "none")
     t.add_row("result", "[green]passed[/]" if gate.get("passed") else "[red]FAILED[/]")
     console.print(t)
@@ -315,7 +313,7 @@ def _print_report(report: dict) -> None:
     for col in ("observer", "WER vs fp32", "logit error", "WER"):
         obs.add_column(col)
     for name, fig in report.get("observers", {}).items():
-        obs.add_row(name, pct(fig["wer_vs_fp32"]), f"{fig['logit_error']:.5f}", pct(fig.get("wer")))
+        obs.add_row(name, _pct(fig["wer_vs_fp32"]), f"{fig['logit_error']:.5f}", _pct(fig.get("wer")))
     console.print(obs)
     if report.get("engine_seconds_per_audio_second"):
         eng = Table(title=f"engines on this CPU (gate ran on {report.get('engine')})")
