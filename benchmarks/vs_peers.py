@@ -11,9 +11,10 @@ new ids; 5 x 271 s = 22.6 min of espeak-ng speech):
   model already loaded) vs the runner's fp32 job and int8 job (`auto` engine; Ray, one
   single-thread worker per CPU). RTFx = audio seconds / wall seconds (runner: first shard
   dispatched -> last part written; NeMo: the `transcribe()` call);
-- the int8 job's per-stage breakdown (stats.json `stages`), its 1 and N worker scaling, worker
-  peak RSS and start-up with the artifact cached (first-time quantization only with --cold-start:
-  see `seed_cache`);
+- the int8 job's per-stage breakdown (stats.json `stages`), worker peak RSS, start-up the first
+  time (quantization + gate: `int8_cold`) and with the artifact cached;
+- scaling: the int8 job with 1 and with N workers on a longer manifest (`--scaling-repeat`, so that
+  start and tail weigh little), alternated `--scaling-rounds` times, best of each;
 - encoder + decoder alone on precomputed features of 10 s utterances, batch 1 and 8, `--threads`
   threads, interleaved best of 3 (`lean_model.rtfx_pair`): eager fp32, eager int8 `onednn` (the
   job's own artifact), ONNX Runtime fp32 and int8 static QDQ per-channel of the same weights.
@@ -76,34 +77,127 @@ def nemo_transcribe(nemo, paths: list[str], seconds: float) -> dict:
     return {"wall_seconds": round(wall, 2), "audio_seconds": round(seconds, 2), "rtfx": round(seconds / wall, 2)}
 
 
-def seed_cache(lean, spec_args: tuple) -> None:
-    """Put an onednn artifact calibrated directly (as benchmarks/int8_engines.py does: 24 espeak-ng
-    sentences, histogram observers, no gate) where the job's cache lookup finds it. Without
-    --cold-start the first-time quantization is skipped: on this 19 M-parameter model it peaked
-    at 22 GB RSS on the driver and was OOM-killed on the 24 GB dev machine (to be fixed separately)."""
-    from runner import artifact as artifact_io
-    from runner.artifact import Artifact
-    from runner.calibrate import cache_dir, cache_key, feature_batches
-    from runner.jobs import quantization_settings
-    from runner.quantize import calibrate, convert, prepare
-
-    spec = JobSpec.from_dict(spec_args[0])
-    audio = [a for _t, _v, a in synthesize_many(sentences(24, seed=9), seed=9)]
-    observed = prepare(lean, "histogram")
-    calibrate(observed, [(f, n) for f, n, _ in feature_batches(lean, audio)])
-    data = Artifact(lean.spec, lean.features.state_dict(), convert(observed, "onednn").state_dict()).to_bytes()
-    key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, quantization_settings(spec))
-    artifact_io.save(data, cache_dir() / f"int8-{key[:32]}.pt")
-
-
 def spec_dict(model: str, manifest: Path, out: Path, precision: str, workers: int, quant: dict) -> dict:
     return {"model": model, "manifest": str(manifest), "output": str(out), "precision": precision,
             "workers": workers, "threads_per_worker": 1, "shard_seconds": 120, "quantization": quant}
 
 
+def scaling(model: str, src: Path, tmp: Path, n: int, quant: dict, repeat: int, rounds: int) -> dict:
+    """int8 job RTFx with 1 and with `n` workers on `src` x `repeat`, alternated `rounds` times, with
+    the artifact the main int8 job made (copied to the cache key of this manifest: no new quantization)."""
+    from runner.calibrate import cache_dir, cache_key
+    from runner.jobs import quantization_settings
+
+    manifest = tmp / "scaling.jsonl"
+    _paths, seconds = repeated_manifest(src, repeat, manifest)
+    spec = JobSpec.from_dict(spec_dict(model, manifest, tmp / "x", "int8", n, quant))
+    (made,) = cache_dir().glob("int8-*.pt")
+    key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, quantization_settings(spec))
+    (cache_dir() / f"int8-{key[:32]}.pt").write_bytes(made.read_bytes())
+    runs: dict[int, list[float]] = {1: [], n: []}
+    cpu: dict[int, dict] = {}
+    for k in range(rounds):
+        for w in runs:
+            stats = job(model, manifest, tmp / f"scale-{w}w-{k}", "int8", w, quant)
+            runs[w].append(stats["rtfx"])
+            if stats["rtfx"] == max(runs[w]):
+                cpu[w] = {**stats["cpu_seconds"], "wall": stats["wall_seconds"]}
+    best = {w: max(v) for w, v in runs.items()}
+    artifact = made.read_bytes()
+    raw = {w: max(raw_processes(artifact, spec, w) for _ in range(rounds)) for w in (1, n)}
+    return {"audio_seconds": round(seconds, 1), "repeat": repeat, "runs": {str(w): v for w, v in runs.items()},
+            "best": {str(w): v for w, v in best.items()}, "speedup": round(best[n] / best[1], 3),
+            "cpu_seconds_of_best": {str(w): v for w, v in cpu.items()},
+            "raw_processes": {str(w): v for w, v in raw.items()}, "raw_speedup": round(raw[n] / raw[1], 3)}
+
+
+_WORKER = None
+
+
+def _raw_init(artifact: bytes, barrier) -> None:
+    global _WORKER
+    from runner.transcribe import DecodeOptions
+    from runner.worker import ShardWorker
+
+    _WORKER = ShardWorker({"precision": "int8", "artifact": artifact, "engine": "auto"}, 1, DecodeOptions())
+    barrier.wait()
+
+
+def _raw_shard(task) -> float:
+    return _WORKER(*task).audio_seconds
+
+
+def raw_processes(artifact: bytes, spec: JobSpec, workers: int) -> float:
+    """The ceiling for the job's scaling: the same worker code (`ShardWorker`, 1 thread, `auto`) in
+    `workers` plain processes pulling the same shards, no Ray, no driver writing Parquet. Returns
+    RTFx from the first shard handed out (every process has built its model) to the last result."""
+    import multiprocessing as mp
+
+    from runner.jobs import prepare
+    from runner.shards import group_items
+
+    plan = prepare(spec)
+    tasks = [(shard.index, batch) for shard, batch in
+             group_items(iter_manifest(spec.manifest), plan.shards, {s.index for s in plan.shards})]
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers + 1)
+    with ctx.Pool(workers, initializer=_raw_init, initargs=(artifact, barrier)) as pool:
+        barrier.wait()
+        t0 = time.perf_counter()
+        audio = sum(pool.imap_unordered(_raw_shard, tasks))
+        wall = time.perf_counter() - t0
+    print(f"  raw processes x{workers}: RTFx {audio / wall:.1f}", flush=True)
+    return round(audio / wall, 2)
+
+
+class CpuAccounting:
+    """CPU seconds each kind of process spent between the workers being ready and the last part
+    written (psutil over every process on the machine): the workers' actors, the driver (this
+    process), Ray's own daemons, everything else. Where a 2-core machine's second worker loses."""
+
+    def __init__(self):
+        self.start: dict[int, tuple[str, float]] = {}
+        self.end: dict[int, tuple[str, float]] = {}
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        snap = {}
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+            times, cmd = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
+            if times is not None:
+                snap[proc.info["pid"]] = (cmd, times.user + times.system)
+        return snap
+
+    def __call__(self, kind: str, **_data) -> None:
+        if kind == "workers":
+            self.start = self._snapshot()
+        elif kind == "shard":
+            self.end = self._snapshot()
+
+    def seconds(self) -> dict[str, float]:
+        out = {"workers": 0.0, "driver": 0.0, "ray_daemons": 0.0, "other": 0.0}
+        for pid, (cmd, cpu) in self.end.items():
+            used = cpu - self.start.get(pid, (cmd, 0.0))[1]
+            if pid == os.getpid():
+                kind = "driver"
+            elif "ShardWorker" in cmd:  # Ray titles an actor's process ray::ShardWorker[.method]
+                kind = "workers"
+            elif any(k in cmd for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray/_private",
+                                        "default_worker.py", "ray::IDLE", "runtime_env")):
+                kind = "ray_daemons"
+            else:
+                kind = "other"
+            out[kind] += max(used, 0.0)
+        return {k: round(v, 2) for k, v in out.items()}
+
+
 def job(model: str, manifest: Path, out: Path, precision: str, workers: int, quant: dict) -> dict:
     spec = JobSpec.from_dict(spec_dict(model, manifest, out, precision, workers, quant))
-    stats = run_job(spec).stats
+    cpu = CpuAccounting()
+    stats = run_job(spec, on_event=cpu).stats
+    stats["cpu_seconds"] = cpu.seconds()
     stats["peak_rss_mb"] = max((w.get("peak_rss_mb", 0.0) for w in stats["worker_info"].values()), default=None)
     stats.pop("quantization", None)
     print(f"  {out.name}: RTFx {stats['rtfx']}, startup {stats['startup_seconds']} s", flush=True)
@@ -183,7 +277,7 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
     frac = r["jobs"]["int8"]["stage_fractions"]
     worst = max((k for k in frac if k != "encoder"), key=frac.get)
     n = r["workers"]
-    scale = r["jobs"]["int8"]["rtfx"] / r["jobs"]["int8_1w"]["rtfx"]
+    scale = r["scaling"]["speedup"]
     return [("int8 job >= 6x NeMo transcribe() fp32, end to end", f"{e2e:.2f}x", e2e >= 6),
             ("int8 encoder >= 1.25x ONNX Runtime int8, batch 8", f"{enc:.2f}x", enc >= 1.25),
             ("int8 job: no stage but the encoder > 20% of the time", f"largest: {worst} {100 * frac[worst]:.1f}%",
@@ -214,10 +308,14 @@ def plot(r: dict, path: Path) -> None:
     axes[1, 0].barh(list(frac), [100 * v for v in frac.values()], color="tab:green")
     axes[1, 0].axvline(20, color="red", ls="--", lw=1)
     axes[1, 0].set(title="int8 job: share of time per stage (see stats.py)", xlabel="%")
-    workers = [1, r["workers"]]
-    axes[1, 1].plot(workers, [jobs["int8_1w"]["rtfx"], jobs["int8"]["rtfx"]], "o-", label="int8 job")
-    axes[1, 1].plot(workers, [jobs["int8_1w"]["rtfx"] * w for w in workers], "--", color="grey", label="linear")
-    axes[1, 1].set(title="Scaling (RTFx by workers)", xlabel="workers x 1 thread", xticks=workers)
+    workers, best = [1, r["workers"]], r["scaling"]["best"]
+    axes[1, 1].plot(workers, [best[str(w)] for w in workers], "o-", label="int8 job")
+    raw = r["scaling"]["raw_processes"]
+    axes[1, 1].plot(workers, [raw[str(w)] for w in workers], "s-", color="tab:orange",
+                    label="same worker code, plain processes")
+    axes[1, 1].plot(workers, [best["1"] * w for w in workers], "--", color="grey", label="linear")
+    axes[1, 1].set(title=f"Scaling (RTFx by workers, {r['scaling']['audio_seconds'] / 60:.0f} min of audio)",
+                   xlabel="workers x 1 thread", xticks=workers)
     axes[1, 1].legend()
     fig.suptitle(f"QuartzNet15x5 architecture, {r['audio_seconds'] / 60:.1f} min of audio; {r['cpu']['model']}")
     fig.tight_layout()
@@ -238,12 +336,17 @@ def print_report(r: dict) -> None:
               f"= {s['rtfx'] / nemo['rtfx']:.2f}x NeMo transcribe()")
     print(f"int8 job ({r['workers']} workers) time by stage: " + ", ".join(
         f"{k} {v:.1f} s ({100 * jobs['int8']['stage_fractions'][k]:.1f}%)" for k, v in jobs["int8"]["stages"].items()))
-    cold = f"{jobs['int8_cold']['startup_seconds']:.1f} s" if "int8_cold" in jobs else "not run (--cold-start)"
-    print(f"cold start: int8 first time (quantize + gate) {cold}, "
+    print(f"cold start: int8 first time (quantize + gate) {jobs['int8_cold']['startup_seconds']:.1f} s, "
           f"artifact cached {jobs['int8']['startup_seconds']:.1f} s, fp32 {jobs['fp32']['startup_seconds']:.1f} s")
-    scale = jobs["int8"]["rtfx"] / jobs["int8_1w"]["rtfx"]
-    print(f"scaling: 1 worker RTFx {jobs['int8_1w']['rtfx']:.1f}, {r['workers']} workers {jobs['int8']['rtfx']:.1f}: "
-          f"{scale:.2f}x, efficiency {100 * scale / r['workers']:.0f}%")
+    sc = r["scaling"]
+    print(f"scaling ({sc['audio_seconds'] / 60:.0f} min of audio, runs {sc['runs']}, best of each): 1 worker RTFx "
+          f"{sc['best']['1']:.1f}, {r['workers']} workers {sc['best'][str(r['workers'])]:.1f}: {sc['speedup']:.2f}x, "
+          f"efficiency {100 * sc['speedup'] / r['workers']:.0f}%; the same worker code in plain processes (no Ray, "
+          f"no driver): 1 {sc['raw_processes']['1']:.1f}, {r['workers']} {sc['raw_processes'][str(r['workers'])]:.1f}: "
+          f"{sc['raw_speedup']:.2f}x")
+    for w, c in sc["cpu_seconds_of_best"].items():
+        print(f"  {w} worker(s), CPU seconds over the {c['wall']:.1f} s of dispatch: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in c.items() if k != "wall"))
     print(f"encoder + decoder, 10 s features, {r['threads']} threads (RTFx)   batch 1   batch 8")
     for name in r["encoder"]["b1"]:
         print(f"  {name:20} {r['encoder']['b1'][name]:8.1f} {r['encoder']['b8'][name]:9.1f}")
@@ -265,8 +368,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of NeMo transcribe() and the encoder bench")
     parser.add_argument("--clips", type=int, default=8, help="10 s utterances for the encoder bench")
     parser.add_argument("--max-wer-increase", type=float, default=0.5)
-    parser.add_argument("--cold-start", action="store_true", help="also run the int8 job with first-time "
-                        "quantization + gate (needs > 24 GB RAM on QuartzNet15x5 today; see seed_cache)")
+    parser.add_argument("--scaling-repeat", type=int, default=20, help="manifest repeats for the 1 vs N "
+                        "workers runs (20 x 271 s = 90 min)")
+    parser.add_argument("--scaling-rounds", type=int, default=2, help="1 and N worker runs alternated this often")
     parser.add_argument("--quick", action="store_true", help="a small run to check the script: 1 repeat, 30 "
                         "calibration and gate items, 8 clips (not for figures)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -275,7 +379,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quant = {"max_wer_increase": args.max_wer_increase}
     if args.quick:
-        args.repeat, args.clips = 1, 8
+        args.repeat, args.clips, args.scaling_repeat, args.scaling_rounds = 1, 8, 2, 1
         quant.update(calibration_items=30, gate_items=30)
     import onnxruntime
 
@@ -295,13 +399,11 @@ def main() -> None:
         r.update(utterances=len(paths), audio_seconds=round(seconds, 1))
         lean = build_model(*describe(nemo))
         manifest, n = tmp / "manifest.jsonl", r["workers"]
-        r["jobs"] = {"fp32": job(model, manifest, tmp / "fp32", "fp32", n, quant)}
-        if args.cold_start:
-            r["jobs"]["int8_cold"] = job(model, manifest, tmp / "int8-cold", "int8", n, quant)
-        else:
-            seed_cache(lean, (spec_dict(model, manifest, tmp / "x", "int8", n, quant),))
-        r["jobs"].update(int8=job(model, manifest, tmp / "int8", "int8", n, quant),
-                         int8_1w=job(model, manifest, tmp / "int8-1w", "int8", 1, quant))
+        r["jobs"] = {"fp32": job(model, manifest, tmp / "fp32", "fp32", n, quant),
+                     "int8_cold": job(model, manifest, tmp / "int8-cold", "int8", n, quant),
+                     "int8": job(model, manifest, tmp / "int8", "int8", n, quant)}
+        save(r, out, name)
+        r["scaling"] = scaling(model, Path(args.manifest), tmp, n, quant, args.scaling_repeat, args.scaling_rounds)
         save(r, out, name)
         artifact = next((tmp / "cache").glob("int8-*.pt")).read_bytes()
         r["encoder"] = encoder_bench(lean, artifact, args.clips, args.threads, tmp)
