@@ -7,6 +7,7 @@ torch-only model from it.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -53,6 +54,10 @@ class BlockSpec:
     residual_dense: bool = False
     stride_last: bool = False
     future_context: int = -1  # -1: symmetric "same" padding
+    se: bool = False  # squeeze-excite after the last conv+BN (Citrinet)
+    se_reduction_ratio: int = 8  # hidden width of the SE's two linear layers = filters // ratio
+    # NeMo's se_context_size: recorded only; in eval mode NeMo 3.0 averages over every valid frame anyway
+    se_context_window: int = -1
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,30 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class TokenizerSpec:
+    """A subword tokenizer shipped inside the spec: workers never see the .nemo file it came from."""
+
+    kind: str  # "sentencepiece" (NeMo's SentencePieceTokenizer, `tokenizer.type: bpe`)
+    model_b64: str  # the serialized SentencePiece model proto (`tokenizer.model`), base64
+
+    def model_bytes(self) -> bytes:
+        return base64.b64decode(self.model_b64)
+
+    @classmethod
+    def sentencepiece(cls, model_proto: bytes) -> "TokenizerSpec":
+        return cls("sentencepiece", base64.b64encode(model_proto).decode("ascii"))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a CTC model without NeMo, except its weights."""
 
     features: FeatureConfig
     encoder: EncoderSpec
-    vocabulary: tuple[str, ...]
+    vocabulary: tuple[str, ...]  # characters, or the tokenizer's pieces (id order)
     family: str = "conv-ctc"
     source: dict = field(default_factory=dict)  # NeMo class names, for messages and reports
+    tokenizer: Optional[TokenizerSpec] = None  # None: character vocabulary, tokens joined as they are
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +125,7 @@ class ModelSpec:
             vocabulary=tuple(data["vocabulary"]),
             family=data.get("family", "conv-ctc"),
             source=dict(data.get("source", {})),
+            tokenizer=TokenizerSpec(**data["tokenizer"]) if data.get("tokenizer") else None,
         )
 
 

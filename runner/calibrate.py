@@ -164,7 +164,7 @@ class GateSet:
     """Held-out utterances with the fp32 model's logits and transcripts, to score int8 variants against."""
 
     def __init__(self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: Optional[list[str]]):
-        self.vocabulary = model.spec.vocabulary
+        self.text_decoder = model.text_decoder
         self.batches = feature_batches(model, audios)
         self.references = [normalize_text(r) for r in references] if references else None
         self.seconds = sum(len(a) for a in audios) / model.spec.features.sample_rate
@@ -176,7 +176,7 @@ class GateSet:
     def _texts(self, outputs) -> list[str]:
         texts = [""] * sum(len(ids) for *_, ids in self.batches)
         for (logits, lens), (*_, ids) in zip(outputs, self.batches):
-            for i, text in zip(ids, greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, self.vocabulary)):
+            for i, text in zip(ids, greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, self.text_decoder)):
                 texts[i] = normalize_text(text)
         return texts
 

@@ -176,10 +176,11 @@ def lr_at(progress: float, peak: float, warmup: float = 0.05, floor: float = 0.0
 def nemo_transcribe(model, audios: Sequence[np.ndarray], batch_size: int = 16) -> list[str]:
     """Greedy CTC transcripts of float32 or int16 arrays with the NeMo model (eval mode)."""
     from .decoding import greedy_decode
+    from .nemo_loader import text_decoder
 
     was_training = model.training
     model.eval()
-    vocab = list(model.decoder.vocabulary)
+    vocab = text_decoder(model)  # characters, or the model's SentencePiece tokenizer
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     out = [""] * len(audios)
     for start in range(0, len(order), batch_size):

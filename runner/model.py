@@ -1,4 +1,4 @@
-"""The lean CTC model: NeMo's QuartzNet/Jasper rebuilt from plain torch modules.
+"""The lean CTC model: NeMo's QuartzNet/Jasper/Citrinet rebuilt from plain torch modules.
 
 Built from a `ModelSpec`, it never imports NeMo, so a worker starts in about a second. Each
 block keeps NeMo's module order (`mconv` / `res` / `mout` with the same indices), which keeps
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .arch import BlockSpec, ModelSpec, same_padding
+from .decoding import TextDecoder
 from .features import MelFeatures
 
 CHECKPOINT_FORMAT = "asr-runner/lean-ctc/1"
@@ -92,6 +93,41 @@ def time_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)).unsqueeze(1)
 
 
+class SqueezeExcite(nn.Module):
+    """NeMo's SqueezeExcite (Citrinet), eval mode: each channel scaled by a gate computed from its
+    mean over the utterance's valid frames, so the output does not depend on the batch's padding.
+
+    `fc` keeps NeMo's layout (Linear, activation, Linear; no biases), so weights map by name. In an
+    int8 block the SE runs in fp32 on the dequantized conv output and `requant` (set by
+    `runner.quantize`) quantizes its product: measured faster than a quantized gate product at
+    the same accuracy (see `runner.quantize`)."""
+
+    def __init__(self, channels: int, reduction_ratio: int, activation: str):
+        super().__init__()
+        hidden = channels // reduction_ratio
+        self.fc = nn.Sequential(nn.Linear(channels, hidden, bias=False), make_activation(activation),
+                                nn.Linear(hidden, channels, bias=False))
+        self.requant = None  # set by runner.quantize: QuantStub (observed), then Quantize (int8)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        # NeMo zeroes the padded frames, then divides each channel's sum by the valid frame count.
+        # In place is safe here: x is the BN output (or an int8 conv output) that only this module reads.
+        zero_padding_(x, lens)
+        # int8 conv outputs of oneDNN are channels-last ([B, C, T] with stride 1 on C): keep that layout
+        # through dequantize/quantize (which would make it [B, C, T]-contiguous), so that the residual
+        # add that follows stays on its fast path (one strided operand made it ~10x slower there).
+        channels_last = x.is_quantized and x.stride(1) == 1
+        if channels_last:
+            x = x.transpose(1, 2).dequantize().transpose(1, 2)
+        elif x.is_quantized:
+            x = x.dequantize()
+        gate = torch.sigmoid(self.fc(x.sum(-1) / lens.unsqueeze(1).to(x.dtype))).unsqueeze(-1)  # [B, C, 1]
+        out = x * gate
+        if self.requant is None:
+            return out
+        return self.requant(out.transpose(1, 2)).transpose(1, 2) if channels_last else self.requant(out)
+
+
 class ConvBlock(nn.Module):
     """One Jasper/QuartzNet block, with NeMo JasperBlock's module layout."""
 
@@ -109,6 +145,8 @@ class ConvBlock(nn.Module):
             if not last:
                 layers += [make_activation(activation), nn.Identity()]  # Identity: NeMo's dropout slot
             ch = spec.filters
+        if spec.se:
+            layers.append(SqueezeExcite(spec.filters, spec.se_reduction_ratio, activation))
         self.mconv = nn.ModuleList(layers)
         self.res = None
         if spec.residual:
@@ -136,6 +174,8 @@ class ConvBlock(nn.Module):
         for layer in self.mconv:
             if isinstance(layer, MaskedConv):
                 out, lens = layer(out, lens)
+            elif isinstance(layer, SqueezeExcite):
+                out = layer(out, lens)
             else:
                 out = layer(out)
         if self.res is not None:
@@ -187,6 +227,7 @@ class LeanCTCModel(nn.Module):
         self.features = MelFeatures(spec.features)
         self.encoder = ConvEncoder(spec)
         self.decoder = nn.Conv1d(self.encoder.out_channels, spec.num_classes, 1, bias=True)
+        self.text_decoder = TextDecoder.from_spec(spec)  # token ids -> text, built once per model
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, T] and sample counts [B] -> log-probs [B, T', C] and frame counts [B]."""

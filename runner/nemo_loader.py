@@ -11,24 +11,27 @@ import logging
 import re
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
 
-from .arch import BlockSpec, EncoderSpec, FeatureConfig, ModelSpec
+from .arch import BlockSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
+from .decoding import TextDecoder
 from .errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = {
-    "model": ("EncDecCTCModel",),
+    "model": ("EncDecCTCModel", "EncDecCTCModelBPE"),
     "preprocessor": ("AudioToMelSpectrogramPreprocessor",),
     "encoder": ("ConvASREncoder",),
     "decoder": ("ConvASRDecoder",),
 }
-SUPPORTED_TEXT = ("EncDecCTCModel with AudioToMelSpectrogramPreprocessor, ConvASREncoder and "
-                  "ConvASRDecoder (QuartzNet and Jasper families, character vocabularies)")
+SUPPORTED_TEXT = ("EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
+                  "with AudioToMelSpectrogramPreprocessor, ConvASREncoder and ConvASRDecoder "
+                  "(QuartzNet, Jasper and Citrinet families)")
+TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
 
 
 def read_nemo_config(path: str | Path) -> dict[str, Any]:
@@ -56,19 +59,32 @@ def check_supported(config: dict[str, Any], where: str) -> None:
     }
     names = {k: v.rsplit(".", 1)[-1] for k, v in found.items()}
     if all(names[k] in SUPPORTED[k] for k in SUPPORTED):
+        _check_tokenizer_config(names["model"], config.get("tokenizer"), where)
         return
     listed = ", ".join(f"{k}={v or '?'}" for k, v in names.items())
     raise UnsupportedModelError(f"{where}: unsupported model ({listed}); supported: {SUPPORTED_TEXT}")
 
 
+def _check_tokenizer_config(model: str, tokenizer: Any, where: str) -> None:
+    if model != "EncDecCTCModelBPE":
+        return
+    kind = (tokenizer or {}).get("type")
+    if kind not in TOKENIZER_TYPES or (tokenizer or {}).get("custom_tokenizer"):
+        found = "custom_tokenizer" if (tokenizer or {}).get("custom_tokenizer") else f"tokenizer.type={kind!r}"
+        raise UnsupportedModelError(f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
+                                    "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers")
+
+
 def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Spec and lean-model weights of a `.nemo` CTC checkpoint."""
-    check_supported(read_nemo_config(path), str(path))
-    from nemo.collections.asr.models import EncDecCTCModel  # heavy: 7+ s, 700+ MB
+    config = read_nemo_config(path)
+    check_supported(config, str(path))
+    from nemo.collections.asr import models  # heavy: 7+ s, 700+ MB
 
     quiet_nemo_logging(logging.getLogger("runner").isEnabledFor(logging.DEBUG))  # NeMo resets it on import
     log.info("restoring %s with NeMo", path)
-    model = EncDecCTCModel.restore_from(str(path), map_location="cpu")
+    cls = getattr(models, config.get("target", "").rsplit(".", 1)[-1] or "EncDecCTCModel", models.EncDecCTCModel)
+    model = cls.restore_from(str(path), map_location="cpu")
     return describe(model, str(path))
 
 
@@ -82,8 +98,35 @@ def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Te
         vocabulary=tuple(model.decoder.vocabulary),
         source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
                 "decoder": type(model.decoder).__name__, "file": where},
+        tokenizer=_tokenizer(model, where),
     )
     return spec, lean_state_dict(model.state_dict(), where)
+
+
+def _tokenizer(model, where: str) -> Optional[TokenizerSpec]:
+    """The SentencePiece model of a subword model, as bytes in the spec; None for character models."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    from nemo.collections.common.tokenizers import SentencePieceTokenizer
+
+    legacy = getattr(tokenizer, "legacy", False)
+    if type(tokenizer) is not SentencePieceTokenizer or legacy:
+        kind = type(tokenizer).__name__ + (" (legacy, with special tokens)" if legacy else "")
+        raise UnsupportedModelError(f"{where}: tokenizer {kind} is not supported; only NeMo's SentencePieceTokenizer "
+                                    "(tokenizer.type: bpe, not legacy) can be shipped to the workers")
+    proto = tokenizer.tokenizer.serialized_model_proto()
+    pieces = [tokenizer.tokenizer.id_to_piece(i) for i in range(tokenizer.tokenizer.get_piece_size())]
+    if pieces != list(model.decoder.vocabulary):
+        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(model.decoder.vocabulary)} labels) is "
+                                    f"not the tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+    return TokenizerSpec.sentencepiece(proto)
+
+
+def text_decoder(model) -> TextDecoder:
+    """A NeMo CTC model's ids -> text, for code that runs the NeMo model itself (recipes, tests)."""
+    tok = _tokenizer(model, type(model).__name__)
+    return TextDecoder(model.decoder.vocabulary, tok.model_bytes() if tok else None)
 
 
 def _to_container(cfg) -> dict:
@@ -119,11 +162,10 @@ def _encoder(ecfg: dict, where: str) -> EncoderSpec:
 
 
 def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
-    for key, ok in (("groups", 1), ("heads", -1), ("se", False)):
+    for key, ok in (("groups", 1), ("heads", -1)):
         if b.get(key, ok) != ok:
             raise UnsupportedModelError(
-                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support "
-                "(squeeze-excite models such as Citrinet are not supported yet)")
+                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support")
     mode = b.get("residual_mode", default_mode)
     if mode not in ("add", "stride_add"):
         raise UnsupportedModelError(f"{where}: encoder block {i} residual_mode={mode!r} is not supported")
@@ -135,6 +177,8 @@ def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
         dilation=first(b["dilation"]), separable=bool(b.get("separable", False)),
         residual=bool(b["residual"]), residual_mode=mode, residual_dense=bool(b.get("residual_dense", False)),
         stride_last=bool(b.get("stride_last", False)), future_context=int(b.get("future_context", -1)),
+        se=bool(b.get("se", False)), se_reduction_ratio=int(b.get("se_reduction_ratio", 8)),  # ConvASREncoder's default
+        se_context_window=int(b.get("se_context_size", -1)),
     )
 
 

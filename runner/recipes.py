@@ -1,4 +1,5 @@
-"""NeMo model recipes: QuartzNet configs and a small CPU training loop (driver side only).
+"""NeMo model recipes: QuartzNet and Citrinet configs, SentencePiece tokenizers, a small CPU training loop
+(driver side only).
 
 The configs are plain dicts (no NeMo import); `build_nemo_model` and `train_ctc` import NeMo
 when called. Used to make the models the tests and benchmarks run, and the demo model.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,10 +25,10 @@ def _block(filters, repeat, kernel, stride=1, dilation=1, residual=False, separa
                 dropout=dropout, residual=residual, separable=separable)
 
 
-def _preprocessor(sample_rate: int = 16000) -> dict:
+def _preprocessor(sample_rate: int = 16000, features: int = 64, window_size: float = 0.02, **extra) -> dict:
     return dict(_target_="nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-                normalize="per_feature", window_size=0.02, window_stride=0.01, sample_rate=sample_rate,
-                window="hann", features=64, n_fft=512, frame_splicing=1, dither=1e-5)
+                normalize="per_feature", window_size=window_size, window_stride=0.01, sample_rate=sample_rate,
+                window="hann", features=features, n_fft=512, frame_splicing=1, dither=1e-5, **extra)
 
 
 def ctc_config(blocks: list[dict], labels: Sequence[str] = CHAR_LABELS, activation: str = "relu") -> dict:
@@ -59,12 +60,77 @@ def tiny_quartznet_config() -> dict:
     ])
 
 
+# Citrinet (NeMo examples/asr/conf/citrinet/citrinet_384.yaml; "Citrinet-C" = every `filters` set to C):
+# a prologue, three mega-blocks that each start with a 2x stride_last/stride_add block, an epilogue.
+CITRINET_KERNELS = ((11, 13, 15, 17, 19, 21), (13, 15, 17, 19, 21, 23, 25), (25, 27, 29, 31, 33, 35, 37, 39))
+
+
+def _se_block(filters, repeat, kernel, stride=1, residual=True, se_reduction_ratio=8, kernel_size_factor=1.0):
+    block = dict(filters=filters, repeat=repeat, kernel=[kernel], stride=[stride], dilation=[1], dropout=0.0,
+                 residual=residual, separable=True, se=True, se_context_size=-1, se_reduction_ratio=se_reduction_ratio,
+                 kernel_size_factor=kernel_size_factor)
+    if stride > 1:
+        block.update(stride_last=True, residual_mode="stride_add")
+    return block
+
+
+def citrinet_config(tokenizer_dir: str, filters: int, enc_final: int, repeat: int = 5,
+                    kernels: Sequence[Sequence[int]] = CITRINET_KERNELS, kernel_size_factor: float = 1.0,
+                    features: int = 80) -> dict:
+    """An `EncDecCTCModelBPE` Citrinet config around a SentencePiece tokenizer folder (`train_tokenizer`)."""
+    ksf = kernel_size_factor
+    blocks = [_se_block(filters, 1, 5, residual=False)]
+    for mega in kernels:
+        blocks.append(_se_block(filters, repeat, mega[0], stride=2, kernel_size_factor=ksf))
+        blocks += [_se_block(filters, repeat, k, kernel_size_factor=ksf) for k in mega[1:]]
+    blocks.append(_se_block(enc_final, 1, 41, residual=False, kernel_size_factor=ksf))
+    return dict(
+        sample_rate=16000, tokenizer=dict(dir=str(tokenizer_dir), type="bpe"),
+        validation_ds=dict(manifest_filepath=None, sample_rate=16000, batch_size=8, shuffle=False,
+                           use_start_end_token=False),  # as in NeMo's configs; transcribe() reads it
+        preprocessor=_preprocessor(features=features, window_size=0.025, pad_to=16),
+        encoder=dict(_target_="nemo.collections.asr.modules.ConvASREncoder", feat_in=features, activation="relu",
+                     conv_mask=True, jasper=blocks),
+        decoder=dict(_target_="nemo.collections.asr.modules.ConvASRDecoder", feat_in=enc_final, num_classes=-1,
+                     vocabulary=[]),
+    )
+
+
+def citrinet_256_config(tokenizer_dir: str) -> dict:
+    """NeMo's Citrinet-256 (stt_en_citrinet_256's layout: 23 blocks, 8x stride, 640 final channels)."""
+    return citrinet_config(tokenizer_dir, filters=256, enc_final=640)
+
+
+def small_citrinet_config(tokenizer_dir: str) -> dict:
+    """A ~0.2 M-parameter Citrinet (SE, stride_last/stride_add, 8x stride) that learns the espeak-ng
+    grammar of `runner.corpus.sentences` in about a minute on 2 cores."""
+    return citrinet_config(tokenizer_dir, filters=96, enc_final=128, repeat=1,
+                           kernels=((11, 13), (13, 15), (15, 17)), features=64)
+
+
+def train_tokenizer(texts: Sequence[str], folder, vocab_size: int = 128, kind: str = "bpe") -> str:
+    """A SentencePiece tokenizer trained on `texts` with NeMo's own recipe (`create_spt_model`, as in its
+    process_asr_text_tokenizer.py): tokenizer.model, tokenizer.vocab and vocab.txt in `folder`."""
+    from pathlib import Path
+
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "text_corpus.txt"
+    corpus.write_text("".join(t + "\n" for t in texts))
+    create_spt_model(str(corpus), vocab_size, sample_size=-1, do_lower_case=False, tokenizer_type=kind,
+                     output_dir=str(folder))
+    return str(folder)
+
+
 def build_nemo_model(config: dict):
-    """An untrained NeMo `EncDecCTCModel` (eval mode) from a config dict."""
-    from nemo.collections.asr.models import EncDecCTCModel
+    """An untrained NeMo CTC model (eval mode) from a config dict: `EncDecCTCModelBPE` when it names a tokenizer."""
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
     from omegaconf import OmegaConf
 
-    return EncDecCTCModel(cfg=OmegaConf.create(config)).eval()
+    cls = EncDecCTCModelBPE if "tokenizer" in config else EncDecCTCModel
+    return cls(cfg=OmegaConf.create(config)).eval()
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
@@ -82,10 +148,11 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
 
 def train_ctc(model, data: Sequence[tuple[str, np.ndarray]], steps: int, batch_size: int = 16,
               lr: float = 3e-3, seed: int = 0, log_every: int = 50, time_limit: Optional[float] = None):
-    """Train a NeMo CTC model in place on (text, 16 kHz audio) pairs with AdamW; returns it in eval mode."""
+    """Train a NeMo CTC model in place on (text, 16 kHz audio) pairs with AdamW; returns it in eval mode.
+    Targets are characters, or the model's tokenizer ids for subword (BPE) models."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    index = {c: i for i, c in enumerate(model.decoder.vocabulary)}
+    index = target_ids(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
@@ -104,12 +171,20 @@ def train_ctc(model, data: Sequence[tuple[str, np.ndarray]], steps: int, batch_s
     return model.eval()
 
 
-def _train_step(model, batch, index: dict[str, int]) -> torch.Tensor:
+def target_ids(model) -> Callable[[str], list[int]]:
+    """text -> CTC target ids: the tokenizer's for subword models, else one per character."""
+    if getattr(model, "tokenizer", None) is not None:
+        return model.tokenizer.text_to_ids
+    index = {c: i for i, c in enumerate(model.decoder.vocabulary)}
+    return lambda text: [index[c] for c in text]
+
+
+def _train_step(model, batch, index: Callable[[str], list[int]]) -> torch.Tensor:
     lengths = torch.tensor([len(a) for _, a in batch])
     audio = torch.zeros(len(batch), int(lengths.max()))
     for i, (_, a) in enumerate(batch):
         audio[i, : len(a)] = torch.from_numpy(a)
-    targets = [torch.tensor([index[c] for c in text]) for text, _ in batch]
+    targets = [torch.tensor(index(text)) for text, _ in batch]
     target_lengths = torch.tensor([len(t) for t in targets])
     padded = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
     log_probs, enc_lengths, _ = model(input_signal=audio, input_signal_length=lengths)

@@ -53,7 +53,7 @@ def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
     for i in sorted(long_ids):
         lp = long_log_probs(model, audios[i], options, timings)
         with timed(timings, "decode"):
-            texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.spec.vocabulary)[0]
+            texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.text_decoder)[0]
     short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
         ids = short[start: start + options.batch_size]
@@ -63,7 +63,7 @@ def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
         with timed(timings, "encoder"):
             log_probs, out_lens = model.forward_features(feats, frames)
         with timed(timings, "decode"):
-            for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.spec.vocabulary)):
+            for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.text_decoder)):
                 texts[i] = text
     return texts
 

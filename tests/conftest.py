@@ -89,15 +89,20 @@ def speech_files(speech, tmp_path_factory) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_nemo():
+def train_speech() -> list[tuple[str, np.ndarray]]:
+    """The training utterances (text, audio) of the models trained in the session, synthesized once."""
+    return [(t, a) for t, _v, a in synthesize_many(sentences(TRAIN_SENTENCES, TRAIN_SEED), TRAIN_SEED)]
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo(train_speech):
     """A NeMo QuartzNet (0.17 M parameters) trained for ~2 minutes on espeak-ng speech: real transcripts
     (held-out CER ~5%, WER ~13%), so that comparisons with NeMo are not decided by near-ties."""
     from runner.recipes import build_nemo_model, tiny_quartznet_config, train_ctc
 
     torch.manual_seed(0)
-    data = [(t, a) for t, _v, a in synthesize_many(sentences(TRAIN_SENTENCES, TRAIN_SEED), TRAIN_SEED)]
     model = build_nemo_model(tiny_quartznet_config())
-    return train_ctc(model, data, steps=800, seed=0)
+    return train_ctc(model, train_speech, steps=800, seed=0)
 
 
 @pytest.fixture(scope="session")
