@@ -93,11 +93,44 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class ConformerSpec:
+    """NeMo `ConformerEncoder` (Conformer and FastConformer) in its full-context, rel_pos form.
+
+    The lean encoder lives in `runner.conformer`; `runner.nemo_loader` rejects every option
+    that would change its arithmetic (limited context, layer-norm conv, reduction, ...).
+    """
+
+    feat_in: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ff_expansion_factor: int = 4
+    subsampling_mode: str = "striding"  # striding (Conformer) | dw_striding (FastConformer)
+    subsampling_factor: int = 4  # 4 or 8 (a power of 2)
+    subsampling_conv_channels: int = -1  # -1: d_model
+    conv_kernel_size: int = 31
+    xscaling: bool = True
+    use_bias: bool = True
+    feat_out: int = -1  # > 0 and != d_model: a final Linear (`out_proj`)
+
+    @property
+    def subsampling(self) -> int:
+        return self.subsampling_factor
+
+    @property
+    def out_channels(self) -> int:
+        return self.feat_out if self.feat_out > 0 else self.d_model
+
+
+ENCODER_SPECS = {"conv-ctc": EncoderSpec, "conformer-ctc": ConformerSpec}  # by ModelSpec.family
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a CTC model without NeMo, except its weights."""
 
     features: FeatureConfig
-    encoder: EncoderSpec
+    encoder: Union[EncoderSpec, ConformerSpec]  # which one: `family`
     vocabulary: tuple[str, ...]  # characters, or the tokenizer's pieces (id order)
     family: str = "conv-ctc"
     source: dict = field(default_factory=dict)  # NeMo class names, for messages and reports
@@ -117,13 +150,17 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        family = data.get("family", "conv-ctc")
+        if family not in ENCODER_SPECS:
+            raise ValueError(f"unknown model family {family!r} (known: {', '.join(ENCODER_SPECS)})")
         enc = dict(data["encoder"])
-        enc["blocks"] = tuple(BlockSpec(**b) for b in enc["blocks"])
+        if family == "conv-ctc":
+            enc["blocks"] = tuple(BlockSpec(**b) for b in enc["blocks"])
         return cls(
             features=FeatureConfig(**data["features"]),
-            encoder=EncoderSpec(**enc),
+            encoder=ENCODER_SPECS[family](**enc),
             vocabulary=tuple(data["vocabulary"]),
-            family=data.get("family", "conv-ctc"),
+            family=family,
             source=dict(data.get("source", {})),
             tokenizer=TokenizerSpec(**data["tokenizer"]) if data.get("tokenizer") else None,
         )

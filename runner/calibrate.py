@@ -220,7 +220,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
     from .artifact import build_int8_model
     from .quantize import (candidate_engines, check_engine, choose_engine, convert, fallback_possible, load_int8, prepare,
-                           calibrate, time_engines, with_float_units)
+                           calibrate, observes_activations, time_engines, with_float_units)
 
     t_start = time.perf_counter()
     spec = model.spec
@@ -237,7 +237,9 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
              len(calibration), report["calibration"]["seconds"], len(gate_audio), gate.seconds)
 
     converted, engine = {}, settings.engine
-    for observer in settings.observers:
+    # Dynamic int8 (the Conformer family) observes no activations: one variant is enough.
+    observers = settings.observers if observes_activations(spec) else ("none",)
+    for observer in observers:
         observed = prepare(model, observer)
         calibrate(observed, cal_batches)
         if engine == "auto":  # the gate evaluates on the engine that is fastest here
@@ -304,7 +306,8 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
             "or run with precision fp32", report)
     art = Artifact(spec, model.features.state_dict(), qenc.state_dict(), sorted(kept),
                    recipe={"observer": chosen, "weights": "qint8 per-channel symmetric",
-                           "activations": "quint8 per-tensor affine, full range", "version": RECIPE_VERSION},
+                           "activations": "quint8 per-tensor affine, full range", **getattr(qenc, "recipe", {}),
+                           "version": RECIPE_VERSION},
                    report=report)
     # What a worker will do: rebuild from bytes alone, on the gate's engine, and get the same logits.
     rebuilt = build_int8_model(art.to_bytes(), engine).model

@@ -339,7 +339,9 @@ def _cmd_export(args) -> int:
     spec, state_dict = load_nemo(args.model)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(spec, state_dict, args.out)
-    print(f"wrote {args.out} ({len(spec.encoder.blocks)} encoder blocks, {len(spec.vocabulary)} labels)")
+    size = (f"{len(spec.encoder.blocks)} encoder blocks" if spec.family == "conv-ctc"
+            else f"{spec.encoder.n_layers} Conformer layers")
+    print(f"wrote {args.out} ({size}, {len(spec.vocabulary)} labels)")
     return 0
 
 

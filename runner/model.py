@@ -218,6 +218,15 @@ class ConvEncoder(nn.Module):
         return xs[-1], lens
 
 
+def make_encoder(spec: ModelSpec) -> nn.Module:
+    """The encoder for the spec's family: ConvEncoder (QuartzNet/Jasper) or the lean Conformer."""
+    if spec.family == "conformer-ctc":
+        from .conformer import ConformerEncoder
+
+        return ConformerEncoder(spec.encoder)
+    return ConvEncoder(spec)
+
+
 class LeanCTCModel(nn.Module):
     """audio -> log-mel -> conv encoder -> 1x1 conv decoder -> CTC log-probabilities."""
 
@@ -225,7 +234,7 @@ class LeanCTCModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.features = MelFeatures(spec.features)
-        self.encoder = ConvEncoder(spec)
+        self.encoder = make_encoder(spec)
         self.decoder = nn.Conv1d(self.encoder.out_channels, spec.num_classes, 1, bias=True)
         self.text_decoder = TextDecoder.from_spec(spec)  # token ids -> text, built once per model
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from .arch import BlockSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
+from .arch import BlockSpec, ConformerSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
 from .decoding import TextDecoder
 from .errors import InputError, UnsupportedModelError
 
@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 SUPPORTED = {
     "model": ("EncDecCTCModel", "EncDecCTCModelBPE"),
     "preprocessor": ("AudioToMelSpectrogramPreprocessor",),
-    "encoder": ("ConvASREncoder",),
+    "encoder": ("ConvASREncoder", "ConformerEncoder"),
     "decoder": ("ConvASRDecoder",),
 }
 SUPPORTED_TEXT = ("EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
-                  "with AudioToMelSpectrogramPreprocessor, ConvASREncoder and ConvASRDecoder "
-                  "(QuartzNet, Jasper and Citrinet families)")
+                  "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
+                  "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)")
 TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
 
 
@@ -60,6 +60,8 @@ def check_supported(config: dict[str, Any], where: str) -> None:
     names = {k: v.rsplit(".", 1)[-1] for k, v in found.items()}
     if all(names[k] in SUPPORTED[k] for k in SUPPORTED):
         _check_tokenizer_config(names["model"], config.get("tokenizer"), where)
+        if names["encoder"] == "ConformerEncoder":
+            check_conformer_options(config["encoder"], where)
         return
     listed = ", ".join(f"{k}={v or '?'}" for k, v in names.items())
     raise UnsupportedModelError(f"{where}: unsupported model ({listed}); supported: {SUPPORTED_TEXT}")
@@ -92,10 +94,12 @@ def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Te
     """Spec and lean-model weights of an in-memory NeMo `EncDecCTCModel`."""
     cfg = _to_container(model.cfg)
     check_supported({"target": f"x.{type(model).__name__}", **cfg}, where)
+    conformer = type(model.encoder).__name__ == "ConformerEncoder"
     spec = ModelSpec(
         features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
-        encoder=_encoder(cfg["encoder"], where),
+        encoder=_conformer_encoder(cfg["encoder"], where) if conformer else _encoder(cfg["encoder"], where),
         vocabulary=tuple(model.decoder.vocabulary),
+        family="conformer-ctc" if conformer else "conv-ctc",
         source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
                 "decoder": type(model.decoder).__name__, "file": where},
         tokenizer=_tokenizer(model, where),
@@ -182,9 +186,54 @@ def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
     )
 
 
+# Options of NeMo's ConformerEncoder the lean Conformer implements only at one value (or a few):
+# (key, NeMo's default, accepted values). Stochastic depth and dropouts act only in training.
+_CONFORMER_FIXED = (
+    ("self_attention_model", "rel_pos", ("rel_pos",)),
+    ("att_context_size", None, (None, [-1, -1])),
+    ("conv_norm_type", "batch_norm", ("batch_norm",)),
+    ("causal_downsampling", False, (False,)),
+    ("subsampling", "striding", ("striding", "dw_striding")),
+    ("subsampling_factor", 4, (2, 4, 8, 16)),
+    ("reduction", None, (None,)),
+    ("global_tokens", 0, (0,)),
+    ("att_chunk_context_size", None, (None,)),
+)
+
+
+def check_conformer_options(ecfg: dict, where: str) -> None:
+    """Raise `UnsupportedModelError` naming the first ConformerEncoder option the lean model lacks."""
+    for key, default, accepted in _CONFORMER_FIXED:
+        value = ecfg.get(key, default)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value not in accepted:
+            raise UnsupportedModelError(
+                f"{where}: encoder {key}={value!r} is not supported (supported: {', '.join(map(repr, accepted))}); "
+                "the lean Conformer runs full-context rel_pos attention with batch-norm conv modules")
+    kernel = ecfg.get("conv_kernel_size", 31)
+    context = ecfg.get("conv_context_size")
+    if context is not None and not (isinstance(kernel, int) and list(context) == [(kernel - 1) // 2] * 2):
+        raise UnsupportedModelError(f"{where}: encoder conv_context_size={context!r} is not supported "
+                                    "(only null: symmetric, non-causal depthwise convolutions)")
+
+
+def _conformer_encoder(ecfg: dict, where: str) -> ConformerSpec:
+    check_conformer_options(ecfg, where)
+    return ConformerSpec(
+        feat_in=int(ecfg["feat_in"]), n_layers=int(ecfg["n_layers"]), d_model=int(ecfg["d_model"]),
+        n_heads=int(ecfg.get("n_heads", 4)), ff_expansion_factor=int(ecfg.get("ff_expansion_factor", 4)),
+        subsampling_mode=ecfg.get("subsampling", "striding"), subsampling_factor=int(ecfg.get("subsampling_factor", 4)),
+        subsampling_conv_channels=int(ecfg.get("subsampling_conv_channels", -1)),
+        conv_kernel_size=int(ecfg.get("conv_kernel_size", 31)), xscaling=bool(ecfg.get("xscaling", True)),
+        use_bias=bool(ecfg.get("use_bias", True)), feat_out=int(ecfg.get("feat_out", -1)),
+    )
+
+
 _RENAMES = (
     (re.compile(r"^preprocessor\.featurizer\."), "features."),
     (re.compile(r"^encoder\.encoder\."), "encoder.blocks."),
+    (re.compile(r"^encoder\.(pre_encode|layers|out_proj)\."), r"encoder.\1."),  # Conformer: same names
     (re.compile(r"^decoder\.decoder_layers\.0\."), "decoder."),
 )
 

@@ -115,8 +115,20 @@ class QuantizedEncoder(nn.Module):
         return (x.dequantize() if quantized else x), lens
 
 
+def _conformer(spec: ModelSpec) -> bool:
+    """The Conformer family is quantized by `runner.conformer_quant` (dynamic int8 Linear layers)."""
+    return spec.family == "conformer-ctc"
+
+
+def observes_activations(spec: ModelSpec) -> bool:
+    """Static int8 (calibrated activation scales) for the conv family; the Conformer's int8 is dynamic."""
+    return not _conformer(spec)
+
+
 def fallback_possible(spec: ModelSpec) -> bool:
     """Units can be kept in fp32 one by one unless blocks feed later ones densely (Jasper DR)."""
+    if _conformer(spec):
+        return True
     return not any(b.residual and b.residual_dense for b in spec.encoder.blocks)
 
 
@@ -165,6 +177,10 @@ def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedEncode
     from torch.ao.quantization import QuantStub, fuse_modules, prepare as ao_prepare
     from torch.ao.nn.quantized import FloatFunctional
 
+    if _conformer(model.spec):
+        from . import conformer_quant
+
+        return conformer_quant.prepare(model)
     qmodel = QuantizedEncoder(model).eval()
     with quiet():
         fuse_modules(qmodel, fusion_groups(qmodel.encoder), inplace=True)
@@ -205,6 +221,8 @@ def _quantizable_se(block: ConvBlock, quant_stub: Callable[[], nn.Module], mater
 @torch.inference_mode()
 def calibrate(qmodel: QuantizedEncoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Run (features, frames) batches of real audio through the observed model."""
+    if not getattr(qmodel, "observes_activations", True):  # dynamic int8: scales come from each batch
+        return
     for feats, frames in batches:
         qmodel(feats, frames)
 
@@ -213,6 +231,11 @@ def convert(qmodel: QuantizedEncoder, engine: str) -> QuantizedEncoder:
     """Observed -> int8 modules packed for `engine`, with each unit's input scale recorded."""
     from torch.ao.quantization import convert as ao_convert
 
+    if not getattr(qmodel, "observes_activations", True):
+        from . import conformer_quant
+
+        with quiet(), engine_scope(engine):
+            return conformer_quant.convert(qmodel)
     with quiet(), engine_scope(engine):
         converted = ao_convert(qmodel.eval(), inplace=False)
         _record_unit_inputs(converted, qmodel)
@@ -247,6 +270,11 @@ def with_float_units(qenc: QuantizedEncoder, model: LeanCTCModel, units: Iterabl
     """A copy of the int8 `qenc` (packed for `engine`) in which `units` run the fp32 modules of
     `model` (shared, not copied)."""
     units = frozenset(units)
+    if _conformer(model.spec):
+        from . import conformer_quant
+
+        with quiet(), engine_scope(engine):
+            return conformer_quant.with_float_units(qenc, model, units)
     with quiet(), engine_scope(engine):  # copying repacks the int8 weights for the current engine
         hybrid = copy.deepcopy(qenc)
     for k in units:
@@ -310,7 +338,13 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = ()) -> QuantizedEncoder:
     """Rebuild the int8 encoder for `engine` from an engine-neutral state dict."""
-    qenc = int8_structure(spec, engine, float_units)
+    if _conformer(spec):
+        from . import conformer_quant
+
+        with quiet(), engine_scope(engine):
+            qenc = conformer_quant.int8_structure(spec, float_units)
+    else:
+        qenc = int8_structure(spec, engine, float_units)
     with quiet(), engine_scope(engine):
         qenc.load_state_dict(state_dict, strict=True)
     return qenc.requires_grad_(False)

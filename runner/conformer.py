@@ -1,0 +1,231 @@
+"""The lean Conformer / FastConformer encoder: NeMo's `ConformerEncoder` rebuilt from plain torch.
+
+Torch only (never imports NeMo). Module names below `encoder.` are NeMo's (`pre_encode.conv.N`,
+`layers.N.self_attn.linear_q`, `layers.N.conv.depthwise_conv`, ...), so the weight mapping stays
+a rename. One layout change: the conv module's pointwise convs are `nn.Linear` on [B, T, C]
+(the same matrices with NeMo's trailing kernel dimension of 1 dropped on load), which saves two
+transposes per layer and lets dynamic int8 treat them like the other projections.
+
+Padding is handled as NeMo does it: the subsampling convs see zeros past each length, attention
+never looks at padded keys (and padded queries give zeros), and the depthwise conv sees zeros in
+padded frames. An utterance's fp32 output therefore does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .arch import ConformerSpec
+
+INF_VAL = 10000.0  # NeMo's fill value for masked attention scores
+
+
+class ConvSubsampling(nn.Module):
+    """NeMo's ConvSubsampling (`striding` or `dw_striding`, factor 2^n) with MaskedConvSequential's masking."""
+
+    def __init__(self, spec: ConformerSpec):
+        super().__init__()
+        ch = spec.subsampling_conv_channels if spec.subsampling_conv_channels > 0 else spec.d_model
+        steps = int(math.log2(spec.subsampling_factor))
+        layers: list[nn.Module] = []
+        if spec.subsampling_mode == "striding":
+            for i in range(steps):
+                layers += [nn.Conv2d(1 if i == 0 else ch, ch, 3, stride=2, padding=1), nn.ReLU(True)]
+        else:  # dw_striding: a full conv first, then depthwise + pointwise pairs
+            layers += [nn.Conv2d(1, ch, 3, stride=2, padding=1), nn.ReLU(True)]
+            for _ in range(steps - 1):
+                layers += [nn.Conv2d(ch, ch, 3, stride=2, padding=1, groups=ch), nn.Conv2d(ch, ch, 1), nn.ReLU(True)]
+        self.conv = nn.Sequential(*layers)
+        freq = spec.feat_in
+        for _ in range(steps):
+            freq = (freq - 1) // 2 + 1
+        self.out = nn.Linear(ch * freq, spec.d_model)
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [B, F, T] -> [B, T', d_model] and lengths T'."""
+        x = feats.transpose(1, 2).unsqueeze(1)  # [B, 1, T, F]
+        for layer in self.conv:
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
+                if int(lens.min()) < x.shape[2]:
+                    # Frames past the length are zero before every conv that mixes frames (NeMo
+                    # multiplies by its mask before each layer; only these convs can read padding).
+                    x = x.masked_fill(~_valid(lens, x.shape[2]).view(x.shape[0], 1, -1, 1), 0.0)
+                x = layer(x)
+                lens = torch.div(lens + 2 - 3, 2, rounding_mode="floor") + 1
+            else:
+                x = layer(x)
+        b, c, t, f = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lens
+
+
+def _valid(lens: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length] True on frames inside each length."""
+    return torch.arange(length, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, bias: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.activation = nn.SiLU()
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.activation(self.linear1(x)))
+
+
+class RelPositionAttention(nn.Module):
+    """NeMo's RelPositionMultiHeadAttention (Transformer-XL scores, untied pos_bias_u/v per layer)."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool):
+        super().__init__()
+        self.h, self.d_k = n_heads, d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
+
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [B, T, D], pos_emb [1, 2T-1, D], mask [B, 1, T, T] (True = masked) or None."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).view(b, t, self.h, self.d_k)
+        k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)  # [1, H, 2T-1, d_k]
+        ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # [B, H, T, T]
+        bd = rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)))
+        scores = (ac + bd) / math.sqrt(self.d_k)
+        if mask is not None:
+            # NeMo's masking, padded query rows included: their outputs are zero, which keeps padded
+            # frames small. Only int8 notices (dynamic int8 scales activations per batch, padding
+            # included: a key-only mask, 8% faster, cost 1-3 points of int8/fp32 agreement).
+            attn = torch.softmax(scores.masked_fill_(mask, -INF_VAL), dim=-1).masked_fill_(mask, 0.0)
+        else:
+            attn = torch.softmax(scores, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
+        return self.linear_out(out)
+
+
+def rel_shift(bd: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, 2T-1] scores by relative position -> [B, H, T, T] by key position.
+
+    Same values as NeMo's pad-view-slice `rel_shift` followed by `[..., :T]`: out[i, j] =
+    bd[i, T-1-i+j]. A strided view of the contiguous input, so no copy."""
+    b, h, t, n = bd.shape
+    bd = bd.contiguous()
+    return bd.as_strided((b, h, t, t), (h * t * n, t * n, n - 1, 1), bd.storage_offset() + t - 1)
+
+
+class ConformerConvolution(nn.Module):
+    """pointwise (as Linear) -> GLU -> mask -> depthwise conv -> BatchNorm -> swish -> pointwise (as Linear)."""
+
+    def __init__(self, d_model: int, kernel: int, bias: bool):
+        super().__init__()
+        self.pointwise_conv1 = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model,
+                                        bias=bias)
+        self.batch_norm = nn.BatchNorm1d(d_model)
+        self.activation = nn.SiLU()
+        self.pointwise_conv2 = nn.Linear(d_model, d_model, bias=bias)
+        self.register_load_state_dict_pre_hook(_squeeze_pointwise)
+
+    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [B, T, D]; pad_mask [B, T, 1] (True = padding) or None."""
+        x = nn.functional.glu(self.pointwise_conv1(x), dim=-1)
+        if pad_mask is not None:
+            x = x.masked_fill(pad_mask, 0.0)
+        x = self.activation(self.batch_norm(self.depthwise_conv(x.transpose(1, 2))))
+        return self.pointwise_conv2(x.transpose(1, 2))
+
+
+def _squeeze_pointwise(module, state_dict, prefix, *_args) -> None:
+    """NeMo stores the pointwise convs as Conv1d weights [out, in, 1]; the lean module is a Linear."""
+    for name in ("pointwise_conv1.weight", "pointwise_conv2.weight"):
+        w = state_dict.get(prefix + name)
+        if w is not None and w.dim() == 3:
+            state_dict[prefix + name] = w.squeeze(-1)
+
+
+class ConformerLayer(nn.Module):
+    """Macaron layer: x + FF/2, + self-attention, + conv module, + FF/2, then LayerNorm."""
+
+    def __init__(self, spec: ConformerSpec):
+        super().__init__()
+        d, bias = spec.d_model, spec.use_bias
+        self.norm_feed_forward1 = nn.LayerNorm(d)
+        self.feed_forward1 = FeedForward(d, d * spec.ff_expansion_factor, bias)
+        self.norm_conv = nn.LayerNorm(d)
+        self.conv = ConformerConvolution(d, spec.conv_kernel_size, bias)
+        self.norm_self_att = nn.LayerNorm(d)
+        self.self_attn = RelPositionAttention(d, spec.n_heads, bias)
+        self.norm_feed_forward2 = nn.LayerNorm(d)
+        self.feed_forward2 = FeedForward(d, d * spec.ff_expansion_factor, bias)
+        self.norm_out = nn.LayerNorm(d)
+
+    def forward(self, x, pos_emb, att_mask, pad_mask):
+        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask)
+        x = x + self.conv(self.norm_conv(x), pad_mask)
+        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    """features [B, F, T] -> subsampling -> xscale -> Conformer layers -> [B, D, T']."""
+
+    def __init__(self, spec: ConformerSpec):
+        super().__init__()
+        self.spec = spec
+        self.pre_encode = ConvSubsampling(spec)
+        self.layers = nn.ModuleList(ConformerLayer(spec) for _ in range(spec.n_layers))
+        self.out_proj = nn.Linear(spec.d_model, spec.feat_out) if spec.out_channels != spec.d_model else None
+        self.out_channels = spec.out_channels
+        self.xscale = math.sqrt(spec.d_model) if spec.xscaling else None
+        self._pe: Optional[torch.Tensor] = None  # sinusoids for positions L-1 .. -(L-1), grown on demand
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lens = self.subsample(feats, lens)
+        pos_emb, att_mask, pad_mask = self.context(x, lens)
+        for layer in self.layers:
+            x = layer(x, pos_emb, att_mask, pad_mask)
+        return self.finish(x), lens
+
+    def subsample(self, feats, lens):
+        x, lens = self.pre_encode(feats, lens)
+        return (x * self.xscale if self.xscale else x), lens
+
+    def context(self, x: torch.Tensor, lens: torch.Tensor):
+        """Relative position embeddings and the attention/conv padding masks (None without padding)."""
+        t = x.shape[1]
+        pos_emb = self.pos_emb(t).to(x.dtype)
+        if int(lens.min()) >= t:
+            return pos_emb, None, None
+        valid = _valid(lens, t)
+        att_mask = ~(valid.unsqueeze(1) & valid.unsqueeze(2)).unsqueeze(1)  # [B, 1, T, T]
+        return pos_emb, att_mask, ~valid.unsqueeze(-1)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        return x.transpose(1, 2)
+
+    def pos_emb(self, t: int) -> torch.Tensor:
+        """[1, 2t-1, D] embeddings of positions t-1 .. -(t-1), computed as NeMo's RelPositionalEncoding does."""
+        if self._pe is None or self._pe.shape[1] < 2 * t - 1:
+            n = max(t, 512)
+            positions = torch.arange(n - 1, -n, -1, dtype=torch.float32).unsqueeze(1)
+            d = self.spec.d_model
+            div_term = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(INF_VAL) / d))
+            pe = torch.zeros(positions.shape[0], d)
+            pe[:, 0::2] = torch.sin(positions * div_term)
+            pe[:, 1::2] = torch.cos(positions * div_term)
+            self._pe = pe.unsqueeze(0)
+        center = self._pe.shape[1] // 2
+        return self._pe[:, center - t + 1: center + t]
