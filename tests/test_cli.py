@@ -22,29 +22,29 @@ def fake_nemo(path: Path, config: dict) -> Path:
     return path
 
 
-CONFORMER_BPE = {
-    "target": "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE",
+CONFORMER_RNNT = {  # a transducer (FastConformer-RNNT): not a CTC model
+    "target": "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel",
     "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor"},
     "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder"},
-    "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder"},
+    "decoder": {"_target_": "nemo.collections.asr.modules.RNNTDecoder"},
 }
 
 
 def test_unsupported_model_names_its_classes_and_exits_2(tmp_path, capsys):
-    model = fake_nemo(tmp_path / "conformer.nemo", CONFORMER_BPE)
-    with pytest.raises(UnsupportedModelError, match="model=EncDecCTCModelBPE.*encoder=ConformerEncoder.*supported: EncDecCTCModel"):
+    model = fake_nemo(tmp_path / "rnnt.nemo", CONFORMER_RNNT)
+    with pytest.raises(UnsupportedModelError, match="model=EncDecRNNTBPEModel.*decoder=RNNTDecoder.*supported: EncDecCTCModel"):
         check_supported(read_nemo_config(model), str(model))
     wav = tmp_path / "x.wav"
     wav.write_bytes(b"")
     assert main(["transcribe", str(model), str(wav)]) == 2
     err = capsys.readouterr().err
-    assert "conformer.nemo: unsupported model" in err and "ConformerEncoder" in err
+    assert "rnnt.nemo: unsupported model" in err and "RNNTDecoder" in err
 
 
-def test_squeeze_excite_block_is_refused_by_name():
-    with pytest.raises(UnsupportedModelError, match="block 3 uses se=True.*Citrinet"):
+def test_grouped_conv_block_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="block 3 uses groups=4, which the lean model does not support"):
         _block(3, {"filters": 256, "repeat": 5, "kernel": [11], "stride": [1], "dilation": [1],
-                   "residual": True, "se": True}, "add", "citrinet.nemo")
+                   "residual": True, "se": True, "groups": 4}, "add", "jasper.nemo")
 
 
 def test_not_a_model_file_exits_2(tmp_path, capsys):

@@ -45,14 +45,13 @@ def random_conformer(subsampling: str, factor: int):
 
 
 @pytest.fixture(scope="module")
-def fastconformer_nemo():
+def fastconformer_nemo(train_speech):
     """A 0.24 M-parameter FastConformer-CTC trained ~80 s on espeak-ng speech (the QuartzNet set)."""
     from runner.recipes import build_nemo_model, tiny_fastconformer_config, train_ctc
 
     torch.manual_seed(0)
-    data = [(t, a) for t, _v, a in synthesize_many(sentences(TRAIN_SENTENCES, TRAIN_SEED), TRAIN_SEED)]
     model = build_nemo_model(tiny_fastconformer_config())
-    return train_ctc(model, data, steps=300, batch_size=12, lr=5e-3, seed=0)
+    return train_ctc(model, train_speech, steps=300, batch_size=12, lr=5e-3, seed=0)
 
 
 @pytest.fixture(scope="module")
