@@ -109,7 +109,8 @@ class LoadedModel:
 def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
     """The int8 model for this process's CPU: `engine="auto"` times the candidates and keeps the fastest."""
     from .features import MelFeatures
-    from .quantize import Int8CTCModel, candidate_engines, check_engine, choose_engine, load_int8, time_engines
+    from .quantize import (Int8CTCModel, candidate_engines, check_engine, choose_engine, load_int8, probe_frames,
+                           time_engines)
 
     t0 = time.perf_counter()
     art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
@@ -125,7 +126,7 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
             # Each candidate is built, probed and released in turn; the winner is built again.
             timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units),
                                    spec.encoder.feat_in, candidates,
-                                   spec.features.sample_rate / spec.features.hop_length)
+                                   spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
             engine = choose_engine(timings)
         else:
             engine = candidates[0]

@@ -220,7 +220,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
     from .artifact import build_int8_model
     from .quantize import (candidate_engines, check_engine, choose_engine, convert, fallback_possible, load_int8, prepare,
-                           calibrate, observes_activations, time_engines, with_float_units)
+                           calibrate, observes_activations, probe_frames, time_engines, with_float_units)
 
     t_start = time.perf_counter()
     spec = model.spec
@@ -245,7 +245,8 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
         if engine == "auto":  # the gate evaluates on the engine that is fastest here
             first = convert(observed, "onednn" if "onednn" in candidate_engines() else candidate_engines()[0])
             timings = time_engines(lambda e: load_int8(spec, first.state_dict(), e), spec.encoder.feat_in,
-                                   candidate_engines(), spec.features.sample_rate / spec.features.hop_length)
+                                   candidate_engines(), spec.features.sample_rate / spec.features.hop_length,
+                                   frames=probe_frames(spec))
             engine = choose_engine(timings)
             report["engine_seconds_per_audio_second"] = {k: round(v, 5) for k, v in timings.items()}
         else:

@@ -120,6 +120,15 @@ def _conformer(spec: ModelSpec) -> bool:
     return spec.family == "conformer-ctc"
 
 
+def probe_frames(spec: ModelSpec) -> int:
+    """Feature frames `auto` times each engine on. 0.5 s ranks engines right for the conv family
+    (QuartzNet15x5: the same order as on 10 s utterances). A Conformer sees only ~6 frames of 0.5 s
+    after 8x subsampling, too few to rank its int8 matmuls: on FastConformer-CTC large a 0.5 s probe
+    put `x86` first (0.062 vs 0.097 s per audio second) while `onednn` is faster on 10 s utterances
+    (80.7x vs 66.9x real time at batch 1, 62.2x vs 57.8x at batch 8), so Conformers probe 10 s."""
+    return 1000 if _conformer(spec) else 50
+
+
 def observes_activations(spec: ModelSpec) -> bool:
     """Static int8 (calibrated activation scales) for the conv family; the Conformer's int8 is dynamic."""
     return not _conformer(spec)
@@ -384,23 +393,25 @@ def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], o
     `build(engine)` returns a callable(feats, lens). Engines are tried one at a time in preference
     order and each is released before the next is built (peak memory = one engine's, not all of
     them: qnnpack's buffers alone can be hundreds of MB). Each first runs a short pass (16 frames)
-    that absorbs first-call set-up; one whose short pass already takes over 10x the best probe
-    so far is recorded at that time, scaled to `frames`, and dropped: a slow engine costs one short
-    pass. The others run one untimed pass at the probe's shape (kernels are set up per shape), then
+    that absorbs first-call set-up; one whose short pass takes over 10x the fastest short pass so
+    far is recorded at that time, scaled to `frames` (an estimate), and dropped: a slow engine costs
+    one short pass. (Comparing it with the others' full probes instead made a long probe drop fast
+    engines: a few ms of set-up x frames / 16.) The others run one untimed pass at the probe's shape (kernels are set up per shape), then
     up to `rounds` timed passes within their share of `budget_seconds`; the best pass counts.
     """
     torch.manual_seed(0)
     feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
     short, short_lens = feats[:, :, :16], torch.tensor([16])
     timings: dict[str, float] = {}
+    shorts: dict[str, float] = {}  # short passes are compared with short passes (both pay first-call set-up)
     for engine in engines:
         with engine_scope(engine):
             run = build(engine)
             t0 = time.perf_counter()
             run(short, short_lens)
-            first = (time.perf_counter() - t0) * frames / 16
-            if timings and first > 10 * min(timings.values()):
-                timings[engine] = first
+            shorts[engine] = time.perf_counter() - t0
+            if len(shorts) > 1 and shorts[engine] > 10 * min(shorts.values()):
+                timings[engine] = shorts[engine] * frames / 16  # an estimate: it is not probed further
                 del run
                 continue
             run(feats, lens)
