@@ -27,6 +27,7 @@ from runner.nemo_loader import check_supported, describe, load_nemo
 from runner.quantize import available_engines
 from runner.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import RATE, TRAIN_SEED, TRAIN_SENTENCES, pad
+from tests.test_model import max_logit_diff
 
 TRAIN_STEPS = 300
 
@@ -81,15 +82,6 @@ def artifact(citrinet_lean, gate_data):
     """int8 through the unchanged gate, default settings (it picks among three activation observers)."""
     calibration, gate = gate_data
     return quantize_model(citrinet_lean, calibration, [a for _, a in gate], [t for t, _ in gate])
-
-
-def max_logit_diff(nemo_model, lean, audios) -> float:
-    batch, lengths = pad(audios)
-    with torch.no_grad():
-        ref, ref_len, _ = nemo_model(input_signal=batch, input_signal_length=lengths)
-    got, got_len = lean(batch, lengths)
-    assert torch.equal(ref_len, got_len)
-    return max((ref[i, :n] - got[i, :n]).abs().max().item() for i, n in enumerate(got_len.tolist()))
 
 
 def test_lean_citrinet_matches_nemo_and_does_not_depend_on_the_batch(citrinet_nemo, citrinet_lean, speech):
