@@ -220,7 +220,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
     from .artifact import build_int8_model
     from .quantize import (candidate_engines, check_engine, choose_engine, convert, fallback_possible, load_int8, prepare,
-                           calibrate, observes_activations, probe_frames, time_engines, with_float_units)
+                           calibrate, probe_frames, time_engines, with_float_units)
 
     t_start = time.perf_counter()
     spec = model.spec
@@ -237,9 +237,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
              len(calibration), report["calibration"]["seconds"], len(gate_audio), gate.seconds)
 
     converted, engine = {}, settings.engine
-    # Dynamic int8 (the Conformer family) observes no activations: one variant is enough.
-    observers = settings.observers if observes_activations(spec) else ("none",)
-    for observer in observers:
+    for observer in settings.observers:
         observed = prepare(model, observer)
         calibrate(observed, cal_batches)
         if engine == "auto":  # the gate evaluates on the engine that is fastest here

@@ -129,11 +129,6 @@ def probe_frames(spec: ModelSpec) -> int:
     return 1000 if _conformer(spec) else 50
 
 
-def observes_activations(spec: ModelSpec) -> bool:
-    """Static int8 (calibrated activation scales) for the conv family; the Conformer's int8 is dynamic."""
-    return not _conformer(spec)
-
-
 def fallback_possible(spec: ModelSpec) -> bool:
     """Units can be kept in fp32 one by one unless blocks feed later ones densely (Jasper DR)."""
     if _conformer(spec):
@@ -189,7 +184,7 @@ def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedEncode
     if _conformer(model.spec):
         from . import conformer_quant
 
-        return conformer_quant.prepare(model)
+        return conformer_quant.prepare(model, observer)
     qmodel = QuantizedEncoder(model).eval()
     with quiet():
         fuse_modules(qmodel, fusion_groups(qmodel.encoder), inplace=True)
@@ -230,8 +225,6 @@ def _quantizable_se(block: ConvBlock, quant_stub: Callable[[], nn.Module], mater
 @torch.inference_mode()
 def calibrate(qmodel: QuantizedEncoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Run (features, frames) batches of real audio through the observed model."""
-    if not getattr(qmodel, "observes_activations", True):  # dynamic int8: scales come from each batch
-        return
     for feats, frames in batches:
         qmodel(feats, frames)
 
@@ -240,9 +233,9 @@ def convert(qmodel: QuantizedEncoder, engine: str) -> QuantizedEncoder:
     """Observed -> int8 modules packed for `engine`, with each unit's input scale recorded."""
     from torch.ao.quantization import convert as ao_convert
 
-    if not getattr(qmodel, "observes_activations", True):
-        from . import conformer_quant
+    from . import conformer_quant
 
+    if isinstance(qmodel, conformer_quant.QuantizedConformer):
         with quiet(), engine_scope(engine):
             return conformer_quant.convert(qmodel)
     with quiet(), engine_scope(engine):

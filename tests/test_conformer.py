@@ -128,20 +128,27 @@ def int8_artifact(fastconformer_lean):
 
 def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_lean, speech):
     report = int8_artifact.report
-    assert report["gate"]["passed"] and report["observer"] == "none"  # dynamic int8: nothing to observe
-    assert "Linear" in int8_artifact.recipe["weights"]
+    assert report["gate"]["passed"] and report["observer"] in ("histogram", "minmax", "moving_average")
+    assert "Linear" in int8_artifact.recipe["weights"] and "subsampling" in int8_artifact.recipe["weights"]
     int8 = build_int8_model(int8_artifact.to_bytes(), report["engine"]).model
     audios = [a for _, a in speech]
     fp32_texts = transcribe_batch(fastconformer_lean, audios)
     int8_texts = transcribe_batch(int8, audios)
+    print(f"FastConformer int8 vs fp32 word agreement: {1 - wer(fp32_texts, int8_texts):.4f} "
+          f"on {len(audios)} utterances ({report['engine']}, {report['observer']} observers)")
     assert 1 - wer(fp32_texts, int8_texts) >= 0.98, wer(fp32_texts, int8_texts)
     # Dynamic int8 scales activations per batch, so unlike fp32 (and static int8) a transcript may
     # change with its batch-mates, at near-ties only (measured: 3 of ~113 words, 97.3%, on onednn).
     alone = [transcribe_batch(int8, [a], DecodeOptions(batch_size=1))[0] for a in audios[:16]]
     assert 1 - wer(int8_texts[:16], alone) >= 0.95, wer(int8_texts[:16], alone)
-    # Every Linear of the units not kept in fp32 is int8.
+    # Unit 0, the subsampling: static int8 convs (its output Linear stays fp32). The other units,
+    # the Conformer layers: every Linear dynamic int8. Units the gate kept in fp32: plain fp32.
     units = int8.qencoder.units()
-    for k, unit in enumerate(units):
+    assert int8.qencoder.unit_names()[0] == "encoder.pre_encode"
+    convs = {type(m).__module__ for m in units[0].modules() if "Conv" in type(m).__name__}
+    assert convs == ({"torch.nn.modules.conv"} if 0 in int8_artifact.float_units
+                     else {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu"})
+    for k, unit in enumerate(units[1:], start=1):
         kinds = {type(m).__module__ for m in unit.modules() if type(m).__name__ == "Linear"}
         assert kinds == ({"torch.nn.modules.linear"} if k in int8_artifact.float_units
                          else {"torch.ao.nn.quantized.dynamic.modules.linear"}), (k, kinds)
@@ -149,13 +156,15 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_
 
 def test_fp32_units_reproduce_fp32_exactly(fastconformer_lean, int8_artifact, speech):
     """Every unit kept in fp32 (the gate's fallback) gives the fp32 logits: the units cover the model."""
-    from runner.quantize import convert, engine_scope, prepare, with_float_units
+    from runner.quantize import calibrate, convert, engine_scope, prepare, with_float_units
 
     engine = int8_artifact.report["engine"]
-    qenc = convert(prepare(fastconformer_lean), engine)
+    feats, frames = fastconformer_lean.features(*pad([a for _, a in speech[:4]]))
+    observed = prepare(fastconformer_lean)
+    calibrate(observed, [(feats, frames)])
+    qenc = convert(observed, engine)
     units = range(len(qenc.unit_names()))
     hybrid = with_float_units(qenc, fastconformer_lean, units, engine)
-    feats, frames = fastconformer_lean.features(*pad([a for _, a in speech[:4]]))
     with torch.inference_mode(), engine_scope(engine):
         got, _ = hybrid(feats, frames)
         ref, _ = fastconformer_lean.logits(feats, frames)
