@@ -116,16 +116,15 @@ class QuantizedEncoder(nn.Module):
 
 
 def _conformer(spec: ModelSpec) -> bool:
-    """The Conformer family is quantized by `runner.conformer_quant` (dynamic int8 Linear layers)."""
+    """The Conformer family is quantized by `runner.conformer_quant` (static int8 subsampling, dynamic int8 Linear)."""
     return spec.family == "conformer-ctc"
 
 
 def probe_frames(spec: ModelSpec) -> int:
     """Feature frames `auto` times each engine on. 0.5 s ranks engines right for the conv family
     (QuartzNet15x5: the same order as on 10 s utterances). A Conformer sees only ~6 frames of 0.5 s
-    after 8x subsampling, too few to rank its int8 matmuls: on FastConformer-CTC large a 0.5 s probe
-    put `x86` first (0.062 vs 0.097 s per audio second) while `onednn` is faster on 10 s utterances
-    (80.7x vs 66.9x real time at batch 1, 62.2x vs 57.8x at batch 8), so Conformers probe 10 s."""
+    after 8x subsampling, too few to rank its int8 matmuls (on FastConformer-CTC large a 0.5 s probe
+    put `x86` first, while `onednn` is the fastest on 10 s utterances), so Conformers probe 10 s."""
     return 1000 if _conformer(spec) else 50
 
 
