@@ -83,6 +83,7 @@ class QuantizedConformer(nn.Module):
 
     def __init__(self, model: LeanCTCModel):
         super().__init__()
+        self.spec = model.spec
         self.encoder = copy.deepcopy(model.encoder)
         self.decoder = copy.deepcopy(model.decoder)
         self.float_units: frozenset[int] = frozenset()

@@ -15,8 +15,8 @@ from runner.cli import main
 from runner.corpus import sentences, synthesize_many
 from runner.metrics import wer
 from runner.model import build_model
-from runner.quantize import (TIE_MARGIN, available_engines, candidate_engines, choose_engine, fusion_groups,
-                             int8_structure)
+from runner.conv_quant import fusion_groups, int8_structure
+from runner.quantize import TIE_MARGIN, available_engines, candidate_engines, choose_engine, engine_scope
 from runner.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 
@@ -138,7 +138,8 @@ def test_int8_transcript_does_not_depend_on_batch(artifact, speech):
 
 
 def test_int8_structure_runs_convs_in_int8(artifact):
-    kinds = {type(m).__name__ for m in int8_structure(artifact.spec, "onednn").modules()}
+    with engine_scope("onednn"):
+        kinds = {type(m).__name__ for m in int8_structure(artifact.spec).modules()}
     assert {"ConvReLU1d", "Conv1d", "Quantize", "DeQuantize", "QFunctional"} <= kinds
     assert "BatchNorm1d" not in kinds
 
