@@ -226,3 +226,22 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
 
     fp32 = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in table], DecodeOptions())
     assert 1 - wer(fp32, [r["text"] for r in table]) >= 0.95
+
+
+@pytest.mark.slow
+def test_long_file_windows_cost_no_accuracy(fastconformer_lean, long_speech):
+    """A Conformer attends over its whole input, so windows (40 s + 5 s of context each side) change
+    what it sees, unlike the conv family, where windowed = whole-file exactly. What must hold is
+    accuracy: on a 10-minute file the windowed transcript is as close to the reference as one
+    attention span over the whole file. (Measured on this model: whole-file CER 0.125, windows
+    40+5 0.122, 80+10 0.122, 20+5 0.122, 10+2 0.120; transcripts differ from whole-file at 14-22%
+    WER, where a weak model's errors land.)"""
+    from runner.audio import load_audio
+
+    path, reference = long_speech
+    audio = load_audio(path, 16000)
+    whole = transcribe_batch(fastconformer_lean, [audio], DecodeOptions(window_seconds=1e9))[0]
+    windowed = transcribe_batch(fastconformer_lean, [audio], DecodeOptions(window_seconds=40, context_seconds=5))[0]
+    whole_cer, windowed_cer = cer([reference], [whole]), cer([reference], [windowed])
+    assert whole_cer < 0.3, whole_cer  # the model really transcribes 10 minutes
+    assert windowed_cer <= whole_cer + 0.01, (windowed_cer, whole_cer)
