@@ -370,7 +370,7 @@ def main() -> None:
     parser.add_argument("--max-wer-increase", type=float, default=0.5)
     parser.add_argument("--scaling-repeat", type=int, default=20, help="manifest repeats for the 1 vs N "
                         "workers runs (20 x 271 s = 90 min)")
-    parser.add_argument("--scaling-rounds", type=int, default=2, help="1 and N worker runs alternated this often")
+    parser.add_argument("--scaling-rounds", type=int, default=3, help="1 and N worker runs alternated this often")
     parser.add_argument("--quick", action="store_true", help="a small run to check the script: 1 repeat, 30 "
                         "calibration and gate items, 8 clips (not for figures)")
     parser.add_argument("--out", default="benchmarks/results")
