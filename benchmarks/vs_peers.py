@@ -14,7 +14,11 @@ new ids; 5 x 271 s = 22.6 min of espeak-ng speech):
 - the int8 job's per-stage breakdown (stats.json `stages`), worker peak RSS, start-up the first
   time (quantization + gate: `int8_cold`) and with the artifact cached;
 - scaling: the int8 job with 1 and with N workers on a longer manifest (`--scaling-repeat`, so that
-  start and tail weigh little), alternated `--scaling-rounds` times, best of each;
+  start and tail weigh little), `--scaling-rounds` rounds of a 1-worker run followed by an
+  N-worker run. The speed-up is the median of the rounds' ratios: this machine's speed drifts by
+  10-30% over minutes (one run: 1-worker runs at 101.6, 105.6 and 138.0), and a ratio of runs
+  made back to back cancels that, where the best run of each kind compares different minutes
+  (printed too, as `best of each`). The same for the ceiling, the worker code in plain processes;
 - encoder + decoder alone on precomputed features of 10 s utterances, batch 1 and 8, `--threads`
   threads, interleaved best of 3 (`lean_model.rtfx_pair`): eager fp32, eager int8 `onednn` (the
   job's own artifact), ONNX Runtime fp32 and int8 static QDQ per-channel of the same weights.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -82,19 +87,20 @@ def spec_dict(model: str, manifest: Path, out: Path, precision: str, workers: in
             "workers": workers, "threads_per_worker": 1, "shard_seconds": 120, "quantization": quant}
 
 
-def scaling(model: str, src: Path, tmp: Path, n: int, quant: dict, repeat: int, rounds: int) -> dict:
-    """int8 job RTFx with 1 and with `n` workers on `src` x `repeat`, alternated `rounds` times, with
-    the artifact the main int8 job made (copied to the cache key of this manifest: no new quantization)."""
+def scaling(model: str, src: Path, tmp: Path, counts: list[int], quant: dict, repeat: int, rounds: int) -> dict:
+    """int8 job RTFx with each worker count in `counts` (1 first) on `src` x `repeat`, `rounds` rounds
+    of one run per count, with the artifact the main int8 job made (copied to the cache key of this
+    manifest: no new quantization); then the same counts as plain processes."""
     from runner.calibrate import cache_dir, cache_key
     from runner.jobs import quantization_settings
 
     manifest = tmp / "scaling.jsonl"
     _paths, seconds = repeated_manifest(src, repeat, manifest)
-    spec = JobSpec.from_dict(spec_dict(model, manifest, tmp / "x", "int8", n, quant))
+    spec = JobSpec.from_dict(spec_dict(model, manifest, tmp / "x", "int8", counts[-1], quant))
     (made,) = cache_dir().glob("int8-*.pt")
     key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, quantization_settings(spec))
     (cache_dir() / f"int8-{key[:32]}.pt").write_bytes(made.read_bytes())
-    runs: dict[int, list[float]] = {1: [], n: []}
+    runs: dict[int, list[float]] = {w: [] for w in counts}
     cpu: dict[int, dict] = {}
     for k in range(rounds):
         for w in runs:
@@ -102,13 +108,28 @@ def scaling(model: str, src: Path, tmp: Path, n: int, quant: dict, repeat: int, 
             runs[w].append(stats["rtfx"])
             if stats["rtfx"] == max(runs[w]):
                 cpu[w] = {**stats["cpu_seconds"], "wall": stats["wall_seconds"]}
-    best = {w: max(v) for w, v in runs.items()}
     artifact = made.read_bytes()
-    raw = {w: max(raw_processes(artifact, spec, w) for _ in range(rounds)) for w in (1, n)}
-    return {"audio_seconds": round(seconds, 1), "repeat": repeat, "runs": {str(w): v for w, v in runs.items()},
-            "best": {str(w): v for w, v in best.items()}, "speedup": round(best[n] / best[1], 3),
+    raw: dict[int, list[float]] = {w: [] for w in counts}
+    for _ in range(rounds):
+        for w in raw:
+            raw[w].append(raw_processes(artifact, spec, w))
+    n = counts[-1]
+    return {"audio_seconds": round(seconds, 1), "repeat": repeat, "workers": counts,
+            "runs": {str(w): v for w, v in runs.items()}, "best": {str(w): max(v) for w, v in runs.items()},
+            **paired(runs, n), "speedups": {str(w): paired(runs, w)["speedup"] for w in counts},
             "cpu_seconds_of_best": {str(w): v for w, v in cpu.items()},
-            "raw_processes": {str(w): v for w, v in raw.items()}, "raw_speedup": round(raw[n] / raw[1], 3)}
+            "raw_runs": {str(w): v for w, v in raw.items()},
+            "raw_processes": {str(w): max(v) for w, v in raw.items()},
+            **{f"raw_{k}": v for k, v in paired(raw, n).items()},
+            "raw_speedups": {str(w): paired(raw, w)["speedup"] for w in counts}}
+
+
+def paired(runs: dict, n: int) -> dict:
+    """Speed-up of n workers over 1: the median of the rounds' ratios (runs made back to back), and
+    the ratio of the best run of each kind."""
+    ratios = [round(b / a, 3) for a, b in zip(runs[1], runs[n])]
+    return {"speedup": round(statistics.median(ratios), 3), "round_ratios": ratios,
+            "best_of_each_speedup": round(max(runs[n]) / max(runs[1]), 3)}
 
 
 _WORKER = None
@@ -276,13 +297,14 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
     enc = r["encoder"]["b8"]["eager_int8_onednn"] / r["encoder"]["b8"]["ort_int8"]
     frac = r["jobs"]["int8"]["stage_fractions"]
     worst = max((k for k in frac if k != "encoder"), key=frac.get)
-    n = r["workers"]
+    n = r["scaling"].get("workers", [1, r["workers"]])[-1]
     scale = r["scaling"]["speedup"]
+    need = 0.9 if n <= 2 else 0.85  # the issue: 2 workers >= 1.8x; 16 workers >= 85% efficiency
     return [("int8 job >= 6x NeMo transcribe() fp32, end to end", f"{e2e:.2f}x", e2e >= 6),
             ("int8 encoder >= 1.25x ONNX Runtime int8, batch 8", f"{enc:.2f}x", enc >= 1.25),
             ("int8 job: no stage but the encoder > 20% of the time", f"largest: {worst} {100 * frac[worst]:.1f}%",
              frac[worst] <= 0.20),
-            (f"{n} workers >= {0.9 * n:.1f}x 1 worker", f"{scale:.2f}x", scale >= 0.9 * n)]
+            (f"{n} workers >= {need * n:.1f}x 1 worker", f"{scale:.2f}x", scale >= need * n)]
 
 
 def plot(r: dict, path: Path) -> None:
@@ -308,7 +330,7 @@ def plot(r: dict, path: Path) -> None:
     axes[1, 0].barh(list(frac), [100 * v for v in frac.values()], color="tab:green")
     axes[1, 0].axvline(20, color="red", ls="--", lw=1)
     axes[1, 0].set(title="int8 job: share of time per stage (see stats.py)", xlabel="%")
-    workers, best = [1, r["workers"]], r["scaling"]["best"]
+    workers, best = r["scaling"].get("workers", [1, r["workers"]]), r["scaling"]["best"]
     axes[1, 1].plot(workers, [best[str(w)] for w in workers], "o-", label="int8 job")
     raw = r["scaling"]["raw_processes"]
     axes[1, 1].plot(workers, [raw[str(w)] for w in workers], "s-", color="tab:orange",
@@ -339,10 +361,16 @@ def print_report(r: dict) -> None:
     print(f"cold start: int8 first time (quantize + gate) {jobs['int8_cold']['startup_seconds']:.1f} s, "
           f"artifact cached {jobs['int8']['startup_seconds']:.1f} s, fp32 {jobs['fp32']['startup_seconds']:.1f} s")
     sc = r["scaling"]
-    print(f"scaling ({sc['audio_seconds'] / 60:.0f} min of audio, runs {sc['runs']}, best of each): 1 worker RTFx "
-          f"{sc['best']['1']:.1f}, {r['workers']} workers {sc['best'][str(r['workers'])]:.1f}: {sc['speedup']:.2f}x, "
-          f"efficiency {100 * sc['speedup'] / r['workers']:.0f}%; the same worker code in plain processes (no Ray, "
-          f"no driver): 1 {sc['raw_processes']['1']:.1f}, {r['workers']} {sc['raw_processes'][str(r['workers'])]:.1f}: "
+    for w, x in sc.get("speedups", {}).items():
+        if w not in ("1", str(sc.get("workers", [0])[-1])):
+            print(f"  {w} workers: median ratio {x:.2f}x = efficiency {100 * x / int(w):.0f}% (plain processes "
+                  f"{sc['raw_speedups'][w]:.2f}x)")
+    n = str(sc.get("workers", [1, r["workers"]])[-1])
+    print(f"scaling ({sc['audio_seconds'] / 60:.0f} min of audio; RTFx of 1 / {n} workers by round "
+          f"{list(zip(sc['runs']['1'], sc['runs'][n]))}): ratios {sc.get('round_ratios')}, median "
+          f"{sc['speedup']:.2f}x = efficiency {100 * sc['speedup'] / int(n):.0f}% (best of each: "
+          f"{sc['best']['1']:.1f} -> {sc['best'][n]:.1f} = {sc.get('best_of_each_speedup', 0):.2f}x); the same worker "
+          f"code in plain processes (no Ray, no driver): runs {sc.get('raw_runs', sc['raw_processes'])}, "
           f"{sc['raw_speedup']:.2f}x")
     for w, c in sc["cpu_seconds_of_best"].items():
         print(f"  {w} worker(s), CPU seconds over the {c['wall']:.1f} s of dispatch: " + ", ".join(
@@ -371,10 +399,23 @@ def main() -> None:
     parser.add_argument("--scaling-repeat", type=int, default=20, help="manifest repeats for the 1 vs N "
                         "workers runs (20 x 271 s = 90 min)")
     parser.add_argument("--scaling-rounds", type=int, default=3, help="1 and N worker runs alternated this often")
+    parser.add_argument("--scaling-workers", default="", help="worker counts to scale over, e.g. 1,2,4,8,16 on a "
+                        "16-core machine (default: 1 and one per CPU)")
     parser.add_argument("--quick", action="store_true", help="a small run to check the script: 1 repeat, 30 "
                         "calibration and gate items, 8 clips (not for figures)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--from-json", help="print the report and draw the plot of a saved run, measuring nothing")
     args = parser.parse_args()
+    if args.from_json:
+        r = json.loads(Path(args.from_json).read_text())
+        sc, n = r["scaling"], r["workers"]
+        if "round_ratios" not in sc:  # saved before the paired speed-up: derive it from the runs
+            sc.update(paired({1: sc["runs"]["1"], n: sc["runs"][str(n)]}, n))
+        r["targets"] = targets(r)
+        Path(args.from_json).write_text(json.dumps(r, indent=2))
+        print_report(r)
+        plot(r, Path(args.from_json).with_suffix(".png"))
+        return
     quiet_nemo_logging()
     torch.set_num_threads(args.threads)
     quant = {"max_wer_increase": args.max_wer_increase}
@@ -403,7 +444,9 @@ def main() -> None:
                      "int8_cold": job(model, manifest, tmp / "int8-cold", "int8", n, quant),
                      "int8": job(model, manifest, tmp / "int8", "int8", n, quant)}
         save(r, out, name)
-        r["scaling"] = scaling(model, Path(args.manifest), tmp, n, quant, args.scaling_repeat, args.scaling_rounds)
+        counts = sorted({1, *(int(w) for w in args.scaling_workers.split(",") if w.strip())}) \
+            if args.scaling_workers else sorted({1, n})
+        r["scaling"] = scaling(model, Path(args.manifest), tmp, counts, quant, args.scaling_repeat, args.scaling_rounds)
         save(r, out, name)
         artifact = next((tmp / "cache").glob("int8-*.pt")).read_bytes()
         r["encoder"] = encoder_bench(lean, artifact, args.clips, args.threads, tmp)
