@@ -46,7 +46,6 @@ class ConvSubsampling(nn.Module):
             freq = (freq - 1) // 2 + 1
         self.out = nn.Linear(ch * freq, spec.d_model)
 
-
     def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, F, T] -> [B, T', d_model] and lengths T'."""
         # Channels-last (NHWC) convs: 2-4x faster here than NCHW for the depthwise and pointwise
@@ -115,7 +114,9 @@ class RelPositionAttention(nn.Module):
         shifted view is baddbmm's addend without a copy. Padding as in NeMo: a padded key's score
         is ~-10000 (its weight underflows to 0 either way) and a padded query's output is 0
         (NeMo zeroes its attention row), each one broadcast op instead of two [B, H, T, T]
-        masked fills. FastConformer large, batch 8 x 10 s, int8: ~100 -> ~75 ms for 17 layers."""
+        masked fills. (FastConformer large, int8, batch 8 x 10 s: the broadcast copy of p was 13 ms of
+        564 in a torch.profiler run; the whole model then measured 709 -> 529 ms with the channels-last
+        subsampling, best of 15 interleaved passes.)"""
         b, t, _ = x.shape
         h, d_k = self.h, self.d_k
         q = self.linear_q(x).view(b, t, h, d_k).permute(2, 0, 1, 3)  # [H, B, T, d_k]
