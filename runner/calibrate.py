@@ -39,7 +39,7 @@ from .transcribe import pad_batch
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the recipe changes what an artifact holds: invalidates the cache
+RECIPE_VERSION = 2  # bump when the recipe changes what an artifact holds: invalidates the cache (2: Conformer static int8)
 
 
 class GateFailed(QuantizationError):

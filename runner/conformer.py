@@ -4,7 +4,7 @@ Torch only (never imports NeMo). Module names below `encoder.` are NeMo's (`pre_
 `layers.N.self_attn.linear_q`, `layers.N.conv.depthwise_conv`, ...), so the weight mapping stays
 a rename. One layout change: the conv module's pointwise convs are `nn.Linear` on [B, T, C]
 (the same matrices with NeMo's trailing kernel dimension of 1 dropped on load), which saves two
-transposes per layer and lets dynamic int8 treat them like the other projections.
+transposes per layer and lets int8 treat them like the other projections.
 
 Padding is handled as NeMo does it: the subsampling convs see zeros past each length, attention
 never looks at padded keys (and padded queries give zeros), and the depthwise conv sees zeros in

@@ -1,20 +1,22 @@
-"""int8 for the Conformer family: static int8 subsampling convs, dynamic int8 Linear layers, fp32 elsewhere.
+"""int8 for the Conformer family: static int8 Linear layers and subsampling convs, fp32 elsewhere.
 
-Chosen by measurement (FastConformer-CTC large, batch 8 x 10 s, 2 threads, onednn):
+Chosen by measurement (FastConformer-CTC large, 10 s utterances, 2 threads, onednn, quiet machine):
 - The Linear layers (feed-forward, attention projections and the conv module's pointwise convs,
-  which the lean model runs as Linear) are most of the time. They get int8 weights (per-channel
-  symmetric) and activations quantized per batch at run time (dynamic int8); softmax, layer
-  norms, the depthwise conv, BatchNorm and the decoder stay fp32. Static int8 Linear layers
-  (calibrated scales, a quantize before and a dequantize after each, around the fp32 SiLU) were
-  measured afterwards on the feed-forward block alone, [B, 126, 512] -> 2048 -> 512, onednn, 2
-  threads: 0.95 vs 1.23 ms at batch 1, 15.0 vs 16.2 ms at batch 8, so they are the next lever;
-  their accuracy on a trained model is not measured yet.
-- The subsampling convs (~20% of the int8 model's time when fp32) are static int8 with
-  calibrated activation scales, as in the convolutional family: 126-161 ms -> ~51 ms for the
-  conv stack. They run one utterance at a time at its own length (`Int8Subsampling`), so no
-  padded frame reaches them and they need no masking in int8. Their output Linear stays fp32:
-  in int8 it was the largest source of transcript changes on a trained model (int8 vs fp32
-  agreement 97.2% with it, 100% without, on 40 held-out utterances) for ~1% of the FLOPs.
+  which the lean model runs as Linear) are most of the time. Each sits in a `QLinear`: its own
+  QuantStub (a calibrated input scale), int8 weights (per-channel symmetric), a calibrated output
+  scale and a DeQuantStub, so softmax, layer norms, SiLU/GLU, the depthwise conv, BatchNorm and
+  the decoder stay fp32 between them. Against dynamic int8 Linear layers (activation scales
+  computed per batch at run time), whole model: 82 vs 86 ms at batch 1, 332 vs 377 ms at batch 8
+  (fp32 176 / 1027 ms); logit cosine to fp32 0.99992 vs 0.99981 (random weights); on the trained
+  tiny FastConformer of the tests, word agreement with fp32 98.2% vs 98.9%. Static scales also
+  make an utterance's transcript independent of its batch-mates, as in fp32 (dynamic scales
+  changed 3 of ~113 words between batched and alone).
+- The subsampling convs (~20% of the int8 model's time when fp32) are static int8 as well:
+  126-161 ms -> ~51 ms for the conv stack at batch 8. They run one utterance at a time at its own
+  length (`Int8Subsampling`), so no padded frame reaches them and they need no masking in int8.
+  Their output Linear stays fp32: in int8 it was the largest source of transcript changes on a
+  trained model (int8 vs fp32 agreement 97.2% with it, 100% without, on 40 held-out utterances)
+  for ~1% of the FLOPs.
 
 "Units" the accuracy gate may keep in fp32 are the subsampling module and each Conformer layer.
 The state dict is engine-neutral (int8 weights + scales; loading under an engine packs them), so
@@ -25,7 +27,7 @@ through `runner.quantize`, which keeps every `torch.ao.quantization` use behind 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +37,8 @@ from .conformer import ConvSubsampling, subsampled_length
 from .model import LeanCTCModel
 
 RECIPE = {"weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
-          "activations": "Linear: dynamic, quantized per batch inside each int8 Linear; subsampling convs: "
-                         "static quint8, calibrated; fp32 elsewhere"}
+          "activations": "static quint8, calibrated: the input and output of each int8 Linear and of the "
+                         "subsampling convs; fp32 elsewhere"}
 
 
 class Int8Subsampling(nn.Module):
@@ -79,8 +81,33 @@ def _conv_relu_pairs(seq: nn.Sequential, prefix: str = "conv") -> list[list[str]
             if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.ReLU)]
 
 
+class QLinear(nn.Module):
+    """A Linear between its own QuantStub and DeQuantStub: static int8 with a calibrated input
+    scale (one per Linear), fp32 in and out, so the fp32 ops around it stay as they are."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.linear, self.dequant = QuantStub(), linear, DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.linear(self.quant(x)))
+
+
+def _wrap_linears(layer: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> list[nn.Module]:
+    """Replace every nn.Linear of `layer` by `make(linear)`; returns the new modules."""
+    made = []
+    for name, module in list(layer.named_modules()):
+        if type(module) is nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            made.append(make(module))
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, made[-1])
+    return made
+
+
 class QuantizedConformer(nn.Module):
-    """Encoder + decoder of a lean Conformer with int8 subsampling and Linear layers; some units may stay fp32."""
+    """Encoder + decoder of a lean Conformer with int8 subsampling convs and Linear layers; some units may stay fp32."""
 
     recipe = RECIPE
 
@@ -103,8 +130,8 @@ class QuantizedConformer(nn.Module):
 
 
 def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedConformer:
-    """A copy whose subsampling convs are fused and observed (`observer` for activations); Linear
-    layers need no observers (dynamic int8)."""
+    """A copy whose subsampling convs (fused with their ReLU) and Linear layers (each in a `QLinear`)
+    are observed, `observer` for activations."""
     from torch.ao.quantization import fuse_modules, prepare as ao_prepare
 
     from .quantize import qconfig, quiet
@@ -117,20 +144,21 @@ def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedConfor
         sub.out.qconfig = None
         ao_prepare(sub, inplace=True)
     qmodel.encoder.pre_encode = sub
+    with quiet():
+        for layer in qmodel.encoder.layers:
+            for wrapper in _wrap_linears(layer, QLinear):
+                wrapper.qconfig = qconfig(observer)  # only the wrappers: norms, convs, SiLU stay fp32
+            ao_prepare(layer, inplace=True)
     return qmodel
 
 
 def convert(qmodel: QuantizedConformer) -> QuantizedConformer:
-    """Observed subsampling -> int8 convs; every Linear of every layer not kept in fp32 -> dynamic
-    int8 (packed for the current engine)."""
-    from torch.ao.quantization import convert as ao_convert, per_channel_dynamic_qconfig, quantize_dynamic
+    """Observed -> int8 subsampling convs and Linear layers (packed for the current engine)."""
+    from torch.ao.quantization import convert as ao_convert
 
     converted = copy.deepcopy(qmodel)
-    if 0 not in converted.float_units:
-        converted.encoder.pre_encode = ao_convert(converted.encoder.pre_encode, inplace=False)
-    for k, layer in enumerate(converted.encoder.layers):
-        if k + 1 not in converted.float_units:
-            converted.encoder.layers[k] = quantize_dynamic(layer, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    for unit in converted.units():
+        ao_convert(unit, inplace=True)
     return converted
 
 
@@ -147,12 +175,20 @@ def with_float_units(qenc: QuantizedConformer, model: LeanCTCModel, units: Itera
     return hybrid
 
 
+def _int8_qlinear(linear: nn.Linear) -> QLinear:
+    import torch.ao.nn.quantized as nnq
+
+    wrapper = QLinear(nnq.Linear(linear.in_features, linear.out_features, bias_=linear.bias is not None,
+                                 dtype=torch.qint8))
+    wrapper.quant, wrapper.dequant = nnq.Quantize(1.0, 0, torch.quint8), nnq.DeQuantize()
+    return wrapper
+
+
 def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> QuantizedConformer:
     """The converted module structure, built without fp32 weights: load an artifact's state dict into
     it (under the engine's scope, which packs the int8 weights for it)."""
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
-    import torch.ao.nn.quantized.dynamic as nnqd
 
     with torch.device("meta"):
         skeleton = LeanCTCModel(spec)
@@ -173,12 +209,7 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
     for k, layer in enumerate(qenc.encoder.layers):
         if k + 1 in float_units:
             continue
-        for name, module in list(layer.named_modules()):
-            if type(module) is nn.Linear:
-                parent, _, leaf = name.rpartition(".")
-                int8 = nnqd.Linear(module.in_features, module.out_features, bias_=module.bias is not None,
-                                   dtype=torch.qint8)
-                setattr(layer.get_submodule(parent) if parent else layer, leaf, int8)
+        _wrap_linears(layer, _int8_qlinear)
     qenc.to_empty(device="cpu")  # the fp32 parts: real (empty) storage, filled by load_state_dict
     qenc.float_units = frozenset(float_units)
     return qenc.eval()

@@ -1,8 +1,8 @@
 """int8 post-training quantization of the lean model (eager mode): engines, observers, dispatch.
 
 Every `torch.ao.quantization` use lives here and in the two family modules it dispatches to,
-`conv_quant` (QuartzNet, Jasper, Citrinet: static int8 throughout) and `conformer_quant`
-((Fast)Conformer: static int8 subsampling, dynamic int8 Linear layers), so a later move to
+`conv_quant` (QuartzNet, Jasper, Citrinet) and `conformer_quant` ((Fast)Conformer: int8
+subsampling convs and Linear layers, fp32 between them); static int8 in both, so a later move to
 torchao's pt2e flow touches three modules. The mel front end stays fp32 (~1% of the time).
 Observers: per-channel symmetric int8 weights, full-range uint8 activations; the activation
 observer is chosen by measurement in `runner.calibrate`. Each family exposes prepare /
@@ -67,7 +67,7 @@ def check_engine(engine: str) -> None:
 
 
 def _conformer(spec: ModelSpec) -> bool:
-    """The Conformer family is quantized by `runner.conformer_quant` (static int8 subsampling, dynamic int8 Linear)."""
+    """The Conformer family is quantized by `runner.conformer_quant` (int8 subsampling convs and Linear layers)."""
     return spec.family == "conformer-ctc"
 
 
