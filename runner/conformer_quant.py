@@ -82,8 +82,8 @@ def _conv_relu_pairs(seq: nn.Sequential, prefix: str = "conv") -> list[list[str]
 
 
 class QLinear(nn.Module):
-    """A Linear between its own QuantStub and DeQuantStub: static int8 with a calibrated input
-    scale (one per Linear), fp32 in and out, so the fp32 ops around it stay as they are."""
+    """A Linear between its own QuantStub and DeQuantStub: static int8 with calibrated input and
+    output scales (per Linear), fp32 in and out, so the fp32 ops around it stay as they are."""
 
     def __init__(self, linear: nn.Module):
         super().__init__()
