@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .arch import ModelSpec
-from .conformer import ConvSubsampling, subsampled_length
+from .conformer import ConvSubsampling, as_image, frames_of, subsampled_length
 from .model import LeanCTCModel
 
 RECIPE = {"weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
@@ -68,9 +68,8 @@ class Int8Subsampling(nn.Module):
         for i, n in enumerate(lens.tolist()):
             if n <= 0:
                 continue
-            one = feats[i: i + 1, :, :n].transpose(1, 2).unsqueeze(1).contiguous(memory_format=torch.channels_last)
-            y = self.dequant(self.conv(self.quant(one)))  # [1, C, t_i, F']
-            x[i, : y.shape[2]] = y[0].transpose(0, 1).reshape(y.shape[2], -1)
+            y = frames_of(self.dequant(self.conv(self.quant(as_image(feats[i: i + 1, :, :n])))))  # [1, t_i, C*F']
+            x[i, : y.shape[1]] = y[0]
         return self.out(x), frames
 
 
