@@ -3,12 +3,16 @@
 Contents (one `torch.save` file, loadable with `weights_only=True`): the architecture
 (`ModelSpec`: features config, encoder blocks, vocabulary), the fp32 mel front end's buffers,
 the engine-neutral int8 state dict (int8 weights with per-channel scales, activation scales and
-zero points), the units kept in fp32 with their weights, the recipe and the quantization report.
-It is identified by the sha256 of its bytes.
+zero points calibrated on 8 bits), the units kept in fp32 with their weights, the recipe, the
+quantization report and the self-check reference (`runner.int8_check`). It is identified by the
+sha256 of its bytes.
 
 A worker calls `build_int8_model(data, engine)`: torch only (no NeMo, no calibration, no fp32
 weights for the int8 units); with `engine="auto"` it times the candidate engines on its own CPU
-first and keeps the fastest, so a cluster can mix CPUs.
+first and keeps the fastest, so a cluster can mix CPUs. It then checks its int8 model against
+the reference: with the activation bits its CPU needs (`quantize.activation_bits`), and if that
+fails, with 7-bit activations; if both fail it raises `Int8CheckFailed` (the worker decides what
+then: `runner.worker`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from typing import Any, Union
 
 import torch
 
+from . import int8_check
 from .arch import ModelSpec
-from .errors import InputError
+from .errors import InputError, QuantizationError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "asr-runner/int8-ctc/1"
+FORMAT = "asr-runner/int8-ctc/2"  # 2: activation bits per CPU, the self-check reference
 
 
 @dataclass
@@ -42,12 +47,14 @@ class Artifact:
     float_units: list[int] = field(default_factory=list)  # units kept in fp32 by the accuracy gate
     recipe: dict = field(default_factory=dict)  # observers, dtypes: how the int8 weights were made
     report: dict = field(default_factory=dict)  # calibration, gate figures, sensitivity, engine timings
+    reference: dict = field(default_factory=dict)  # fp32 features + logits every worker checks its int8 against
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         with _no_storage_warnings():
             torch.save({"format": FORMAT, "spec": self.spec.to_dict(), "features": self.features, "int8": self.int8,
-                        "float_units": list(self.float_units), "recipe": self.recipe, "report": self.report},
+                        "float_units": list(self.float_units), "recipe": self.recipe, "report": self.report,
+                        "reference": self.reference},
                        buf)
         return buf.getvalue()
 
@@ -63,7 +70,7 @@ class Artifact:
             raise InputError(f"{where}: not an asr-runner int8 artifact (format {FORMAT}); "
                              "make one with `asr-runner quantize`")
         return cls(ModelSpec.from_dict(raw["spec"]), raw["features"], raw["int8"], list(raw["float_units"]),
-                   raw["recipe"], raw["report"])
+                   raw["recipe"], raw["report"], raw["reference"])
 
 
 @contextmanager
@@ -98,43 +105,73 @@ def read(path: Union[str, os.PathLike]) -> bytes:
         raise InputError(f"{path}: cannot read the int8 artifact ({exc.strerror})") from None
 
 
+class Int8CheckFailed(QuantizationError):
+    """The int8 model's self-check failed on this CPU at every activation width tried."""
+
+    def __init__(self, message: str, check: dict):
+        super().__init__(message)
+        self.check = check
+
+
 @dataclass
 class LoadedModel:
     model: Any  # quantize.Int8CTCModel
     engine: str
     engine_seconds: dict[str, float]  # auto: each candidate's time for 1 s of audio; else {}
     load_seconds: float
+    int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8_check.check`) of `model`
 
 
 def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
-    """The int8 model for this process's CPU: `engine="auto"` times the candidates and keeps the fastest."""
+    """The int8 model for this process's CPU, self-checked: `engine="auto"` times the candidates and keeps
+    the fastest; activation bits follow the CPU, then 7 bits if the check fails. Raises `Int8CheckFailed`."""
     from .features import MelFeatures
-    from .quantize import (Int8CTCModel, candidate_engines, check_engine, choose_engine, load_int8, probe_frames,
-                           time_engines)
+    from .quantize import Int8CTCModel, activation_bits, load_int8
 
     t0 = time.perf_counter()
     art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
-    spec = art.spec
     with torch.device("meta"):
-        features = MelFeatures(spec.features)
+        features = MelFeatures(art.spec.features)
     features.load_state_dict(art.features, strict=True, assign=True)
     features.eval()
-    timings: dict[str, float] = {}
-    if engine == "auto":
-        candidates = candidate_engines()
-        if len(candidates) > 1:
-            # Each candidate is built, probed and released in turn; the winner is built again.
-            timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units),
-                                   spec.encoder.feat_in, candidates,
-                                   spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
-            engine = choose_engine(timings)
-        else:
-            engine = candidates[0]
-    else:
+    engine, timings = _pick_engine(art, engine)
+    bits = activation_bits(engine)
+    attempts: list[dict] = []
+    for width in [bits] + ([7] if bits == 8 else []):
+        qencoder = load_int8(art.spec, art.int8, engine, art.float_units, width)
+        model = Int8CTCModel(art.spec, features, qencoder, engine).eval()
+        attempts.append(int8_check.check(model, art.reference))
+        if attempts[-1]["passed"]:
+            break
+        log.warning("int8 self-check failed on %s with %d-bit activations (logit cosine %.4f, frame agreement "
+                    "%.3f; expected %s)", engine, width, attempts[-1]["logit_cosine"],
+                    attempts[-1]["frame_agreement"], attempts[-1]["expected"])
+    result = {**attempts[-1], "fallback": f"{attempts[-1]['activation_bits']}-bit activations" if len(attempts) > 1
+              else None, "attempts": attempts}
+    if not result["passed"]:
+        widths = " or ".join(str(a["activation_bits"]) for a in attempts)
+        raise Int8CheckFailed(f"int8 on this CPU ({engine} engine) does not match fp32 at {widths}-bit activations "
+                              f"(logit cosine {result['logit_cosine']:.4f}, frame agreement "
+                              f"{result['frame_agreement']:.3f}; expected {result['expected']})", result)
+    return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0, result)
+
+
+def _pick_engine(art: Artifact, engine: str) -> tuple[str, dict[str, float]]:
+    """`auto`: time the candidate engines (each with the activation bits this CPU needs) and keep the
+    fastest; else check that `engine` exists here."""
+    from .quantize import candidate_engines, check_engine, choose_engine, load_int8, probe_frames, time_engines
+
+    if engine != "auto":
         try:
             check_engine(engine)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    qencoder = load_int8(spec, art.int8, engine, art.float_units)
-    model = Int8CTCModel(spec, features, qencoder, engine).eval()
-    return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0)
+        return engine, {}
+    candidates = candidate_engines()
+    if len(candidates) == 1:
+        return candidates[0], {}
+    spec = art.spec
+    # Each candidate is built, probed and released in turn; the winner is built again.
+    timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units), spec.encoder.feat_in,
+                           candidates, spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
+    return choose_engine(timings), timings

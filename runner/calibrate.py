@@ -15,6 +15,7 @@ Runs where the fp32 model already is (the job driver, `asr-runner quantize`). No
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -30,8 +31,8 @@ import torch
 from . import artifact as artifact_io
 from .artifact import Artifact
 from .audio import load_audio
-from .decoding import greedy_decode
 from .errors import AudioLoadError, InputError, QuantizationError
+from .int8_check import logit_figures, make_reference, measure, summarize, texts
 from .manifest import ManifestItem, file_sha256, iter_manifest
 from .metrics import cer, normalize_text, wer
 from .model import LeanCTCModel
@@ -39,7 +40,8 @@ from .transcribe import pad_batch
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # bump when the recipe changes what an artifact holds: invalidates the cache (2: Conformer static int8)
+RECIPE_VERSION = 3  # bump when the recipe changes what an artifact holds: invalidates the cache
+# (2: Conformer static int8; 3: activation bits per CPU, the self-check reference)
 
 
 class GateFailed(QuantizationError):
@@ -174,11 +176,11 @@ class GateSet:
         self.fp32_figures = self._error_rates(self.fp32_texts)
 
     def _texts(self, outputs) -> list[str]:
-        texts = [""] * sum(len(ids) for *_, ids in self.batches)
+        found = [""] * sum(len(ids) for *_, ids in self.batches)
         for (logits, lens), (*_, ids) in zip(outputs, self.batches):
-            for i, text in zip(ids, greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, self.text_decoder)):
-                texts[i] = normalize_text(text)
-        return texts
+            for i, text in zip(ids, texts(logits, lens, self.text_decoder)):
+                found[i] = text
+        return found
 
     def _error_rates(self, texts: list[str]) -> dict:
         if self.references is None:
@@ -189,20 +191,10 @@ class GateSet:
     def score(self, run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """Figures of a model variant: agreement with fp32 transcripts, logit similarity, WER/CER."""
         outputs = [run(f, n) for f, n, _ in self.batches]
-        err = ref = cos_sum = 0.0
-        frames = agree = 0
-        for (a, lens), (b, _) in zip(outputs, self.fp32):
-            valid = (torch.arange(a.shape[-1]).unsqueeze(0) < lens.unsqueeze(1))  # [B, T]
-            diff = (a - b).pow(2).sum(1)[valid]
-            err += float(diff.sum())
-            ref += float(b.pow(2).sum(1)[valid].sum())
-            cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1)[valid].sum())
-            agree += int((a.argmax(1) == b.argmax(1))[valid].sum())
-            frames += int(valid.sum())
-        texts = self._texts(outputs)
-        figures = {"wer_vs_fp32": wer(self.fp32_texts, texts), "logit_error": err / max(ref, 1e-12),
-                   "logit_cosine": cos_sum / max(frames, 1), "frame_agreement": agree / max(frames, 1)}
-        figures.update(self._error_rates(texts))
+        figures = summarize([logit_figures(a, b, lens) for (a, lens), (b, _) in zip(outputs, self.fp32)])
+        found = self._texts(outputs)
+        figures["wer_vs_fp32"] = wer(self.fp32_texts, found)
+        figures.update(self._error_rates(found))
         return {k: round(v, 6) for k, v in figures.items()}
 
     def increase(self, figures: dict) -> float:
@@ -219,8 +211,8 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
                    info: Optional[dict] = None) -> Artifact:
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
     from .artifact import build_int8_model
-    from .quantize import (candidate_engines, check_engine, choose_engine, convert, fallback_possible, load_int8, prepare,
-                           calibrate, probe_frames, time_engines, with_float_units)
+    from .quantize import (activation_bits, candidate_engines, check_engine, choose_engine, convert, fallback_possible,
+                           load_int8, prepare, calibrate, probe_frames, rebuild, time_engines, with_float_units)
 
     t_start = time.perf_counter()
     spec = model.spec
@@ -253,14 +245,17 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
             except ValueError as exc:
                 raise InputError(str(exc)) from None
         converted[observer] = convert(observed, engine)
-    report["engine"] = engine
+    bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
+    report.update(engine=engine, activation_bits=bits, cpu=_cpu())
 
     def run_on_engine(qenc):
         from .quantize import engine_scope
 
+        variant = rebuild(qenc, engine, bits)
+
         def run(feats, frames):
             with engine_scope(engine):
-                return qenc(feats, frames)
+                return variant(feats, frames)
         return run
 
     scores = {name: gate.score(run_on_engine(q)) for name, q in converted.items()}
@@ -303,20 +298,45 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
             f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
             "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
             "or run with precision fp32", report)
+    reference = _self_check_reference(model, qenc, engine, bits, gate_audio)
+    report["self_check"] = {"utterances": len(reference["frames"]), "seconds": reference["seconds"],
+                            "expected": reference["expected"]}
     art = Artifact(spec, model.features.state_dict(), qenc.state_dict(), sorted(kept),
                    recipe={"observer": chosen, "weights": "qint8 per-channel symmetric",
-                           "activations": "quint8 per-tensor affine, full range", **getattr(qenc, "recipe", {}),
+                           "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
+                                          "ranges on CPUs whose int8 kernels saturate", **getattr(qenc, "recipe", {}),
                            "version": RECIPE_VERSION},
-                   report=report)
-    # What a worker will do: rebuild from bytes alone, on the gate's engine, and get the same logits.
-    rebuilt = build_int8_model(art.to_bytes(), engine).model
-    check = gate.score(rebuilt.logits)
-    if check["wer_vs_fp32"] != figures["wer_vs_fp32"] or abs(check["logit_error"] - figures["logit_error"]) > \
-            1e-5 + 0.01 * figures["logit_error"]:
+                   report=report, reference=reference)
+    # What a worker will do: rebuild from bytes alone, on the gate's engine, pass its self-check and get the
+    # same logits.
+    loaded = build_int8_model(art.to_bytes(), engine)
+    check = gate.score(loaded.model.logits)
+    if loaded.int8_check["fallback"] or check["wer_vs_fp32"] != figures["wer_vs_fp32"] or \
+            abs(check["logit_error"] - figures["logit_error"]) > 1e-5 + 0.01 * figures["logit_error"]:
         raise QuantizationError(f"the int8 artifact does not reproduce the gated model (logit error "
-                                f"{check['logit_error']} vs {figures['logit_error']}); please report this")
+                                f"{check['logit_error']} vs {figures['logit_error']}, self-check "
+                                f"{loaded.int8_check}); please report this")
     report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2), "artifact": round(len(art.to_bytes()) / 1e6, 2)}
     return art
+
+
+def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gate_audio) -> dict:
+    """The fp32 reference every worker checks its int8 model against, with what the gated int8 model
+    reaches on it here at `bits` and, where this CPU can run it unsaturated, at 7 bits too."""
+    from .quantize import Int8CTCModel, rebuild
+
+    reference = make_reference(model, gate_audio)
+    for b in sorted({bits, 7}, reverse=True):
+        variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
+        reference["expected"][b] = measure(variant.logits, reference, model.text_decoder)
+    return reference
+
+
+def _cpu() -> dict:
+    from .sysinfo import cpu_info, int8_flags
+
+    info = cpu_info()
+    return {"model": info["model"], "flags": int8_flags()}
 
 
 def _nbytes(state: dict) -> int:
@@ -369,6 +389,8 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     from .nemo_loader import load_any
 
     model = load_any(model_path)
+    if use_cache:
+        _save_fp32_checkpoint(model, _fp32_cache_path(model_path))
     samples = draw_samples(manifest, calibration_manifest, settings)
     rate = model.spec.features.sample_rate
     cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds,
@@ -388,3 +410,34 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     if use_cache:
         artifact_io.save(data, cached)
     return data, False
+
+
+def _fp32_cache_path(model_path: str) -> Path:
+    return cache_dir() / f"fp32-{file_sha256(model_path)[:32]}.pt"
+
+
+def _save_fp32_checkpoint(model: LeanCTCModel, path: Path) -> bytes:
+    from .model import save_checkpoint
+
+    buf = io.BytesIO()
+    save_checkpoint(model.spec, model.state_dict(), buf)
+    artifact_io.save(buf.getvalue(), path)
+    return buf.getvalue()
+
+
+def fp32_checkpoint(model_path: str) -> bytes:
+    """The lean fp32 checkpoint of a model (loads without NeMo), for workers whose int8 fails its
+    self-check: cached beside the artifacts, so a job with a cached artifact does not load NeMo."""
+    from .model import load_checkpoint
+
+    path = _fp32_cache_path(model_path)
+    if path.is_file():
+        data = path.read_bytes()
+        try:
+            load_checkpoint(io.BytesIO(data))
+            return data
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            log.warning("ignoring a damaged cached fp32 checkpoint %s", path)
+    from .nemo_loader import load_any
+
+    return _save_fp32_checkpoint(load_any(model_path), path)

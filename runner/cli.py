@@ -198,12 +198,24 @@ def _print_stats(stats: dict, out: Path) -> None:
             ("startup / wall", f"{stats['startup_seconds']:.1f} s / {stats['wall_seconds']:.1f} s"),
             ("RTFx", "-" if stats["rtfx"] is None else f"{stats['rtfx']:,.1f}"),
             ("WER / CER", f"{_pct(stats['wer'])} / {_pct(stats['cer'])}")]
+    if stats.get("int8_check"):
+        rows.append(("int8 self-check (worst worker)", int8_check_line(stats["int8_check"])))
     fractions = sorted((stats.get("stage_fractions") or {}).items(), key=lambda kv: -kv[1])
     if fractions:
         rows.append(("time by stage", ", ".join(f"{k} {100 * v:.0f}%" for k, v in fractions)))
     for key, value in rows:
         table.add_row(key, value)
     Console(soft_wrap=True).print(table)
+
+
+def int8_check_line(check: dict) -> str:
+    """The worst worker's int8 self-check in one line (run summary, compare, demo)."""
+    line = (f"{'passed' if check['passed'] else 'FAILED'}: {check['engine']} {check['activation_bits']}-bit, logit "
+            f"cosine {check['logit_cosine']:.4f}, frames {_pct(check['frame_agreement'])}, WER vs fp32 "
+            f"{_pct(check['wer_vs_fp32'])} ({check['worker']}, worst of {check['workers']})")
+    if check.get("fallbacks"):
+        line += "; fallbacks: " + ", ".join(f"{n} to {what}" for what, n in check["fallbacks"].items())
+    return line
 
 
 def _cmd_demo(args) -> int:
@@ -249,6 +261,11 @@ def _print_comparison(result: dict, title: str) -> None:
             ("CER", lambda r: _pct(r["cer"]), _pct(result["cer_difference"], "+")),
             ("peak worker RSS max / mean", lambda r: "-" if r["peak_rss_mb"] is None else
              f"{r['peak_rss_mb']['max']:,.0f} / {r['peak_rss_mb']['mean']:,.0f} MB", "")]
+    if a.get("int8_check") or b.get("int8_check"):
+        rows.append(("int8 self-check, worst worker", lambda r: "-" if not r.get("int8_check") else
+                     f"{r['int8_check']['activation_bits']}-bit, cosine {r['int8_check']['logit_cosine']:.4f}"
+                     f"{'' if r['int8_check']['passed'] else ' FAILED'}"
+                     f"{', fallbacks' if r['int8_check'].get('fallbacks') else ''}", ""))
     for name, cell, versus in rows:
         table.add_row(name, cell(a), cell(b), versus)
     table.add_row("identical transcripts", "", "", f"{_pct(agree['identical'])} of {agree['utterances']:,}")
@@ -315,6 +332,7 @@ def _print_report(report: dict) -> None:
     for name, fig in report.get("observers", {}).items():
         obs.add_row(name, _pct(fig["wer_vs_fp32"]), f"{fig['logit_error']:.5f}", _pct(fig.get("wer")))
     console.print(obs)
+    _print_bits(console, report)
     if report.get("engine_seconds_per_audio_second"):
         eng = Table(title=f"engines on this CPU (gate ran on {report.get('engine')})")
         eng.add_column("engine")
@@ -330,6 +348,27 @@ def _print_report(report: dict) -> None:
         for row in report["sensitivity"]:
             sens.add_row(row["unit"], f"{row['logit_error_with_unit_in_fp32']:.5f}")
         console.print(sens)
+
+
+def _print_bits(console, report: dict) -> None:
+    """Which activation bits each kind of CPU will use, and what its workers' self-check expects."""
+    from rich.table import Table
+
+    from .int8_check import expected
+    from .quantize import BITS_BY_CPU_KIND
+
+    cpu = report.get("cpu", {})
+    t = Table(title="int8 on each kind of CPU (calibrated once; every worker checks itself before it transcribes)")
+    t.add_column("CPU kind: engines")
+    t.add_column("activations")
+    t.add_column("self-check expects (cosine / frames)")
+    reference = report.get("self_check") or {}
+    for kind, bits in BITS_BY_CPU_KIND:
+        fig = expected(reference, bits)
+        t.add_row(kind, f"{bits}-bit", "-" if not fig else f"{fig['logit_cosine']:.4f} / {_pct(fig['frame_agreement'])}")
+    console.print(t)
+    console.print(f"this CPU: {cpu.get('model', '?')} ({' '.join(cpu.get('flags', [])) or 'no SIMD flags read'}); "
+                  f"the gate ran {report.get('activation_bits')}-bit activations on {report.get('engine')}")
 
 
 def _cmd_export(args) -> int:

@@ -20,7 +20,7 @@ from .metrics import normalize_text, wer
 from .output import JOB_FILE, STATS_FILE, SUCCESS_FILE, read_rows, write_atomic, write_json
 
 RUN_KEYS = ("precision", "engine", "workers", "threads_per_worker", "utterances", "failed", "audio_seconds",
-            "rtfx", "wall_seconds", "startup_seconds", "wer", "cer", "scored_utterances", "cpu")
+            "rtfx", "wall_seconds", "startup_seconds", "wer", "cer", "scored_utterances", "cpu", "int8_check")
 
 
 def compare_runs(a: Path, b: Path) -> dict:

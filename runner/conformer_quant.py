@@ -183,6 +183,16 @@ def _int8_qlinear(linear: nn.Linear) -> QLinear:
     return wrapper
 
 
+def dequantized_outputs(state_dict: dict) -> set[str]:
+    """Scale keys of int8 outputs that only a dequantize reads: each `QLinear`'s Linear output and the
+    last subsampling conv's."""
+    keys = set(state_dict)
+    linears = {k for k in keys if k.endswith(".linear.scale") and k[: -len("linear.scale")] + "quant.scale" in keys}
+    convs = [k for k in keys if k.startswith("encoder.pre_encode.conv.") and k.endswith(".scale")]
+    last = max(convs, key=lambda k: int(k.split(".")[3]), default=None)
+    return linears | ({last} if last else set())
+
+
 def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> QuantizedConformer:
     """The converted module structure, built without fp32 weights: load an artifact's state dict into
     it (under the engine's scope, which packs the int8 weights for it)."""

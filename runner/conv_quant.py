@@ -216,6 +216,11 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
     return qenc.eval()
 
 
+def dequantized_outputs(state_dict: dict) -> set[str]:
+    """Scale keys of int8 outputs that only a dequantize reads: the decoder conv's (the logits)."""
+    return {"decoder.scale"} & set(state_dict)
+
+
 def _qconv(cls, conv: nn.Conv1d, bias: bool):
     return cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
                padding=conv.padding[0], dilation=conv.dilation[0], groups=conv.groups, bias=bias)

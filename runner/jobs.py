@@ -92,6 +92,7 @@ def _quantization_fingerprint(spec: JobSpec) -> Optional[dict]:
         return None
     q = spec.quantization.__dict__.copy()
     q.pop("engine")
+    q.pop("on_check_failure")  # what a worker does when its self-check fails: recorded per part, not per job
     if q["calibration_manifest"]:
         q["calibration_manifest"] = file_sha256(q["calibration_manifest"])
     return q
@@ -183,7 +184,7 @@ def quantization_settings(spec: JobSpec):
 def int8_payload(spec: JobSpec, on_event: Event) -> tuple[dict, dict]:
     """int8: the calibrated, gated artifact (made once, then from the cache); raises GateFailed (exit 1)."""
     from . import artifact
-    from .calibrate import make_artifact
+    from .calibrate import fp32_checkpoint, make_artifact
 
     on_event("quantizing", model=spec.model)
     t0 = time.perf_counter()
@@ -193,7 +194,11 @@ def int8_payload(spec: JobSpec, on_event: Event) -> tuple[dict, dict]:
     info = {"sha256": artifact.sha256(data), "from_cache": cached, "seconds": round(time.perf_counter() - t0, 2),
             "fp32_units": report.get("fp32_units", []), "gate": report.get("gate", {})}
     on_event("quantized", **info)
-    return {"precision": "int8", "artifact": data, "engine": spec.quantization.engine}, {"report": report, **info}
+    q = spec.quantization
+    payload = {"precision": "int8", "artifact": data, "engine": q.engine, "on_check_failure": q.on_check_failure}
+    if q.on_check_failure == "fp32":  # fetched by a worker only if its int8 fails the self-check
+        payload.update(fp32_checkpoint=fp32_checkpoint(spec.model), deferred=("fp32_checkpoint",))
+    return payload, {"report": report, **info}
 
 
 def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, address: Optional[str] = None,

@@ -4,8 +4,15 @@ Every `torch.ao.quantization` use lives here and in the two family modules it di
 `conv_quant` (QuartzNet, Jasper, Citrinet) and `conformer_quant` ((Fast)Conformer: int8
 subsampling convs and Linear layers, fp32 between them); static int8 in both, so a later move to
 torchao's pt2e flow touches three modules. The mel front end stays fp32 (~1% of the time).
-Observers: per-channel symmetric int8 weights, full-range uint8 activations; the activation
-observer is chosen by measurement in `runner.calibrate`. Each family exposes prepare /
+Observers: per-channel symmetric int8 weights, uint8 activations calibrated over the full 8-bit
+range; the activation observer is chosen by measurement in `runner.calibrate`.
+
+Activation bits depend on the CPU, not on the artifact (`activation_bits`): without VNNI, x86 int8
+kernels (oneDNN, fbgemm) multiply u8 x s8 pairs into int16 with saturation (vpmaddubsw), and
+full-range 8-bit activations overflow it (QuartzNet15x5 on an AVX2-only EPYC: logit cosine 0.80,
+0% of frames agree with fp32). There, every activation scale is widened to the same calibrated
+range on 7 bits (`with_activation_bits`), which cannot overflow (2 x 127 x 128 < 2^15): cosine
+0.9997, 100% agreement. VNNI/AMX (int32 accumulation) and qnnpack keep 8 bits. Each family exposes prepare /
 convert / with_float_units / int8_structure; "units" are the pieces the accuracy gate may keep
 in fp32 (conv family: each block and the decoder; Conformers: the subsampling and each layer).
 
@@ -89,8 +96,8 @@ def fallback_possible(spec: ModelSpec) -> bool:
 def qconfig(observer: str = "histogram"):
     """Per-channel symmetric int8 weights (every engine's choice) and full-range uint8 activations.
 
-    Full range (no `reduce_range`) keeps one artifact valid for every engine; x86/fbgemm kernels
-    can saturate with it on CPUs without VNNI, which is why `auto` skips them there.
+    Full range (no `reduce_range`) is what the artifact records; a CPU whose kernels would
+    saturate on it derives 7-bit activations from the same ranges (`with_activation_bits`).
     """
     from torch.ao.quantization import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, QConfig,
                                        default_per_channel_weight_observer)
@@ -141,12 +148,76 @@ def with_float_units(qenc: nn.Module, model: LeanCTCModel, units: Iterable[int],
         return _family(model.spec).with_float_units(qenc, model, units)
 
 
-def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = ()) -> nn.Module:
-    """Rebuild the int8 encoder for `engine` from an engine-neutral state dict."""
+def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = (),
+              bits: Optional[int] = None) -> nn.Module:
+    """Rebuild the int8 encoder for `engine` from an engine-neutral state dict, with `bits`-bit
+    activations (default: what this CPU needs on `engine`, `activation_bits`)."""
+    bits = activation_bits(engine) if bits is None else bits
     with quiet(), engine_scope(engine):
         qenc = _family(spec).int8_structure(spec, float_units)
-        qenc.load_state_dict(state_dict, strict=True)
+        qenc.load_state_dict(with_activation_bits(state_dict, bits, _family(spec).dequantized_outputs(state_dict)),
+                             strict=True)
+    qenc.activation_bits = bits
     return qenc.requires_grad_(False)
+
+
+def rebuild(qenc: nn.Module, engine: str, bits: int) -> nn.Module:
+    """`qenc` (calibrated at 8 bits, packed for `engine`) as it runs with `bits`-bit activations."""
+    if bits == 8:
+        return qenc
+    return load_int8(qenc.spec, qenc.state_dict(), engine, sorted(qenc.float_units), bits)
+
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8 x s8 products accumulate in int32
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+
+
+# What `activation_bits` gives each kind of CPU (printed by `asr-runner quantize`).
+BITS_BY_CPU_KIND = (("x86 with AVX-512 VNNI, AVX-VNNI or AMX: onednn, x86, fbgemm", 8),
+                    ("x86 without VNNI (AVX2; AVX-512 without VNNI): onednn, x86, fbgemm", 7),
+                    ("qnnpack (ARM; x86 only when no other engine exists)", 8))
+
+
+def activation_bits(engine: str, cpu_flags: Optional[Sequence[str]] = None) -> int:
+    """Activation bits for `engine` on this CPU: 7 where its int8 products can saturate, else 8.
+
+    onednn, x86 and fbgemm on an x86 CPU without VNNI/AMX add pairs of u8 x s8 products into int16
+    with saturation: 7 bits. With VNNI or AMX they accumulate in int32, and so does qnnpack: 8 bits.
+    Decided from the CPU's flags (`sysinfo.int8_flags`, which a diagnostic override can replace);
+    every worker then confirms it by measurement (`runner.int8_check`).
+    """
+    import platform
+
+    from .sysinfo import int8_flags
+
+    flags = set(int8_flags() if cpu_flags is None else cpu_flags)
+    if engine == "qnnpack" or flags & VNNI_FLAGS or platform.machine().lower() not in X86_MACHINES:
+        return 8
+    return 7
+
+
+def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) -> dict:
+    """The state dict with every activation scale / zero point (`X.scale` beside `X.zero_point`,
+    `in_scale` beside `in_zero_point`) moved from the calibrated 8-bit grid to a `bits`-bit grid
+    over the same range: [-zp * s, (255 - zp) * s] stays, with 2^bits - 1 steps. Weights (qint8,
+    per-channel, packed in their own keys) are untouched. No re-calibration: the ranges are the
+    calibrated ones. Scale keys in `keep` (outputs that only a dequantize reads, never a u8 x s8
+    product: the logits, each int8 Linear's output) keep their 8 bits."""
+    if bits == 8:
+        return state_dict
+    levels, keep = 2 ** bits - 1, set(keep)
+    out = dict(state_dict)
+    for key, scale in state_dict.items():
+        if not key.endswith("scale") or key in keep:
+            continue
+        zp_key = key[: -len("scale")] + "zero_point"
+        zero_point = state_dict.get(zp_key)
+        if not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor)) or scale.is_quantized \
+                or not scale.is_floating_point() or zero_point.is_floating_point():
+            continue
+        out[key] = scale * (255 / levels)
+        out[zp_key] = torch.round(zero_point.double() * levels / 255).clamp(0, levels).to(zero_point.dtype)
+    return out
 
 
 class Int8CTCModel(nn.Module):
@@ -226,20 +297,14 @@ def choose_engine(timings: dict[str, float], tie: float = TIE_MARGIN) -> str:
     return next(e for e in sorted(timings, key=ENGINES.index) if timings[e] <= best * (1 + tie))
 
 
-def candidate_engines(cpu_flags: Optional[Sequence[str]] = None) -> list[str]:
-    """Engines `auto` considers on this CPU.
+def candidate_engines() -> list[str]:
+    """Engines `auto` considers on this CPU: every x86 engine this torch has (each with the activation
+    bits this CPU needs, so none of them saturates).
 
-    The artifact uses full-range uint8 activations; fbgemm/x86 multiply them in 16-bit
-    intermediates that can saturate unless the CPU has VNNI, so there they are left out.
     qnnpack is the fallback only, when none of the others is available: its buffers grow with
     kernel size x input length (~7 GB for ONE 10 s utterance of QuartzNet15x5, and the driver
     was OOM-killed at 23 GB when a busy machine's 0.5 s probe had put qnnpack ahead and the
     accuracy gate then ran 30 s utterances on it), which a short probe cannot see.
     """
-    if cpu_flags is None:
-        from .sysinfo import cpu_info
-
-        cpu_flags = cpu_info()["flags"]
-    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags))
-    engines = [e for e in available_engines() if vnni or e not in ("x86", "fbgemm")]
+    engines = available_engines()
     return [e for e in engines if e != "qnnpack"] or engines

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: an actor never waits for the driver
 SHARD_ATTEMPTS = 4
-INFO_KEYS = ("engine", "engine_seconds", "load_seconds", "cpu", "peak_rss_mb")  # kept per worker in stats.json
+INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb")  # kept per worker in stats.json
 MAX_REPLACEMENTS_PER_WORKER = 4  # more deaths than this means something is wrong beyond bad luck
 STARTUP_GRACE_SECONDS = 60.0  # a job starts once every worker is up, or with those up after this
 WORKER_WAIT_SECONDS = 300.0  # with every worker lost: how long to wait for a replacement to start
@@ -45,6 +45,26 @@ def _token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
         log.info("Ray token authentication: using the token from %s",
                  "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
+
+
+class Deferred:
+    """A payload value kept in Ray's object store apart from the payload: an actor that calls it
+    fetches it then, one that never calls it never copies it (the fp32 weights, for a worker whose
+    int8 self-check fails)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
+def _deferring(ray, payload: dict) -> dict:
+    """The payload with the values named in its `deferred` key put apart, as `Deferred`."""
+    deferred = set(payload.get("deferred", ()))
+    return {k: Deferred(ray.put(v)) if k in deferred else v for k, v in payload.items()}
 
 
 class RayPool:
@@ -69,7 +89,7 @@ class RayPool:
         count = self.spec.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         options = DecodeOptions(batch_size=self.spec.batch_size, window_seconds=self.spec.window_seconds)
         # The driver holds this reference for the pool's lifetime, so replacements can use it.
-        self.payload_ref = ray.put(self.payload)
+        self.payload_ref = ray.put(_deferring(ray, self.payload))
         self._remote = ray.remote(ShardWorker).options(num_cpus=threads)
         self._args = (self.payload_ref, threads, options)
         self.actors = [self._remote.remote(*self._args) for _ in range(count)]

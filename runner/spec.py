@@ -19,6 +19,7 @@ from .errors import InputError
 PRECISIONS = ("int8", "fp32")
 DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_quartznet.nemo"  # `model: demo`
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
+ON_CHECK_FAILURE = ("fp32", "stop")
 
 
 class SpecError(InputError):
@@ -33,6 +34,9 @@ class QuantizationSpec:
     gate_items: int = 100  # held-out utterances the accuracy gate compares int8 with fp32 on
     max_wer_increase: float = 0.005  # accuracy gate, a fraction (0.005 = 0.5 WER points)
     max_fp32_layers: int = 3  # layers (encoder blocks, decoder) the gate may keep in fp32
+    # A worker whose int8 model fails its self-check at 8 and at 7 bits: `fp32` runs the fp32 model
+    # there (slower, correct, reported loudly); `stop` fails the job before that worker transcribes.
+    on_check_failure: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ def verify(spec: JobSpec, where: str) -> None:
         (_number(spec.window_seconds) and spec.window_seconds >= 5,
          f"window_seconds must be a number >= 5, got {spec.window_seconds!r}"),
         (q.engine in ENGINES, f"quantization.engine must be one of {', '.join(ENGINES)}, got {q.engine!r}"),
+        (q.on_check_failure in ON_CHECK_FAILURE,
+         f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}"),
         (isinstance(q.calibration_items, int) and q.calibration_items >= 1,
          f"quantization.calibration_items must be a positive integer, got {q.calibration_items!r}"),
         (isinstance(q.gate_items, int) and q.gate_items >= 1,

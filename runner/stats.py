@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .metrics import cer, normalize_text, wer
 from .output import read_rows
@@ -38,10 +39,26 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "scored_utterances": len(refs),
         "cpu": cpu_info(),
         "worker_heavy_imports": processed.get("worker_heavy_imports", []),
-        "worker_info": processed.get("worker_info", {}),  # per worker: engine, auto timings, load s, CPU, peak RSS MB
+        "worker_info": processed.get("worker_info", {}),  # per worker: engine, auto timings, int8_check, load s, CPU, RSS
+        "int8_check": worst_int8_check(processed.get("worker_info", {})),
         "quantization": processed.get("quantization"),  # int8: artifact sha256, cache, fp32 units, gate
         **stage_breakdown(processed),
     }
+
+
+def worst_int8_check(worker_info: dict) -> Optional[dict]:
+    """The int8 self-check of the worst worker (lowest logit cosine), how many workers checked, and how
+    many fell back (to 7-bit activations, or to the fp32 model); None for fp32 runs."""
+    checks = {w: i["int8_check"] for w, i in worker_info.items() if i.get("int8_check")}
+    if not checks:
+        return None
+    worker = min(checks, key=lambda w: checks[w]["logit_cosine"])
+    fallbacks: dict[str, int] = {}
+    for check in checks.values():
+        if check.get("fallback"):
+            fallbacks[check["fallback"]] = fallbacks.get(check["fallback"], 0) + 1
+    worst = {k: v for k, v in checks[worker].items() if k != "attempts"}
+    return {"worker": worker, **worst, "workers": len(checks), "fallbacks": fallbacks}
 
 
 def stage_breakdown(processed: dict) -> dict:

@@ -9,8 +9,12 @@ FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_v
                      "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
 
 
+CPU_FLAGS_OVERRIDE = "ASR_RUNNER_CPU_FLAGS"  # diagnostic: the flags int8 decisions use instead of /proc/cpuinfo's
+
+
 def cpu_info() -> dict:
-    """Model name, logical CPUs, and the SIMD flags that decide which int8 kernels are fast."""
+    """Model name, logical CPUs, and the SIMD flags that decide which int8 kernels are fast (as the CPU
+    reports them; `int8_flags` gives the ones int8 decisions use)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -25,6 +29,16 @@ def cpu_info() -> dict:
         pass
     return {"model": model, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
             "flags": [f for f in FLAGS_THAT_MATTER if f in flags]}
+
+
+def int8_flags() -> list[str]:
+    """The CPU flags int8 decisions read: this CPU's, or those in $ASR_RUNNER_CPU_FLAGS (space or comma
+    separated), a documented diagnostic override that lets a test make a worker believe it has
+    (or lacks) VNNI, so the self-check's catch and fallback can be exercised on any machine."""
+    override = os.environ.get(CPU_FLAGS_OVERRIDE)
+    if override is not None:
+        return [f for f in override.replace(",", " ").split() if f]
+    return cpu_info()["flags"]
 
 
 def peak_rss_mb() -> float:

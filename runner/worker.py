@@ -8,19 +8,21 @@ naming its id and path; the shard always completes.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .audio import load_audio
 from .errors import AudioLoadError
 from .manifest import ManifestItem
+from .model import load_checkpoint
 from .sysinfo import peak_rss_mb
 from .timing import WORKER_STAGES
 from .transcribe import DecodeOptions, transcribe_batch
@@ -100,7 +102,7 @@ def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options
 
 
 class ShardWorker:
-    """Holds one model (lean fp32, or int8 rebuilt from the artifact); called once per shard."""
+    """Holds one model (lean fp32, or int8 rebuilt from the artifact and self-checked); called once per shard."""
 
     def __init__(self, payload: dict, threads: int, options: DecodeOptions):
         import torch
@@ -109,19 +111,35 @@ class ShardWorker:
         self.options = options
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.engine_seconds: dict[str, float] = {}
+        self.int8_check: Optional[dict] = None
         t0 = time.perf_counter()
         if payload["precision"] == "int8":
-            from .artifact import build_int8_model
-
-            loaded = build_int8_model(payload["artifact"], payload.get("engine", "auto"))
-            self.model, self.engine, self.engine_seconds = loaded.model, loaded.engine, loaded.engine_seconds
+            self._load_int8(payload)
         else:
-            from .arch import ModelSpec
-            from .model import build_model
-
-            self.model = build_model(ModelSpec.from_dict(payload["spec"]), payload["state_dict"])
-            self.engine = "fp32"
+            self.model, self.engine = _fp32_model(payload["spec"], payload["state_dict"]), "fp32"
         self.load_seconds = time.perf_counter() - t0
+
+    def _load_int8(self, payload: dict) -> None:
+        """The self-checked int8 model; if its check fails at every activation width, the fp32 model
+        (`on_check_failure: fp32`, fetched only now) or the failure itself (`stop`: the job stops)."""
+        from .artifact import Int8CheckFailed, build_int8_model
+
+        try:
+            loaded = build_int8_model(payload["artifact"], payload.get("engine", "auto"))
+        except Int8CheckFailed as exc:
+            if payload.get("on_check_failure") != "fp32" or payload.get("fp32_checkpoint") is None:
+                raise Int8CheckFailed(f"worker {self.name}: {exc}; quantization.on_check_failure is stop, so the job "
+                                      "stops before this worker transcribes (set it to fp32 to run such workers "
+                                      "in fp32, or run the job with precision fp32)", exc.check) from None
+            log.error("worker %s: %s; THIS WORKER RUNS THE fp32 MODEL (quantization.on_check_failure: fp32)",
+                      self.name, exc)
+            self.engine_seconds, self.int8_check = {}, {**exc.check, "fallback": "fp32 model"}
+            data = payload["fp32_checkpoint"]
+            self.model, self.engine = _fp32_model(*load_checkpoint(io.BytesIO(data() if callable(data) else data))), \
+                "fp32"
+            return
+        self.model, self.engine, self.engine_seconds = loaded.model, loaded.engine, loaded.engine_seconds
+        self.int8_check = loaded.int8_check
 
     def __call__(self, shard: int, items: list[ManifestItem]) -> ShardResult:
         t0 = time.perf_counter()
@@ -135,6 +153,14 @@ class ShardWorker:
 
         heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning"})
         return {"worker": self.name, "engine": self.engine, "engine_seconds": self.engine_seconds,
+                "int8_check": self.int8_check,
                 "load_seconds": round(self.load_seconds, 3), "heavy_imports": heavy, "cpu": cpu_info()["model"],
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
 
+
+
+def _fp32_model(spec, state_dict):
+    from .arch import ModelSpec
+    from .model import build_model
+
+    return build_model(spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec), state_dict)

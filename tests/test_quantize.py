@@ -16,7 +16,8 @@ from runner.corpus import sentences, synthesize_many
 from runner.metrics import wer
 from runner.model import build_model
 from runner.conv_quant import fusion_groups, int8_structure
-from runner.quantize import TIE_MARGIN, available_engines, candidate_engines, choose_engine, engine_scope
+from runner.quantize import (TIE_MARGIN, activation_bits, available_engines, candidate_engines, choose_engine,
+                             engine_scope, with_activation_bits)
 from runner.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 
@@ -120,13 +121,48 @@ def test_auto_breaks_near_ties_by_preference_not_by_noise():
     assert choose_engine({"fbgemm": 0.0100, "x86": 0.0104, "onednn": 0.0200}) == "x86"
 
 
-def test_auto_candidates_follow_the_cpu_and_leave_qnnpack_as_fallback(monkeypatch):
+def test_auto_candidates_leave_qnnpack_as_fallback(monkeypatch):
     import runner.quantize as quantize
 
-    assert candidate_engines(["avx512_vnni"]) == [e for e in available_engines() if e != "qnnpack"]
-    assert candidate_engines(["avx2"]) == [e for e in available_engines() if e not in ("x86", "fbgemm", "qnnpack")]
+    assert candidate_engines() == [e for e in available_engines() if e != "qnnpack"]
     monkeypatch.setattr(quantize, "available_engines", lambda: ["qnnpack"])  # an ARM-like build
-    assert candidate_engines(["avx2"]) == ["qnnpack"]
+    assert candidate_engines() == ["qnnpack"]
+
+
+def test_activation_bits_follow_the_cpu_flags(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for engine in ("onednn", "x86", "fbgemm"):
+        assert activation_bits(engine, ["avx2", "fma"]) == 7  # vpmaddubsw: int16 with saturation
+        assert activation_bits(engine, ["avx2", "avx512f", "avx512bw"]) == 7  # AVX-512 without VNNI too
+        assert activation_bits(engine, ["avx2", "avx512_vnni"]) == 8
+        assert activation_bits(engine, ["avx2", "avx_vnni"]) == 8
+        assert activation_bits(engine, ["amx_int8"]) == 8
+    assert activation_bits("qnnpack", ["avx2"]) == 8  # int32 accumulation
+    monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", "avx2,avx512_vnni")  # the diagnostic override
+    assert activation_bits("onednn") == 8
+    monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", "avx2 fma")
+    assert activation_bits("onednn") == 7
+
+
+def test_seven_bit_activations_keep_the_calibrated_ranges(artifact):
+    state = artifact.int8
+    seven = with_activation_bits(state, 7, keep={"decoder.scale"})
+    scales = [k for k in state if k.endswith("scale") and isinstance(state[k], torch.Tensor)
+              and not state[k].is_quantized and k != "decoder.scale"]
+    assert len(scales) > 10 and "in_scale" in scales and "quant.scale" in scales
+    for key in scales:
+        zp_key = key[: -len("scale")] + "zero_point"
+        s8, z8, s7, z7 = (t.double() for t in (state[key], state[zp_key], seven[key], seven[zp_key]))
+        assert torch.all((z7 >= 0) & (z7 <= 127)), key
+        low8, high8, low7, high7 = -z8 * s8, (255 - z8) * s8, -z7 * s7, (127 - z7) * s7
+        step = s7.max()
+        assert torch.allclose(low7, low8, atol=float(step)) and torch.allclose(high7, high8, atol=float(step)), key
+    assert torch.equal(seven["decoder.scale"], state["decoder.scale"])  # the logits: only dequantized
+    for key, tensor in state.items():  # int8 weights are untouched
+        if isinstance(tensor, torch.Tensor) and tensor.is_quantized:
+            assert seven[key] is tensor
 
 
 def test_int8_transcript_does_not_depend_on_batch(artifact, speech):

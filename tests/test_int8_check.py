@@ -1,0 +1,143 @@
+"""The per-CPU int8 rule and the self-check every worker runs before it transcribes (issue 15).
+
+The saturating kernels are real, never simulated: on a CPU without VNNI they are this CPU's; on
+one with VNNI, oneDNN is capped to AVX2 (`ONEDNN_MAX_CPU_ISA`, read when oneDNN loads, so in a
+subprocess) and reports the ISA it dispatches to, which decides what the test expects. The
+diagnostic override `ASR_RUNNER_CPU_FLAGS` makes a worker believe it has VNNI, so it first tries
+8-bit activations where they saturate: the self-check must catch it and 7 bits must repair it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runner.artifact import Artifact, Int8CheckFailed, build_int8_model
+from runner.calibrate import Settings, quantize_model
+from runner.corpus import sentences, synthesize_many
+from runner.model import build_model
+from runner.nemo_loader import describe
+from runner.quantize import VNNI_FLAGS, available_engines
+from runner.sysinfo import cpu_info
+from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.worker import ShardWorker
+
+CLAIMS_VNNI = "avx2 fma avx512_vnni"  # what the override makes a worker believe
+HAS_VNNI = bool(VNNI_FLAGS & set(cpu_info()["flags"]))
+
+
+@pytest.fixture(scope="module")
+def qn15():
+    """QuartzNet15x5 (random weights, randomized BN: wide activation ranges, so 8-bit activations
+    saturate without VNNI) and a one-observer artifact calibrated on 6 utterances."""
+    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
+
+    torch.manual_seed(0)
+    nemo = build_nemo_model(quartznet15x5_config())
+    randomize_batchnorm(nemo)
+    lean = build_model(*describe(nemo))
+    audio = [a for _t, _v, a in synthesize_many(sentences(10, seed=21), seed=21)]
+    settings = Settings(observers=("minmax",), max_wer_increase=1.0, max_fp32_layers=0,
+                        engine="onednn" if "onednn" in available_engines() else "auto")
+    art = quantize_model(lean, audio[:6], audio[6:], None, settings)  # random weights: no references
+    return lean, art, audio
+
+
+def test_the_driver_gates_and_records_what_workers_check_against(qn15):
+    _lean, art, _audio = qn15
+    report, reference = art.report, art.reference
+    assert report["activation_bits"] == (8 if HAS_VNNI else 7)
+    assert set(reference["expected"]) == ({8, 7} if HAS_VNNI else {7})
+    assert len(reference["frames"]) >= 1 and 5 <= reference["seconds"] <= 20
+    assert reference["logits"].shape[0] == reference["features"].shape[0] == len(reference["lengths"])
+    for figures in reference["expected"].values():
+        assert figures["logit_cosine"] >= 0.999 and figures["frame_agreement"] >= 0.99  # issue 15's targets
+
+
+def _build_in_subprocess(data_path, engine, env_extra) -> tuple[dict, str]:
+    code = ("import json, sys\n"
+            "from runner.artifact import build_int8_model\n"
+            f"loaded = build_int8_model(open({str(data_path)!r}, 'rb').read(), {engine!r})\n"
+            "print('RESULT ' + json.dumps(loaded.int8_check))\n")
+    env = {**os.environ, **env_extra}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    isa = next((line for line in run.stdout.splitlines() if ",isa:" in line), "")
+    return json.loads(result[len("RESULT "):]), isa
+
+
+@pytest.mark.skipif("onednn" not in available_engines(), reason="this torch build has no onednn engine")
+def test_saturating_onednn_kernels_are_caught_and_repaired(qn15, tmp_path):
+    """8-bit activations on oneDNN's AVX2 kernels (this CPU's without VNNI; capped to them with VNNI)."""
+    _lean, art, _audio = qn15
+    path = tmp_path / "qn15.int8"
+    path.write_bytes(art.to_bytes())
+    check, isa = _build_in_subprocess(path, "onednn", {"ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1",
+                                                       "ASR_RUNNER_CPU_FLAGS": CLAIMS_VNNI})
+    first, last = check["attempts"][0], check["attempts"][-1]
+    print(f"oneDNN dispatched to: {isa}; attempts: {[(a['activation_bits'], a['logit_cosine']) for a in check['attempts']]}")
+    assert isa, "oneDNN did not report its ISA (ONEDNN_VERBOSE)"
+    assert first["activation_bits"] == 8  # the override made the worker believe it has VNNI
+    if "DL Boost" in isa or "AMX" in isa or "VNNI" in isa:  # the cap did not take: int32 accumulation
+        assert first["passed"] and check["fallback"] is None
+    else:  # AVX2 kernels: u8 x s8 pairs saturate in int16
+        assert not first["passed"] and first["logit_cosine"] < 0.99, first
+        assert last["activation_bits"] == 7 and last["passed"] and check["fallback"] == "7-bit activations"
+        assert last["logit_cosine"] >= 0.999 and last["frame_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("engine", [e for e in ("x86", "fbgemm") if e in available_engines()])
+def test_fbgemm_kernels_follow_the_cpu(qn15, engine, monkeypatch):
+    """fbgemm has no ISA cap: its saturating kernels run only on a CPU without VNNI, where the check must
+    catch the 8-bit claim; with VNNI, 8 bits must pass as they are."""
+    _lean, art, _audio = qn15
+    monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", CLAIMS_VNNI)
+    check = build_int8_model(art.to_bytes(), engine).int8_check
+    first, last = check["attempts"][0], check["attempts"][-1]
+    assert first["activation_bits"] == 8
+    if HAS_VNNI:
+        assert first["passed"] and check["fallback"] is None
+    else:
+        assert not first["passed"] and first["logit_cosine"] < 0.99, first
+        assert last["passed"] and last["activation_bits"] == 7 and check["fallback"] == "7-bit activations"
+
+
+def test_every_engine_passes_with_the_bits_its_cpu_gets(qn15):
+    _lean, art, _audio = qn15
+    for engine in [e for e in available_engines() if e != "qnnpack"]:  # qnnpack: ~7 GB on this model
+        check = build_int8_model(art.to_bytes(), engine).int8_check
+        assert check["passed"] and check["fallback"] is None, (engine, check)
+        assert check["logit_cosine"] >= 0.999 and check["frame_agreement"] >= 0.99, (engine, check)
+
+
+def _broken(art: Artifact) -> bytes:
+    """The artifact with its reference logits replaced: int8 that matches them at no width, as an engine
+    whose int8 is wrong whatever the activations would be."""
+    reference = dict(art.reference)
+    reference["logits"] = torch.roll(reference["logits"], shifts=1, dims=1)  # every frame's argmax moves
+    return Artifact(art.spec, art.features, art.int8, art.float_units, art.recipe, art.report, reference).to_bytes()
+
+
+def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
+    from io import BytesIO
+
+    from runner.model import save_checkpoint
+
+    lean, art, audio = qn15
+    buf = BytesIO()
+    save_checkpoint(lean.spec, lean.state_dict(), buf)
+    payload = {"precision": "int8", "artifact": _broken(art), "engine": "auto", "on_check_failure": "fp32",
+               "fp32_checkpoint": lambda: buf.getvalue()}  # Ray gives the worker a callable that fetches it
+    worker = ShardWorker(payload, threads=2, options=DecodeOptions())
+    check = worker.info()["int8_check"]
+    assert worker.engine == "fp32" and check["fallback"] == "fp32 model" and not check["passed"]
+    assert [a["activation_bits"] for a in check["attempts"]][-1] == 7  # 7 bits were tried before fp32
+    assert "RUNS THE fp32 MODEL" in caplog.text
+    texts = transcribe_batch(worker.model, audio[:2])
+    assert texts == transcribe_batch(lean, audio[:2])  # the fp32 model's own transcripts
+    with pytest.raises(Int8CheckFailed, match="on_check_failure is stop"):
+        ShardWorker({**payload, "on_check_failure": "stop"}, threads=2, options=DecodeOptions())
