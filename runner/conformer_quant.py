@@ -183,9 +183,9 @@ def _int8_qlinear(linear: nn.Linear) -> QLinear:
     return wrapper
 
 
-def dequantized_outputs(state_dict: dict) -> set[str]:
-    """Scale keys of int8 outputs that only a dequantize reads: each `QLinear`'s Linear output and the
-    last subsampling conv's."""
+def eight_bit_outputs(spec: ModelSpec, state_dict: dict, engine: str) -> set[str]:
+    """Scale keys of int8 outputs that no u8 x s8 product reads (only a dequantize), so they keep 8 bits
+    where others need 7: each `QLinear`'s Linear output and the last subsampling conv's."""
     keys = set(state_dict)
     linears = {k for k in keys if k.endswith(".linear.scale") and k[: -len("linear.scale")] + "quant.scale" in keys}
     convs = [k for k in keys if k.startswith("encoder.pre_encode.conv.") and k.endswith(".scale")]

@@ -216,9 +216,27 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
     return qenc.eval()
 
 
-def dequantized_outputs(state_dict: dict) -> set[str]:
-    """Scale keys of int8 outputs that only a dequantize reads: the decoder conv's (the logits)."""
-    return {"decoder.scale"} & set(state_dict)
+def eight_bit_outputs(spec: ModelSpec, state_dict: dict, engine: str) -> set[str]:
+    """Scale keys of int8 outputs that no saturating u8 x s8 product reads, so they keep 8 bits where
+    others need 7: the decoder's (the logits, only dequantized), each residual branch conv's and
+    squeeze-excite product's (read by the quantized add), a block's last conv when an add or the
+    squeeze-excite (which dequantizes) reads it; and on onednn, whose depthwise kernels multiply in
+    int32 (measured exact on full-range input, where fbgemm's are off by 23 steps), the pointwise
+    convs inside a separable block, which only the next depthwise conv reads. The add's output feeds
+    the next block's convs: 7 bits there."""
+    keys, out = set(state_dict), {"decoder.scale"}
+    for b, block in enumerate(spec.encoder.blocks):
+        prefix = f"encoder.blocks.{b}."
+        convs = sorted(int(k.split(".")[4]) for k in keys
+                       if k.startswith(prefix + "mconv.") and k.endswith(".conv.scale"))
+        if convs and (block.residual or block.se):
+            out.add(f"{prefix}mconv.{convs[-1]}.conv.scale")
+        if engine == "onednn" and block.separable:  # [dw, pw] x repeat: pw i feeds dw i + 1 alone
+            out |= {f"{prefix}mconv.{j}.conv.scale" for j in convs[1:-1:2]}
+        if block.residual:
+            out |= {k for k in keys if k.startswith(prefix + "res.") and k.endswith(".conv.scale")}
+            out |= {k for k in keys if k.startswith(prefix + "mconv.") and k.endswith(".requant.scale")}
+    return out & keys
 
 
 def _qconv(cls, conv: nn.Conv1d, bias: bool):

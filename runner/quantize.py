@@ -155,7 +155,7 @@ def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Seque
     bits = activation_bits(engine) if bits is None else bits
     with quiet(), engine_scope(engine):
         qenc = _family(spec).int8_structure(spec, float_units)
-        qenc.load_state_dict(with_activation_bits(state_dict, bits, _family(spec).dequantized_outputs(state_dict)),
+        qenc.load_state_dict(with_activation_bits(state_dict, bits, _family(spec).eight_bit_outputs(spec, state_dict, engine)),
                              strict=True)
     qenc.activation_bits = bits
     return qenc.requires_grad_(False)
@@ -201,8 +201,8 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
     `in_scale` beside `in_zero_point`) moved from the calibrated 8-bit grid to a `bits`-bit grid
     over the same range: [-zp * s, (255 - zp) * s] stays, with 2^bits - 1 steps. Weights (qint8,
     per-channel, packed in their own keys) are untouched. No re-calibration: the ranges are the
-    calibrated ones. Scale keys in `keep` (outputs that only a dequantize reads, never a u8 x s8
-    product: the logits, each int8 Linear's output) keep their 8 bits."""
+    calibrated ones. Scale keys in `keep` (outputs that no u8 x s8 product reads: the logits, each
+    int8 Linear's output, what only a quantized add reads) keep their 8 bits."""
     if bits == 8:
         return state_dict
     levels, keep = 2 ** bits - 1, set(keep)

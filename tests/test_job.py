@@ -258,11 +258,12 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_n
                 "replacement actor started (dropped if the survivor finishes first); job completed, exit 0")
 
 
-def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch):
+def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch,
+                                                           capsys):
     """precision int8: calibrate on a sample of the manifest, gate on another, workers pick their engine."""
     from runner.artifact import Artifact
     from runner.calibrate import cache_dir
-    from runner.quantize import available_engines
+    from runner.quantize import activation_bits, available_engines
 
     monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path / "cache"))
     folder, manifest, rows = corpus
@@ -276,6 +277,14 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
     assert all(info["engine"] == min(info["engine_seconds"], key=info["engine_seconds"].get)
                for info in stats["worker_info"].values())  # each worker timed the engines and took the fastest
     assert stats["worker_heavy_imports"] == [] and stats["quantization"]["from_cache"] is False
+    for info in stats["worker_info"].values():  # every worker checked its int8 model before it transcribed
+        check = info["int8_check"]
+        assert check["passed"] and check["fallback"] is None and check["engine"] == info["engine"]
+        assert check["activation_bits"] == activation_bits(check["engine"])
+        assert {"logit_cosine", "frame_agreement", "wer_vs_fp32", "attempts"} <= set(check)
+    worst = stats["int8_check"]
+    assert worst["workers"] == len(stats["worker_info"]) and worst["fallbacks"] == {}
+    assert worst["logit_cosine"] == min(i["int8_check"]["logit_cosine"] for i in stats["worker_info"].values())
     report = json.loads((out / "quantization.json").read_text())
     assert report["gate"]["passed"] and report["gate"]["mode"] == "references"
     assert report["calibration"]["utterances"] == 40 and report["gate"]["utterances"] == 60
@@ -303,3 +312,25 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
                                         precision="int8", quantization=quant)))
     assert again.stats["quantization"]["from_cache"] is True
     assert again.stats["quantization"]["sha256"] == stats["quantization"]["sha256"]
+
+    # An int8 model that fails its self-check on every worker at every width (its cached artifact's
+    # reference doctored so that no int8 output matches it): the workers fetch the fp32 weights
+    # through Ray and transcribe in fp32, loudly; with `on_check_failure: stop` the job stops first.
+    art = Artifact.from_bytes(cached[0].read_bytes())
+    reference = {**art.reference, "logits": torch.roll(art.reference["logits"], shifts=1, dims=1)}
+    cached[0].write_bytes(Artifact(art.spec, art.features, art.int8, art.float_units, art.recipe, art.report,
+                                   reference).to_bytes())
+    fallback = run_job(load_spec(make_spec(folder, manifest, tiny_nemo_file, tmp_path / "int8-fallback",
+                                           precision="int8", quantization=quant)))
+    assert set(fallback.stats["engines"].values()) == {"fp32"}
+    assert fallback.stats["int8_check"]["fallbacks"] == {"fp32 model": len(fallback.stats["worker_info"])}
+    assert not fallback.stats["int8_check"]["passed"]
+    by_id = {r["id"]: r["text"] for r in read_rows(tmp_path / "int8-fallback").to_pylist()}
+    assert [by_id[r["id"]] for r in ok] == fp32  # the fp32 model's own transcripts
+    stop = "{calibration_items: 40, gate_items: 60, max_wer_increase: 0.02, on_check_failure: stop}"
+    stopped = tmp_path / "int8-stop"
+    assert main(["run", str(make_spec(folder, manifest, tiny_nemo_file, stopped, precision="int8",
+                                      quantization=stop)), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "on_check_failure is stop" in err and "nothing was transcribed" in err, err
+    assert not list((stopped / "transcripts").glob("*.parquet")) and not (stopped / "_SUCCESS").exists()
