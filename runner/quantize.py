@@ -206,7 +206,9 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
     if bits == 8:
         return state_dict
     levels, keep = 2 ** bits - 1, set(keep)
-    out = dict(state_dict)
+    out = state_dict.copy()
+    if hasattr(state_dict, "_metadata"):  # module versions: quantized Linear reads its keys by them
+        out._metadata = state_dict._metadata
     for key, scale in state_dict.items():
         if not key.endswith("scale") or key in keep:
             continue

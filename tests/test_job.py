@@ -65,6 +65,22 @@ def make_spec(folder, manifest, model, out, **extra):
     return path
 
 
+def assert_worker_texts(out, manifest, model):
+    """The run's texts are `model`'s, called shard by shard as a worker does (1 thread, the same batches:
+    bit-identical; file by file, other threads and batches change near-ties of a small model)."""
+    by_id = {r["id"]: r for r in read_rows(out).to_pylist()}
+    items = list(iter_manifest(manifest))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for shard in json.loads((out / "job.json").read_text())["plan"]:
+            chunk = [i for i in items if shard[1] <= i.line <= shard[2]]
+            expected, _ = transcribe_items(model, chunk, shard[0], DecodeOptions(batch_size=8))
+            assert [by_id[r["id"]]["text"] for r in expected] == [r["text"] for r in expected]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def check_stage_seconds(out, stats):
     """Each part's worker stages are present, non-negative and within its compute seconds;
     stats.json sums them with the driver's write and the Ray overhead."""
@@ -102,17 +118,7 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     # Texts equal those of the lean model called directly, shard by shard, as a worker does
     # (1 thread, same batches: bit-identical); and file by file they agree but for near-ties.
     lean = build_model(*load_nemo(tiny_nemo_file))
-    by_id = {r["id"]: r for r in table.to_pylist()}
-    items = list(iter_manifest(manifest))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for shard in json.loads((out / "job.json").read_text())["plan"]:
-            chunk = [i for i in items if shard[1] <= i.line <= shard[2]]
-            expected, _ = transcribe_items(lean, chunk, shard[0], DecodeOptions(batch_size=8))
-            assert [by_id[r["id"]]["text"] for r in expected] == [r["text"] for r in expected]
-    finally:
-        torch.set_num_threads(threads)
+    assert_worker_texts(out, manifest, lean)
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
     direct = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in ok])
     assert sum(a == b for a, b in zip(direct, [r["text"] for r in ok])) >= 0.97 * len(ok)
@@ -325,8 +331,7 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
     assert set(fallback.stats["engines"].values()) == {"fp32"}
     assert fallback.stats["int8_check"]["fallbacks"] == {"fp32 model": len(fallback.stats["worker_info"])}
     assert not fallback.stats["int8_check"]["passed"]
-    by_id = {r["id"]: r["text"] for r in read_rows(tmp_path / "int8-fallback").to_pylist()}
-    assert [by_id[r["id"]] for r in ok] == fp32  # the fp32 model's own transcripts
+    assert_worker_texts(tmp_path / "int8-fallback", manifest, lean)  # the fp32 model's own transcripts
     stop = "{calibration_items: 40, gate_items: 60, max_wer_increase: 0.02, on_check_failure: stop}"
     stopped = tmp_path / "int8-stop"
     assert main(["run", str(make_spec(folder, manifest, tiny_nemo_file, stopped, precision="int8",
