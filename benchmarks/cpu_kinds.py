@@ -1,0 +1,356 @@
+"""int8 on this CPU kind: the runner's int8 next to ONNX Runtime and OpenVINO (NNCF) int8, speed and accuracy.
+
+    .venv/bin/python benchmarks/cpu_kinds.py [--arch quartznet,citrinet,fastconformer] [--rounds 5]
+        [--clips 8] [--threads 2] [--quick] [--out benchmarks/results]
+
+Prints figures and writes JSON (benchmarks/results/cpu_kinds-<cpu tag>.json, one entry per architecture,
+merged into what an earlier run on the same CPU kind wrote); not a test. See DESIGN.md, "CPU kinds":
+int8 kernels differ between CPUs with and without VNNI, so every figure here is for the CPU it ran on
+(model and SIMD flags printed first). Three architectures with random weights and randomized BN
+statistics: QuartzNet15x5 (as vs_peers.py), Citrinet-256 with a SentencePiece tokenizer trained on
+generated text (as citrinet.py) and FastConformer-CTC large (as fastconformer.py; medium with --quick).
+
+Systems, all on the same precomputed log-mel features of 10 s espeak-ng utterances (encoder +
+decoder only), `--threads` threads each (torch, ORT intra-op, OpenVINO INFERENCE_NUM_THREADS with the
+latency hint): NeMo fp32 forward, the lean fp32 model, the runner's int8 as a job runs it
+(`quantize_model` -> artifact bytes -> `build_int8_model(..., "auto")`; engine, activation bits and
+int8 self-check recorded as the loader reports them), ONNX Runtime fp32 and int8 (static QDQ,
+per-channel, vs_peers.onnx_sessions), OpenVINO fp32 (f32 inference precision) and int8 (NNCF
+post-training quantization of the same ONNX export, calibrated on the same features).
+Speed: x real time (audio seconds / seconds), batch 1 and 8, rounds interleaved (order rotated each
+round); the statistic is the median of `--rounds` timed rounds (>= 3), min and max printed beside it.
+Accuracy of every system but NeMo against the lean fp32 logits of the same clips: logit cosine (mean
+over valid frames of the per-frame cosine over the vocabulary) and greedy argmax frame agreement.
+`--quick`: 1 round, 2 clips, small calibration, FastConformer medium (checks the script, not figures).
+Needs the `bench` extra (onnxruntime, onnxscript, openvino, nncf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lean_model import ten_second_utterances  # noqa: E402
+from vs_peers import onnx_sessions  # noqa: E402
+from runner.artifact import build_int8_model  # noqa: E402
+from runner.calibrate import GateFailed, Settings, quantize_model  # noqa: E402
+from runner.corpus import sentences, synthesize_many  # noqa: E402
+from runner.model import build_model  # noqa: E402
+from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
+from runner.recipes import (build_nemo_model, citrinet_256_config, fastconformer_ctc_config,  # noqa: E402
+                            quartznet15x5_config, randomize_batchnorm, train_tokenizer)
+from runner.sysinfo import cpu_info  # noqa: E402
+
+ARCHS = ("quartznet", "citrinet", "fastconformer")
+CLIP_SECONDS = 10.0
+
+
+def build_nemo(arch: str, quick: bool):
+    """The NeMo model of `arch` with random weights and randomized BN, built as the arch's own benchmark does."""
+    if arch == "citrinet":
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = train_tokenizer(sentences(2000, seed=1), tmp, vocab_size=256)
+            torch.manual_seed(0)
+            nemo = build_nemo_model(citrinet_256_config(tokenizer))
+    else:
+        torch.manual_seed(0)
+        config = quartznet15x5_config() if arch == "quartznet" else \
+            fastconformer_ctc_config("medium" if quick else "large")
+        nemo = build_nemo_model(config)
+    randomize_batchnorm(nemo)
+    return nemo.eval()
+
+
+@torch.inference_mode()
+def features(lean, clips) -> list[torch.Tensor]:
+    """Log-mel features [F, T] of each clip (the lean model's fp32 front end)."""
+    return [lean.features(torch.from_numpy(a).unsqueeze(0), torch.tensor([len(a)]))[0][0] for a in clips]
+
+
+def int8_facts(loaded) -> dict:
+    """What the loader says about the int8 model it built: engine, probe timings, and (where this version of
+    `build_int8_model` has them) activation bits and its int8 self-check."""
+    facts = {"engine": loaded.engine, "probe_seconds": loaded.engine_seconds}
+    for owner in (loaded, loaded.model, getattr(loaded.model, "qencoder", None)):
+        for name in ("activation_bits", "bits", "int8_check"):
+            value = getattr(owner, name, None)
+            if value is not None and not callable(value) and name not in facts:
+                facts[name] = value
+    return facts
+
+
+def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
+    """The int8 model a job's worker runs: calibrated, gated artifact -> bytes -> `build_int8_model(auto)`."""
+    settings = Settings(max_wer_increase=1.0,  # random weights: the gate's figures are reported, not enforced
+                        observers=("histogram",) if quick else Settings().observers)
+    t0 = time.perf_counter()
+    try:
+        art = quantize_model(lean, calibration, gate, None, settings)
+        made, t0 = time.perf_counter() - t0, time.perf_counter()
+        loaded = build_int8_model(art.to_bytes(), "auto")
+    except GateFailed as exc:
+        return None, {"error": f"GateFailed: {exc}", "report": exc.report}
+    except Exception as exc:  # reported in the table; the peers are still measured
+        return None, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
+    return loaded.model, {**int8_facts(loaded), "quantize_seconds": round(made, 1),
+                          "load_seconds": round(time.perf_counter() - t0, 2), "float_units": art.float_units,
+                          "observer": art.report.get("observer"), "gate_int8": art.report.get("gate", {}).get("int8")}
+
+
+@contextmanager
+def exportable_conformer():
+    """During the ONNX export only, two lean Conformer pieces in NeMo's own form (the same values): the
+    `as_strided` `rel_shift` (which the TorchScript exporter cannot give a dynamic time axis) as NeMo's
+    pad-view-slice, and the conv module's channels-last [B, C, 1, T] depthwise conv2d trick as NeMo's
+    transpose + Conv1d (NNCF int8 of the trick's graph fails in OpenVINO for any other length)."""
+    from runner import conformer
+
+    def pad_view_slice(bd: torch.Tensor) -> torch.Tensor:
+        x, y, t, n = bd.shape
+        return torch.nn.functional.pad(bd, (1, 0)).view(x, y, -1, t)[:, :, 1:].reshape(x, y, t, n)[..., :t]
+
+    def conv_module(self, x: torch.Tensor, pad_mask) -> torch.Tensor:
+        x = torch.nn.functional.glu(self.pointwise_conv1(x), dim=-1)
+        if pad_mask is not None:
+            x = x.masked_fill(pad_mask, 0.0)
+        y = self.batch_norm(self.depthwise_conv(x.transpose(1, 2)))
+        return self.pointwise_conv2(self.activation(y).transpose(1, 2))
+
+    saved = conformer.rel_shift, conformer.ConformerConvolution.forward
+    conformer.rel_shift, conformer.ConformerConvolution.forward = pad_view_slice, conv_module
+    try:
+        yield
+    finally:
+        conformer.rel_shift, conformer.ConformerConvolution.forward = saved
+
+
+def equal_windows(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same features, concatenated and cut into windows of their median length: NNCF's Transformer
+    preset stacks some per-sample statistics, which needs one shape for every sample."""
+    whole, n = torch.cat(feats, dim=1), int(statistics.median(f.shape[1] for f in feats))
+    return [whole[:, i: i + n] for i in range(0, whole.shape[1] - n + 1, n)]
+
+
+def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: int, transformer: bool) -> dict:
+    """OpenVINO fp32 and NNCF post-training int8 compiled models of the ONNX fp32 export."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(onnx_fp32))
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    fp32 = core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
+    windows = [f.unsqueeze(0).numpy() for f in equal_windows(calibration)]
+    options = {}
+    if transformer:  # NNCF's preset for attention models; per-tensor activations: NNCF puts the per-channel
+        # quantizer of a depthwise conv's input before the transpose to [B, C, T], on the time axis,
+        # and OpenVINO then refuses any other length (nncf 3.4.0)
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+        options = {"model_type": nncf.ModelType.TRANSFORMER, "advanced_parameters": AdvancedQuantizationParameters(
+            activations_quantization_params=QuantizationParameters(per_channel=False))}
+    qmodel = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows), **options)
+    int8 = core.compile_model(qmodel, "CPU", config)  # default precision for what stays float: its best
+    return {"ov_fp32": fp32, "ov_int8": int8}
+
+
+def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
+    """name -> fn(feats [B, F, T]) -> logits [B, C, T'] (NeMo: log-probabilities [B, T', C])."""
+    def lens(x):
+        return torch.full((x.shape[0],), x.shape[2], dtype=torch.long)
+
+    @torch.inference_mode()
+    def nemo_fn(x):
+        enc, _ = nemo.encoder(audio_signal=x, length=lens(x))
+        return nemo.decoder(encoder_output=enc)
+
+    def torch_fn(model):
+        return torch.inference_mode()(lambda x: model.logits(x, lens(x))[0])
+
+    def ort_fn(session):
+        return lambda x: torch.from_numpy(session.run(None, {"feats": x.numpy()})[0])
+
+    def ov_fn(model):
+        request = model.create_infer_request()
+
+        def run(x):
+            request.infer({0: x.numpy()})
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        return run
+
+    fns = {"nemo_fp32": nemo_fn, "lean_fp32": torch_fn(lean)}
+    if int8 is not None:
+        fns["runner_int8"] = torch_fn(int8)
+    fns.update({name: ort_fn(s) for name, s in sessions.items()})
+    fns.update({name: ov_fn(m) for name, m in compiled.items()})
+    return fns
+
+
+def logit_agreement(ref: torch.Tensor, got: torch.Tensor, frames: torch.Tensor) -> dict:
+    """Mean per-frame cosine over the vocabulary and argmax agreement of logits [B, C, T] on valid frames."""
+    if ref.shape != got.shape:
+        return {"error": f"shape {tuple(got.shape)} != reference {tuple(ref.shape)}"}
+    valid = torch.arange(ref.shape[2])[None, :] < frames[:, None]
+    cosine = torch.nn.functional.cosine_similarity(ref.float(), got.float(), dim=1)[valid]
+    same = (ref.argmax(1) == got.argmax(1))[valid]
+    return {"logit_cosine": round(cosine.mean().item(), 5), "argmax_agreement": round(same.float().mean().item(), 5)}
+
+
+def accuracy(fns: dict, batches: list[torch.Tensor], lean) -> dict:
+    """Every system's logits (NeMo's are log-probabilities: left out) against the lean fp32 logits."""
+    with torch.inference_mode():
+        ref = [lean.logits(x, torch.full((x.shape[0],), x.shape[2], dtype=torch.long)) for x in batches]
+    logits, frames = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
+    return {name: logit_agreement(logits, torch.cat([fn(x) for x in batches]), frames)
+            for name, fn in fns.items() if name not in ("nemo_fp32", "lean_fp32")}
+
+
+def time_rounds(fns: dict, batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
+    """Seconds per pass over `batches` for each system: one warm-up call each, then `rounds` rounds with
+    the systems interleaved (order rotated each round, so no system always follows the same one)."""
+    for fn in fns.values():
+        fn(batches[0])
+    names, seconds = list(fns), {name: [] for name in fns}
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            t0 = time.perf_counter()
+            for x in batches:
+                fns[name](x)
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+def speed(seconds: dict[str, list[float]], audio_seconds: float) -> dict:
+    """x real time per system: the median round (the statistic), min and max, and the raw rounds."""
+    return {name: {"median": round(audio_seconds / statistics.median(s), 2), "min": round(audio_seconds / max(s), 2),
+                   "max": round(audio_seconds / min(s), 2), "seconds": [round(t, 4) for t in s]}
+            for name, s in seconds.items()}
+
+
+def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
+    """Build the systems of one architecture on this CPU, then measure accuracy and speed."""
+    print(f"[{arch}] building models and the runner's int8 artifact ...", flush=True)
+    nemo = build_nemo(arch, args.quick)
+    lean = build_model(*describe(nemo)).eval()
+    int8, int8_info = runner_int8(lean, audio["calibration"], audio["gate"], args.quick)
+    if int8 is None:
+        print(f"[{arch}] runner int8: {int8_info['error']}", flush=True)
+    feats, calibration = features(lean, audio["clips"]), features(lean, audio["calibration"])
+    print(f"[{arch}] ONNX export and ONNX Runtime int8 ...", flush=True)
+    with exportable_conformer():
+        sessions = onnx_sessions(lean, calibration, args.threads, folder)
+    print(f"[{arch}] OpenVINO and NNCF int8 ...", flush=True)
+    compiled = openvino_models(folder / "enc_fp32.onnx", calibration, args.threads, arch == "fastconformer")
+    fns = system_fns(nemo, lean, int8, sessions, compiled)
+    by8 = [torch.stack(feats[i: i + 8]) for i in range(0, len(feats), 8)]
+    result = {"model": type(nemo).__name__, "size": "medium" if args.quick and arch == "fastconformer" else None,
+              "params": sum(p.numel() for p in lean.parameters()), "clips": len(feats), "rounds": args.rounds,
+              "quick": args.quick, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load_before": [round(x, 2) for x in os.getloadavg()], "runner_int8": int8_info,
+              "accuracy": accuracy(fns, by8, lean), "speed": {}}
+    for b in (1, 8):
+        batches = [torch.stack(feats[i: i + b]) for i in range(0, len(feats), b)]
+        print(f"[{arch}] timing batch {b} ({args.rounds} rounds) ...", flush=True)
+        result["speed"][f"b{b}"] = speed(time_rounds(fns, batches, args.rounds), len(feats) * CLIP_SECONDS)
+        result["speed"][f"b{b}"]["batch"] = min(b, len(feats))
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def print_arch(arch: str, r: dict) -> None:
+    info = r["runner_int8"]
+    print(f"\n== {arch}: {r['model']}{' ' + r['size'] if r['size'] else ''}, {r['params'] / 1e6:.1f} M parameters, "
+          f"{r['clips']} x 10 s clips, median of {r['rounds']} rounds; load {r['load_before']} -> {r['load_after']}")
+    if "error" in info:
+        print(f"runner int8 FAILED: {info['error']}\n{info.get('traceback', '')}")
+    else:
+        extra = {k: info[k] for k in ("activation_bits", "bits") if k in info}
+        print(f"runner int8: engine {info['engine']} (probe {info['probe_seconds']}), {extra or 'bits: not reported'}, "
+              f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s")
+        print(f"  int8_check: {json.dumps(info.get('int8_check'), default=str)}")
+    if r["load_at_start"] > 0.3 * (os.cpu_count() or 1):  # later load averages include this benchmark's own
+        print(f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
+              "torch's OpenMP threads lose most when a core is taken (same call: 0.6 to 6.5 s here), so these "
+              "speeds are not figures to quote")
+    speed_b1, speed_b8 = r["speed"]["b1"], r["speed"]["b8"]
+    print(f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
+          f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}")
+    for name in (k for k in speed_b1 if k != "batch"):
+        cells = [f"{s[name]['median']:8.1f} [{s[name]['min']:.1f}-{s[name]['max']:.1f}]" for s in (speed_b1, speed_b8)]
+        acc = r["accuracy"].get(name, {})
+        figures = f"{acc['logit_cosine']:8.4f} {acc['argmax_agreement']:7.1%}" if "logit_cosine" in acc \
+            else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
+        print(f"{name:12} {cells[0]:>32} {cells[1]:>32} {figures}")
+
+
+def cpu_tag(cpu: dict) -> str:
+    """A short file-name tag of the CPU model, e.g. amd-epyc, intel-xeon-platinum-8480."""
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b|\d+-core", " ", cpu["model"].lower())
+    return "-".join(re.findall(r"[a-z0-9]+", name)[:4]) or cpu["machine"]
+
+
+def versions() -> dict:
+    import nemo
+    import nncf
+    import onnxruntime
+    import openvino
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "openvino": openvino.get_version(), "nncf": nncf.__version__, "nemo": nemo.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=",".join(ARCHS), help="comma-separated: " + ", ".join(ARCHS))
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size (median of them)")
+    parser.add_argument("--clips", type=int, default=8, help="10 s utterances timed (and compared)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 clips, small calibration: checks the script")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if unknown := set(archs) - set(ARCHS):
+        parser.error(f"unknown --arch {sorted(unknown)}; choose from {', '.join(ARCHS)}")
+    if args.quick:
+        args.rounds, args.clips = 1, 2
+    elif args.rounds < 3:
+        parser.error("--rounds must be >= 3 (the statistic is the median of the rounds); --quick for a check")
+    start_load = round(os.getloadavg()[0], 2)  # before this benchmark adds its own
+    quiet_nemo_logging()
+    torch.set_num_threads(args.threads)
+    cpu = cpu_info()
+    print(f"CPU {cpu['model']} ({cpu['logical_cpus']} logical, {cpu['machine']}), flags: {', '.join(cpu['flags'])}")
+    ver = versions()
+    print(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; {args.threads} threads each", flush=True)
+    audio = {"clips": ten_second_utterances(args.clips),
+             "calibration": [a for _t, _v, a in synthesize_many(sentences(8 if args.quick else 32, seed=9), seed=9)],
+             "gate": [a for _t, _v, a in synthesize_many(sentences(4 if args.quick else 16, seed=3), seed=3)]}
+    out = Path(args.out) / f"cpu_kinds-{cpu_tag(cpu)}{'-quick' if args.quick else ''}.json"
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    report = {"cpu": cpu, "versions": ver, "threads": args.threads, "archs": saved.get("archs", {})}
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["archs"][arch] = bench_arch(arch, audio, args, Path(tmp))
+        report["archs"][arch]["load_at_start"] = start_load
+        print_arch(arch, report["archs"][arch])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))  # after each architecture: a late failure keeps it
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
