@@ -365,7 +365,8 @@ def _print_bits(console, report: dict) -> None:
     reference = report.get("self_check") or {}
     for kind, bits in BITS_BY_CPU_KIND:
         fig = expected(reference, bits)
-        t.add_row(kind, f"{bits}-bit", "-" if not fig else f"{fig['logit_cosine']:.4f} / {_pct(fig['frame_agreement'])}")
+        expects = "-" if not fig else f"{fig['logit_cosine']:.4f} / {_pct(fig['frame_agreement'])}"
+        t.add_row(kind, f"{bits}-bit", expects)
     console.print(t)
     console.print(f"this CPU: {cpu.get('model', '?')} ({' '.join(cpu.get('flags', [])) or 'no SIMD flags read'}); "
                   f"the gate ran {report.get('activation_bits')}-bit activations on {report.get('engine')}")

@@ -153,10 +153,10 @@ def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Seque
     """Rebuild the int8 encoder for `engine` from an engine-neutral state dict, with `bits`-bit
     activations (default: what this CPU needs on `engine`, `activation_bits`)."""
     bits = activation_bits(engine) if bits is None else bits
+    keep = _family(spec).eight_bit_outputs(spec, state_dict, engine)
     with quiet(), engine_scope(engine):
         qenc = _family(spec).int8_structure(spec, float_units)
-        qenc.load_state_dict(with_activation_bits(state_dict, bits, _family(spec).eight_bit_outputs(spec, state_dict, engine)),
-                             strict=True)
+        qenc.load_state_dict(with_activation_bits(state_dict, bits, keep), strict=True)
     qenc.activation_bits = bits
     return qenc.requires_grad_(False)
 

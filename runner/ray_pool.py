@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: an actor never waits for the driver
 SHARD_ATTEMPTS = 4
-INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb")  # kept per worker in stats.json
+# kept per worker in stats.json
+INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb")
 MAX_REPLACEMENTS_PER_WORKER = 4  # more deaths than this means something is wrong beyond bad luck
 STARTUP_GRACE_SECONDS = 60.0  # a job starts once every worker is up, or with those up after this
 WORKER_WAIT_SECONDS = 300.0  # with every worker lost: how long to wait for a replacement to start

@@ -39,7 +39,8 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "scored_utterances": len(refs),
         "cpu": cpu_info(),
         "worker_heavy_imports": processed.get("worker_heavy_imports", []),
-        "worker_info": processed.get("worker_info", {}),  # per worker: engine, auto timings, int8_check, load s, CPU, RSS
+        # per worker: engine, auto timings, int8 self-check, load seconds, CPU, peak RSS
+        "worker_info": processed.get("worker_info", {}),
         "int8_check": worst_int8_check(processed.get("worker_info", {})),
         "quantization": processed.get("quantization"),  # int8: artifact sha256, cache, fp32 units, gate
         **stage_breakdown(processed),

@@ -128,9 +128,11 @@ class ShardWorker:
             loaded = build_int8_model(payload["artifact"], payload.get("engine", "auto"))
         except Int8CheckFailed as exc:
             if payload.get("on_check_failure") != "fp32" or payload.get("fp32_checkpoint") is None:
-                raise Int8CheckFailed(f"worker {self.name}: {exc}; quantization.on_check_failure is stop, so the job "
-                                      "stops before this worker transcribes (set it to fp32 to run such workers "
-                                      "in fp32, or run the job with precision fp32)", exc.check) from None
+                why = "quantization.on_check_failure is stop" if payload.get("on_check_failure") != "fp32" \
+                    else "no fp32 weights were sent to fall back on"
+                raise Int8CheckFailed(f"worker {self.name}: {exc}; {why}, so the job stops before this worker "
+                                      "transcribes (set on_check_failure: fp32 to run such workers in fp32, or "
+                                      "run the job with precision fp32)", exc.check) from None
             log.error("worker %s: %s; THIS WORKER RUNS THE fp32 MODEL (quantization.on_check_failure: fp32)",
                       self.name, exc)
             self.engine_seconds, self.int8_check = {}, {**exc.check, "fallback": "fp32 model"}

@@ -249,6 +249,8 @@ def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tin
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "int8 accuracy gate" in printed and "passed" in printed and f"wrote {out}" in printed
+    # what each kind of CPU will use, and what the gate used here
+    assert "8-bit" in printed and "7-bit" in printed and "this CPU:" in printed and "-bit activations on" in printed
     report = Artifact.from_bytes(out.read_bytes()).report
     assert report["calibration"]["utterances"] == 30 and report["gate"]["utterances"] == 30
     assert not set(report["calibration"]["ids"]) & set(report["gate"]["ids"])  # disjoint samples
