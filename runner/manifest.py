@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Optional
@@ -91,8 +92,16 @@ def _number(row: dict, key: str, where: str, default):
 
 
 def _header_duration(path: str, offset: float) -> Optional[float]:
+    """The duration the audio header tells, or None. A path that is not a regular file (a named pipe, a
+    device, a socket) is not opened: opening a pipe without a writer would block the driver for ever; the
+    worker meets it instead, under the shard's time limit."""
     from .audio import audio_info
 
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None  # missing or unreadable: the worker's read says why, in the item's error row
     try:
         return max(audio_info(path).duration - offset, 0.0)
     except AudioLoadError:

@@ -20,6 +20,10 @@ PRECISIONS = ("int8", "fp32")
 DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_quartznet.nemo"  # `model: demo`
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
 ON_CHECK_FAILURE = ("fp32", "stop")
+# shard_timeout_seconds: auto: a worker must transcribe at >= 0.5x real time, plus time to start and read
+SHARD_TIMEOUT_BASE_SECONDS = 120.0
+SHARD_TIMEOUT_PER_AUDIO_SECOND = 2.0
+SHARD_TIMEOUT_UNKNOWN_AUDIO_SECONDS = 60.0  # what an item counts for when nobody could tell its duration
 
 
 class SpecError(InputError):
@@ -51,6 +55,9 @@ class JobSpec:
     max_failed: float = 0.01  # error budget: a fraction of items, or a count if >= 1
     batch_size: int = 8  # utterances per forward pass inside a worker
     window_seconds: float = 40.0  # longer files are encoded in windows
+    # A shard (or, once its shard timed out, one item) that runs longer is stopped: its worker is replaced, and
+    # an item that hangs alone becomes an error row. auto | seconds | null (no limit). See `time_limit`.
+    shard_timeout_seconds: Union[str, float, None] = "auto"
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +81,23 @@ class JobSpec:
     def max_failed_items(self, total: int) -> int:
         """The error budget as a count of items."""
         return int(self.max_failed) if self.max_failed >= 1 else int(self.max_failed * total)
+
+
+def time_limit(setting: Union[str, float, None], audio_seconds: float) -> Optional[float]:
+    """The wall-clock limit of one worker call (a shard, or one item), from `shard_timeout_seconds`.
+
+    `auto`: SHARD_TIMEOUT_BASE_SECONDS (120) + SHARD_TIMEOUT_PER_AUDIO_SECOND (2.0) x the call's audio
+    seconds: a worker slower than half real time is stuck, not slow (a read from a mount that stopped
+    answering, a named pipe without a writer), and the base covers reading, a cold cache and short calls.
+    A number: that many seconds whatever the audio. None: no limit (wait as long as it takes).
+    The pool counts a call's audio (`ray_pool.audio_seconds`): an item whose duration neither the manifest
+    nor its header told counts as SHARD_TIMEOUT_UNKNOWN_AUDIO_SECONDS (60).
+    """
+    if setting is None:
+        return None
+    if setting == "auto":
+        return SHARD_TIMEOUT_BASE_SECONDS + SHARD_TIMEOUT_PER_AUDIO_SECOND * max(audio_seconds, 0.0)
+    return float(setting)
 
 
 def _check_keys(data: dict, cls, where: str, prefix: str = "") -> None:
@@ -100,6 +124,10 @@ def verify(spec: JobSpec, where: str) -> None:
         (isinstance(spec.batch_size, int) and spec.batch_size >= 1, f"batch_size must be >= 1, got {spec.batch_size!r}"),
         (_number(spec.window_seconds) and spec.window_seconds >= 5,
          f"window_seconds must be a number >= 5, got {spec.window_seconds!r}"),
+        (spec.shard_timeout_seconds in (None, "auto")
+         or (_number(spec.shard_timeout_seconds) and 0 < spec.shard_timeout_seconds < float("inf")),
+         f"shard_timeout_seconds must be auto, a positive number of seconds or null (no limit), "
+         f"got {spec.shard_timeout_seconds!r}"),
         (q.engine in ENGINES, f"quantization.engine must be one of {', '.join(ENGINES)}, got {q.engine!r}"),
         (q.on_check_failure in ON_CHECK_FAILURE,
          f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}"),
