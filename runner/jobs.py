@@ -1,14 +1,18 @@
 """Orchestration: a validated job -> Ray worker actors -> Parquet parts, stats, `_SUCCESS`.
 
 Ray itself stays at the edge, in `runner.ray_pool`. Order of work, so bad input costs nothing:
-1. validate the manifest (every line, unique ids) and plan shards;     -> exit 2 on errors
-2. claim the output directory (fingerprint check for --resume);        -> exit 2 on mismatch
+1. validate the manifest (every line, unique ids) and plan shards, or, for --resume and
+   --retry-errors, take the plan `job.json` recorded;                    -> exit 2 on errors
+2. lock the output directory (one driver at a time) and check it (fingerprint for --resume);
+                                                                         -> exit 2 on mismatch
 3. load the model on the driver (NeMo only here); for int8, make (or take from the cache) the
-   calibrated, accuracy-gated artifact (`runner.calibrate`) -> exit 1 if the gate fails;
+   calibrated, accuracy-gated artifact (`runner.calibrate`) -> exit 1 if the gate fails, and
+   keep it in the output directory: a resume uses that same int8 model or refuses;
    `ray.put` the payload once;
 4. one actor per worker (`num_cpus=threads_per_worker`), a bounded number of shards in
    flight per actor, each result written as an atomic Parquet part by the driver;
-5. past the error budget: stop cleanly (exit 1), finished parts stay valid for --resume;
+5. past the error budget, counted over the whole job: stop cleanly (exit 1), without
+   `_SUCCESS`; finished parts are kept;
 6. all shards done: `stats.json`, then `_SUCCESS`.
 """
 
@@ -24,8 +28,9 @@ from typing import Callable, Optional
 
 from .errors import InputError, RunnerError
 from .manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
-from .output import (JOB_FILE, QUANTIZATION_FILE, STATS_FILE, SUCCESS_FILE, existing_parts, part_is_valid, part_path, read_part,
-                     remove_stale_temporaries, write_atomic, write_json, write_part)
+from .output import (ARTIFACT_FILE, JOB_FILE, LOCK_FILE, QUANTIZATION_FILE, STATS_FILE, SUCCESS_FILE, driver_lock,
+                     existing_parts, part_is_valid, part_path, read_part, remove_stale_temporaries, write_atomic,
+                     write_json, write_part)
 from .shards import Shard, group_items, plan_shards
 from .spec import JobSpec
 
@@ -54,33 +59,75 @@ class RunResult:
     ran_shards: list[int] = field(default_factory=list)
 
 
-def prepare(spec: JobSpec) -> Plan:
-    """Validate every manifest line and plan shards; raises `ManifestError` (exit 2) first."""
+def prepare(spec: JobSpec, recorded: Optional[dict] = None) -> Plan:
+    """Validate every manifest line and plan shards; raises `ManifestError` (exit 2) first.
+
+    `recorded` (a resumed job's `job.json`): its plan is reused when the manifest is the one it was
+    made from, so the plan never moves because a file became readable (an unreadable file weighs
+    0 s when the plan is made; once repaired it would weigh its length and move every boundary
+    after it). Audio headers are then not read at all.
+    """
+    sha = file_sha256(spec.manifest)
+    shards = _recorded_shards(recorded, sha)
     counts = {"items": 0, "seconds": 0.0, "with_text": 0}
 
     def counted():
-        for item in check_unique_ids(iter_manifest(spec.manifest), spec.manifest):
+        items = iter_manifest(spec.manifest, read_missing_durations=shards is None)
+        for item in check_unique_ids(items, spec.manifest):
             counts["items"] += 1
             counts["seconds"] += item.duration or 0.0
             counts["with_text"] += item.text is not None
             yield item
 
-    shards = plan_shards(counted(), spec.shard_seconds)
+    if shards is None:
+        shards = plan_shards(counted(), spec.shard_seconds)
+    else:
+        for _ in counted():
+            pass
+        counts["seconds"] = sum(s.seconds for s in shards)
     if not shards:
         raise InputError(f"{spec.manifest}: the manifest has no items")
-    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], file_sha256(spec.manifest))
+    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], sha)
+
+
+def _recorded_shards(recorded: Optional[dict], manifest_sha256: str) -> Optional[list[Shard]]:
+    """The shards `job.json` planned, if it was planned from this very manifest (else the
+    fingerprint check refuses the resume, naming what changed)."""
+    try:
+        if recorded is None or recorded["fingerprint"]["manifest_sha256"] != manifest_sha256:
+            return None
+        return [Shard.from_list(row) for row in recorded["plan"]]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def recorded_job(spec: JobSpec) -> Optional[dict]:
+    """The output directory's `job.json`, or None when there is none (or it is unreadable:
+    `check_output` says so)."""
+    try:
+        data = json.loads((Path(spec.output) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def fingerprint(spec: JobSpec, plan: Plan) -> dict:
     """What a resumed run must share with the original for its parts to be reusable."""
     shard_rows = json.dumps([s.to_list()[:4] for s in plan.shards]).encode()
+    import torch
+
+    from . import __version__
+
     return {
         "manifest_sha256": plan.manifest_sha256,
         "model_sha256": file_sha256(spec.model),
         "precision": spec.precision,
-        # int8 parts must come from the same quantization settings (the engine may differ: the
-        # artifact is engine-neutral and each worker picks its own).
+        # int8 parts must come from the same quantization settings and engine policy (`auto` lets
+        # each worker pick its own; the engine each part ran on is recorded in the part); the int8
+        # model itself is pinned by `int8_artifact_sha256` and the copy in the output directory.
         "quantization": _quantization_fingerprint(spec),
+        "torch": str(torch.__version__),  # kernels (int8 ones above all) change with torch
+        "asr_runner": __version__,
         "shard_seconds": spec.shard_seconds,
         "items": plan.items,
         "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
@@ -91,7 +138,6 @@ def _quantization_fingerprint(spec: JobSpec) -> Optional[dict]:
     if spec.precision != "int8":
         return None
     q = spec.quantization.__dict__.copy()
-    q.pop("engine")
     q.pop("on_check_failure")  # what a worker does when its self-check fails: recorded per part, not per job
     if q["calibration_manifest"]:
         q["calibration_manifest"] = file_sha256(q["calibration_manifest"])
@@ -114,10 +160,10 @@ def check_output(spec: JobSpec, fp: dict, resume: bool) -> None:
         diff = [k for k in fp if old.get(k) != fp[k]]
         if diff:
             raise InputError(f"cannot resume {out}: {', '.join(diff)} differ from the job that wrote it "
-                             f"({_why(diff)}); use a new --out for a new job")
+                             f"({_why(diff, old, fp)}); use a new --out for a new job")
     elif out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a directory; choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise InputError(f"{out} is not empty and holds no {JOB_FILE}; choose a new or empty output directory")
 
 
@@ -137,10 +183,12 @@ def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool, extra: Optio
                           "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"], **(extra or {})})
 
 
-def _why(keys: list[str]) -> str:
+def _why(keys: list[str], old: dict, new: dict) -> str:
     reasons = {"manifest_sha256": "the manifest changed", "model_sha256": "the model file changed",
                "precision": "precision changed", "shard_seconds": "shard_seconds changed",
-               "quantization": "the int8 quantization settings changed",
+               "quantization": "the int8 quantization settings or engine policy changed",
+               "torch": f"torch {old.get('torch') or '(not recorded)'} wrote it, this is torch {new.get('torch')}",
+               "asr_runner": f"asr-runner {old.get('asr_runner') or '(older)'} wrote it, this is {new.get('asr_runner')}",
                "items": "the manifest has a different number of items", "plan_sha256": "the shard plan changed"}
     return "; ".join(reasons.get(k, k) for k in keys)
 
@@ -181,17 +229,26 @@ def quantization_settings(spec: JobSpec):
                     max_wer_increase=q.max_wer_increase, max_fp32_layers=q.max_fp32_layers, engine=q.engine)
 
 
-def int8_payload(spec: JobSpec, on_event: Event) -> tuple[dict, dict]:
-    """int8: the calibrated, gated artifact (made once, then from the cache); raises GateFailed (exit 1)."""
+def int8_payload(spec: JobSpec, on_event: Event, pinned: Optional[str] = None) -> tuple[dict, dict]:
+    """int8: the calibrated, gated artifact (made once, then from the cache); raises GateFailed (exit 1).
+
+    `pinned`: the sha256 of the artifact a resumed job's parts were made with; that artifact is
+    taken from the output directory (never re-made, never from the cache) or the resume is refused.
+    """
     from . import artifact
     from .calibrate import fp32_checkpoint, make_artifact
 
-    on_event("quantizing", model=spec.model)
     t0 = time.perf_counter()
-    data, cached = make_artifact(spec.model, spec.manifest, spec.quantization.calibration_manifest,
-                                 quantization_settings(spec))
+    if pinned:
+        data, source = _job_artifact(Path(spec.output), pinned), "job"
+    else:
+        on_event("quantizing", model=spec.model)
+        data, cached = make_artifact(spec.model, spec.manifest, spec.quantization.calibration_manifest,
+                                     quantization_settings(spec))
+        source = "cache" if cached else "made"
     report = artifact.Artifact.from_bytes(data).report
-    info = {"sha256": artifact.sha256(data), "from_cache": cached, "seconds": round(time.perf_counter() - t0, 2),
+    info = {"sha256": artifact.sha256(data), "from_cache": source != "made", "source": source,
+            "seconds": round(time.perf_counter() - t0, 2),
             "fp32_units": report.get("fp32_units", []), "gate": report.get("gate", {})}
     on_event("quantized", **info)
     q = spec.quantization
@@ -201,6 +258,23 @@ def int8_payload(spec: JobSpec, on_event: Event) -> tuple[dict, dict]:
     return payload, {"report": report, **info}
 
 
+def _job_artifact(out: Path, sha256: str) -> bytes:
+    """The int8 artifact a job's parts were made with, from its output directory, checked by hash."""
+    from . import artifact
+
+    path = out / ARTIFACT_FILE
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = None
+    if data is None or artifact.sha256(data) != sha256:
+        raise InputError(f"cannot resume {out}: its int8 model {path} {'is missing' if data is None else 'has changed'} "
+                         f"(the job's parts were made with the artifact sha256 {sha256[:16]}..., and a resume must "
+                         "use that same model, not a new quantization): put the file back, or start a new job with "
+                         "another --out")
+    return data
+
+
 def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, address: Optional[str] = None,
             on_event: Event = lambda kind, **data: None) -> RunResult:
     """Run (or resume) a job to completion; raises `InputError` (exit 2) or `JobFailed` (exit 1)."""
@@ -208,17 +282,31 @@ def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, add
     from .nemo_loader import check_model_file
 
     check_model_file(spec.model)
-    plan = prepare(spec)
+    resuming = resume or retry_errors
+    recorded = recorded_job(spec) if resuming else None
+    plan = prepare(spec, recorded)
     fp = fingerprint(spec, plan)
-    check_output(spec, fp, resume or retry_errors)
+    check_output(spec, fp, resuming)  # before the lock: never a lock file in a folder that is not ours
+    with driver_lock(Path(spec.output)):
+        check_output(spec, fp, resuming)
+        return _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start)
+
+
+def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start) -> RunResult:
+    out = Path(spec.output)
     todo, retry = shards_to_run(spec, plan, retry_errors)
+    _check_budget(spec, plan, _failed_in_finished_parts(out, plan, set(todo)))  # nothing to run can fix it
     payload, quant = None, None
     if todo:
-        payload, quant = int8_payload(spec, on_event) if spec.precision == "int8" else (load_payload(spec), None)
-    claim_output(spec, plan, fp, resume or retry_errors,
-                 {"int8_artifact_sha256": quant["sha256"]} if quant else None)
+        if spec.precision == "int8":
+            payload, quant = int8_payload(spec, on_event, (recorded or {}).get("int8_artifact_sha256"))
+        else:
+            payload = load_payload(spec)
+    claim_output(spec, plan, fp, resuming, {"int8_artifact_sha256": quant["sha256"]} if quant else None)
     if quant:
-        write_json(Path(spec.output) / QUANTIZATION_FILE, quant["report"])
+        if quant["source"] != "job":
+            write_atomic(out / ARTIFACT_FILE, payload["artifact"])
+        write_json(out / QUANTIZATION_FILE, quant["report"])
     todo_seconds = sum(plan.shards[i].seconds for i in todo)
     on_event("planned", shards=len(plan.shards), todo=len(todo), items=plan.items, seconds=plan.seconds,
              todo_seconds=todo_seconds)
@@ -226,9 +314,21 @@ def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, add
                  "quantization": {k: v for k, v in (quant or {}).items() if k != "report"} or None}
     if todo:
         _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start)
+    _check_budget(spec, plan, _failed_in_finished_parts(out, plan, set()))  # the whole job, whatever ran now
     stats = finish(spec, plan, processed)
     on_event("finished", stats=stats)
-    return RunResult(Path(spec.output), stats, todo)
+    return RunResult(out, stats, todo)
+
+
+def _check_budget(spec: JobSpec, plan: Plan, failed: int) -> None:
+    """Raise `JobFailed` (exit 1, no `_SUCCESS`) when the job holds more error rows than its budget."""
+    budget = spec.max_failed_items(plan.items)
+    if failed > budget:
+        (Path(spec.output) / SUCCESS_FILE).unlink(missing_ok=True)  # from an earlier run under a larger budget
+        raise JobFailed(f"{failed} failed items exceed the error budget max_failed={spec.max_failed} "
+                        f"({budget} of {plan.items} items); finished parts are kept: fix the inputs (see the `error` "
+                        "column), then run again with --retry-errors (it re-runs the error rows; --resume does not), "
+                        "or raise max_failed in the spec and run again with --resume")
 
 
 def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start) -> None:
@@ -248,7 +348,6 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, 
 
 def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
     out = Path(spec.output)
-    budget = spec.max_failed_items(plan.items)
     failed = _failed_in_finished_parts(out, plan, set(todo))
     items = iter_manifest(spec.manifest, read_missing_durations=False)
     work = ((shard, _only(batch, retry.get(shard.index))) for shard, batch in group_items(items, plan.shards, set(todo)))
@@ -265,10 +364,7 @@ def _dispatch(spec, plan, todo, retry, pool, on_event, processed) -> None:
         info["peak_rss_mb"] = max(info.get("peak_rss_mb", 0.0), result.peak_rss_mb)
         on_event("shard", shard=shard.index, audio_seconds=result.audio_seconds, worker=result.worker,
                  failed=failed, errors=[r["error"] for r in rows if r["status"] == "error"][:3])
-        if failed > budget:
-            raise JobFailed(f"{failed} failed items exceed the error budget max_failed={spec.max_failed} "
-                            f"({budget} of {plan.items} items); finished parts are kept: fix the inputs "
-                            "(see the `error` column) and run again with --resume or --retry-errors")
+        _check_budget(spec, plan, failed)
 
 
 def _add_stages(processed: dict, result, write_seconds: float) -> None:
@@ -292,7 +388,7 @@ def _failed_in_finished_parts(out: Path, plan: Plan, todo: set[int]) -> int:
     failed = 0
     for index, path in existing_parts(out).items():
         if index not in todo and index < len(plan.shards):
-            failed += sum(s == "error" for s in read_part(path)["status"].to_pylist())
+            failed += sum(s == "error" for s in read_part(path, ["status"])["status"].to_pylist())
     return failed
 
 

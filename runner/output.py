@@ -1,4 +1,6 @@
-"""The run directory: `job.json`, Parquet parts written atomically, `stats.json`, `_SUCCESS`.
+"""The run directory: `job.json`, Parquet parts written atomically, `stats.json`, `_SUCCESS`;
+for int8 jobs `quantization.json` and `int8-model.pt` (the artifact every part was made with);
+`.asr-runner.lock`, held by the driver at work.
 
 Only the driver writes here. Workers send their rows back through Ray's object store, so a
 cluster needs no shared filesystem: the output directory only has to exist on the driver's
@@ -8,15 +10,23 @@ same folder, flushed to disk, then renamed: a part file that exists is complete.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import InputError
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -32,7 +42,10 @@ SCHEMA = pa.schema([
 
 JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
 DIGEST_KEY = b"asr_runner_rows_sha256"  # footer metadata: sha256 of the part's rows
+PART_NAME = re.compile(r"part-(\d{5,})\.parquet")
 QUANTIZATION_FILE = "quantization.json"  # int8 runs: the artifact's report (gate, sensitivity, engines)
+ARTIFACT_FILE = "int8-model.pt"  # int8 runs: the artifact every part was made with (a resume uses it)
+LOCK_FILE = ".asr-runner.lock"  # held by the running driver
 
 
 def part_path(out: Path, shard: int) -> Path:
@@ -73,8 +86,8 @@ def write_part(out: Path, shard: int, rows: list[dict], metadata: Optional[dict]
     return path
 
 
-def read_part(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=SCHEMA)
+def read_part(path: Path, columns: Optional[list[str]] = None) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMA, columns=columns)
 
 
 def part_is_valid(path: Path, shard: int, expected_rows: int) -> bool:
@@ -105,10 +118,10 @@ def existing_parts(out: Path) -> dict[int, Path]:
         return {}
     parts = {}
     for path in folder.glob("part-*.parquet"):
-        try:
-            parts[int(path.stem.split("-")[1])] = path
-        except (IndexError, ValueError):
-            continue
+        match = PART_NAME.fullmatch(path.name)
+        # exactly the name `part_path` gives: `part-1.parquet` or `part-00001-copy.parquet` are not ours
+        if match and path.name == part_path(out, int(match[1])).name:
+            parts[int(match[1])] = path
     return parts
 
 
@@ -133,6 +146,39 @@ def _planned_shards(out: Path) -> Optional[int]:
         return len(json.loads((out / JOB_FILE).read_text())["plan"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+@contextmanager
+def driver_lock(out: Path) -> Iterator[None]:
+    """Hold the output directory for one driver: an exclusive `flock` on `OUT/.asr-runner.lock`.
+
+    The kernel drops the lock when the holder exits, however it exits (a SIGKILLed driver too), so
+    a stale lock never blocks `--resume`; the file itself stays (it only says who held it last).
+    The descriptor is not inherited, so the Ray processes a driver starts never hold it.
+    A second driver gets `InputError` (exit 2) naming the one at work.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        try:
+            who = "pid {pid} on {host}, started {started}: {command}".format(**json.loads(holder))
+        except (ValueError, KeyError, TypeError):
+            who = "details not written yet"
+        raise InputError(f"{out} is in use by another asr-runner driver ({who}); wait for it to finish or stop it, "
+                         "then run again (with --resume to continue its job)") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                                  "command": " ".join(sys.argv)}).encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _remove_quietly(path: str) -> None:

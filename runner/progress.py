@@ -27,10 +27,11 @@ class LogProgress:
     def on_quantizing(self, model):
         log.info("int8: calibrating and checking accuracy for %s (done once, then cached)", model)
 
-    def on_quantized(self, sha256, from_cache, seconds, fp32_units, gate):
+    def on_quantized(self, sha256, from_cache, source, seconds, fp32_units, gate):
         from .calibrate import gate_description
 
-        source = "from the cache" if from_cache else f"made in {seconds:.1f} s"
+        source = {"cache": "from the cache", "job": "the job's own, from its output folder"}.get(
+            source, f"made in {seconds:.1f} s")
         kept = f"; kept in fp32: {', '.join(fp32_units)}" if fp32_units else ""
         log.info("int8 artifact %s (%s): %s%s", sha256[:12], source, gate_description(gate), kept)
 
