@@ -1,37 +1,38 @@
 """Driver side of int8: sample audio, calibrate, choose observers, gate accuracy, make the artifact.
 
-    samples (seeded, calibration kept apart from the gate's held-out items)
+    samples (seeded, calibration kept apart from the gate's held-out items; files longer than
+             `max_seconds` take part as consecutive windows of that length)
     -> per activation observer: prepare -> calibrate -> convert          (runner.quantize)
     -> held-out gate: int8 vs fp32 (WER/CER with references, else agreement with fp32
        transcripts), plus logit similarity; the observer with the best figures is kept
     -> over the tolerance: per-unit sensitivity (logit error with that unit kept in fp32),
        then the most sensitive units go back to fp32 one by one until the gate passes, or
        `max_fp32_layers` is reached and quantization fails with the report (exit 1)
-    -> Artifact (runner.artifact), cached on disk by model + manifests + settings.
+    -> Artifact (runner.artifact), cached on disk by what it was made from: model, manifests,
+       settings, the sampled audio files and the quantization code (runner.int8_cache).
 
 Runs where the fp32 model already is (the job driver, `asr-runner quantize`). No Ray here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
+import math
 import os
 import random
+import stat
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import artifact as artifact_io
+from . import int8_cache
 from .artifact import Artifact
 from .audio import load_audio
 from .errors import AudioLoadError, InputError, QuantizationError
+from .int8_cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
 from .int8_check import logit_figures, make_reference, measure, summarize, texts
 from .manifest import ManifestItem, file_sha256, iter_manifest
 from .metrics import cer, normalize_text, wer
@@ -61,7 +62,7 @@ class Settings:
     engine: str = "auto"  # engine the gate evaluates with (auto: the fastest here)
     observers: tuple[str, ...] = ("histogram", "minmax", "moving_average")
     seed: int = 0
-    max_seconds: float = 30.0  # items longer than this: calibration uses their start, the gate skips them
+    max_seconds: float = 30.0  # items longer than this take part as consecutive windows of this length
 
 
 # --------------------------------------------------------------------------- samples
@@ -73,16 +74,20 @@ class Samples:
     gate_items: int
 
 
+MIN_WINDOW = 2.0  # seconds: the last window of a long item is left out when shorter than this
+
+
 def _with_spares(k: int) -> int:
     return k + k // 10 + 5
 
 
 def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: Settings) -> Samples:
-    """Reproducible samples (seeded reservoir, one streaming pass): calibration and gate never share a line.
+    """Reproducible samples (seeded reservoir, one streaming pass): calibration and gate never share audio.
 
-    Without a separate calibration manifest both come from `manifest`, disjoint. Items longer
-    than `max_seconds` are left out when enough shorter ones exist (the gate runs whole files).
-    Each sample carries spares, used in order when an item cannot be read.
+    Without a separate calibration manifest both come from `manifest`, disjoint. An item longer than
+    `max_seconds` is offered as its consecutive windows of that length (`_windows`), so the sample is
+    uniform over stretches of audio: windows of one long file may land in both samples, never the same
+    window. Each sample carries spares, used in order when an item cannot be read.
     """
     want_cal, want_gate = settings.calibration_items, settings.gate_items
     if calibration_manifest is None:
@@ -92,11 +97,13 @@ def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: S
                              "one to check accuracy); the manifest has fewer")
         # Gate candidates first, the rest calibrate; spares (and a small manifest) split in proportion.
         n_gate = min(len(both) - 1, max(1, len(both) * want_gate // (want_cal + want_gate)))
-        return Samples(both[n_gate:], both[:n_gate], want_cal, want_gate)
+        calibration, gate = _apart(both[n_gate:], both[:n_gate], settings.max_seconds), both[:n_gate]
+        if not calibration:
+            raise InputError(f"{manifest}: every item to calibrate on has audio the accuracy check also uses "
+                             "(the same file listed more than once?)")
+        return Samples(calibration, gate, want_cal, want_gate)
     calibration = _reservoir(calibration_manifest, _with_spares(want_cal), settings)
-    taken = {(i.audio_filepath, i.offset) for i in calibration}
-    gate = [i for i in _reservoir(manifest, _with_spares(want_gate), settings, salt=1)
-            if (i.audio_filepath, i.offset) not in taken]
+    gate = _apart(_reservoir(manifest, _with_spares(want_gate), settings, salt=1), calibration, settings.max_seconds)
     if not calibration or not gate:
         empty = calibration_manifest if not calibration else manifest
         raise InputError(f"{empty}: no items to {'calibrate on' if not calibration else 'check accuracy on'}")
@@ -104,20 +111,31 @@ def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: S
 
 
 def _reservoir(path: str, k: int, settings: Settings, salt: int = 0) -> list[ManifestItem]:
+    """k items drawn uniformly from the short items and the long items' windows of `path`, in O(k) memory."""
     rng = random.Random(f"{settings.seed}:{salt}")
-    short, long_ = [], []
-    seen_short = seen_long = 0
+    picked: list[ManifestItem] = []
+    seen = 0
     for item in iter_manifest(path):
-        if item.duration is None or item.duration <= settings.max_seconds:
-            seen_short += 1
-            _offer(short, item, seen_short, k, rng)
-        else:
-            seen_long += 1
-            _offer(long_, item, seen_long, k, rng)
-    picked = short if len(short) >= min(k, 2) else short + long_[: k - len(short)]
-    picked.sort(key=lambda i: i.line)
+        for unit in _windows(item, settings.max_seconds):
+            seen += 1
+            _offer(picked, unit, seen, k, rng)
+    picked.sort(key=lambda i: (i.line, i.offset))
     random.Random(f"{settings.seed}:{salt}:order").shuffle(picked)
     return picked
+
+
+def _windows(item: ManifestItem, max_seconds: float) -> Iterator[ManifestItem]:
+    """`item` when it lasts at most `max_seconds` (or its length is unknown), else its consecutive windows
+    of `max_seconds` (the last one kept when it lasts at least `MIN_WINDOW`), id `id@start s`, with no
+    reference text: the manifest's belongs to the whole item, so a gate with windows measures agreement."""
+    if item.duration is None or item.duration <= max_seconds or max_seconds <= 0:
+        yield item
+        return
+    k = 0
+    while (length := min(max_seconds, item.duration - k * max_seconds)) >= min(MIN_WINDOW, max_seconds):
+        start = item.offset + k * max_seconds
+        yield replace(item, id=f"{item.id}@{start:.1f}s", offset=start, duration=float(length), text=None)
+        k += 1
 
 
 def _offer(pool: list, item, seen: int, k: int, rng: random.Random) -> None:
@@ -129,13 +147,35 @@ def _offer(pool: list, item, seen: int, k: int, rng: random.Random) -> None:
             pool[j] = item
 
 
+def _apart(items: Sequence[ManifestItem], taken: Sequence[ManifestItem], max_seconds: float) -> list[ManifestItem]:
+    """`items` less those whose audio (what `read_items` reads) overlaps audio of `taken` in the same file."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for i in taken:
+        spans.setdefault(i.audio_filepath, []).append(_span(i, max_seconds))
+    return [i for i in items if not any(a < end and start < b for start, end in spans.get(i.audio_filepath, ())
+                                        for a, b in [_span(i, max_seconds)])]
+
+
+def _span(item: ManifestItem, max_seconds: float) -> tuple[float, float]:
+    length = item.duration if item.duration else math.inf  # none or 0: to the end of the file
+    return item.offset, item.offset + min(length, max_seconds)
+
+
 def read_items(items: Sequence[ManifestItem], rate: int, max_seconds: float,
                limit: Optional[int] = None) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
-    """Audio of the first `limit` readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones."""
+    """Audio of the first `limit` readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones.
+
+    A path that is not a regular file (a FIFO, a device, a folder) is skipped without being opened."""
     audios, kept, skipped = [], [], []
     for item in items:
         if limit is not None and len(kept) >= limit:
             break
+        try:
+            if not stat.S_ISREG(os.stat(item.audio_filepath).st_mode):
+                skipped.append(f"id {item.id}: {item.audio_filepath}: not a regular file")
+                continue
+        except OSError:
+            pass  # load_audio says what is wrong with it
         try:
             audio = load_audio(item.audio_filepath, rate, item.offset, item.duration)
         except AudioLoadError as exc:
@@ -356,42 +396,40 @@ def gate_description(gate: dict) -> str:
 
 
 # --------------------------------------------------------------------------- from files, with a cache
-def cache_dir() -> Path:
-    """ASR_RUNNER_CACHE, else $XDG_CACHE_HOME/asr-runner, else ~/.cache/asr-runner."""
-    if os.environ.get("ASR_RUNNER_CACHE"):
-        return Path(os.environ["ASR_RUNNER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asr-runner"
+def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
+              samples: Optional[Samples] = None) -> str:
+    """The key of the artifact these inputs make (draws the samples when not given)."""
+    return artifact_inputs(model_path, manifest, calibration_manifest, settings, samples)["cache_key"]
 
 
-def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings) -> str:
-    parts = {"recipe": RECIPE_VERSION, "model": file_sha256(model_path), "manifest": file_sha256(manifest),
-             "calibration": file_sha256(calibration_manifest) if calibration_manifest else None,
-             "settings": asdict(settings), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+def artifact_inputs(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
+                    samples: Optional[Samples] = None, model_sha256: Optional[str] = None) -> dict:
+    """What the artifact is made from, with its cache key (`runner.int8_cache.inputs_record`)."""
+    samples = samples or draw_samples(manifest, calibration_manifest, settings)
+    manifests = {"manifest": file_sha256(manifest),
+                 "calibration": file_sha256(calibration_manifest) if calibration_manifest else None}
+    return int8_cache.inputs_record(model_sha256 or file_sha256(model_path), manifests, asdict(settings),
+                                    RECIPE_VERSION, samples.calibration, samples.gate)
 
 
 def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional[str] = None,
                   settings: Settings = Settings(), use_cache: bool = True) -> tuple[bytes, bool]:
     """Artifact bytes for a model and manifest, from the cache when the same inputs made one before.
 
-    Returns (bytes, came_from_cache). Raises `GateFailed` (exit 1) or `InputError` (exit 2).
+    The samples are drawn first: the key covers the audio they read. A cached artifact is used only if
+    its own record of its inputs matches. Returns (bytes, came_from_cache). Raises `GateFailed` (exit 1)
+    or `InputError` (exit 2).
     """
-    key = cache_key(model_path, manifest, calibration_manifest, settings)
-    cached = cache_dir() / f"int8-{key[:32]}.pt"
-    if use_cache and cached.is_file():
-        data = cached.read_bytes()
-        try:
-            Artifact.from_bytes(data, str(cached))
-            log.info("int8 artifact from the cache: %s", cached)
-            return data, True
-        except InputError:
-            log.warning("ignoring a damaged cached artifact %s", cached)
+    samples = draw_samples(manifest, calibration_manifest, settings)
+    model_sha256 = file_sha256(model_path)
+    inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256)
+    if use_cache and (data := int8_cache.cached_artifact(inputs)) is not None:
+        return data, True
     from .nemo_loader import load_any
 
     model = load_any(model_path)
     if use_cache:
-        _save_fp32_checkpoint(model, _fp32_cache_path(model_path))
-    samples = draw_samples(manifest, calibration_manifest, settings)
+        int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256))
     rate = model.spec.features.sample_rate
     cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds,
                                                    samples.calibration_items)
@@ -399,45 +437,15 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     if not cal_audio or not gate_audio:
         raise InputError(f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
                          f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})")
-    whole = all(len(a) < settings.max_seconds * rate for a in gate_audio)  # none cut: references still match
+    # References only when every gate item is a whole manifest item (windows have none) and none was cut.
+    whole = all(len(a) < settings.max_seconds * rate for a in gate_audio)
     references = [i.text for i in gate_items] if whole and all(i.text is not None for i in gate_items) else None
-    info = {"model": {"file": str(model_path), "sha256": file_sha256(model_path)},
+    info = {"model": {"file": str(model_path), "sha256": model_sha256}, "inputs": inputs,
             "calibration": {"manifest": str(calibration_manifest or manifest), "skipped": cal_skipped[:20],
                             "ids": [i.id for i in cal_items][:1000]},
             "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]}}
     art = quantize_model(model, cal_audio, gate_audio, references, settings, info)
     data = art.to_bytes()
     if use_cache:
-        artifact_io.save(data, cached)
+        int8_cache.store_artifact(data, inputs)
     return data, False
-
-
-def _fp32_cache_path(model_path: str) -> Path:
-    return cache_dir() / f"fp32-{file_sha256(model_path)[:32]}.pt"
-
-
-def _save_fp32_checkpoint(model: LeanCTCModel, path: Path) -> bytes:
-    from .model import save_checkpoint
-
-    buf = io.BytesIO()
-    save_checkpoint(model.spec, model.state_dict(), buf)
-    artifact_io.save(buf.getvalue(), path)
-    return buf.getvalue()
-
-
-def fp32_checkpoint(model_path: str) -> bytes:
-    """The lean fp32 checkpoint of a model (loads without NeMo), for workers whose int8 fails its
-    self-check: cached beside the artifacts, so a job with a cached artifact does not load NeMo."""
-    from .model import load_checkpoint
-
-    path = _fp32_cache_path(model_path)
-    if path.is_file():
-        data = path.read_bytes()
-        try:
-            load_checkpoint(io.BytesIO(data))
-            return data
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            log.warning("ignoring a damaged cached fp32 checkpoint %s", path)
-    from .nemo_loader import load_any
-
-    return _save_fp32_checkpoint(load_any(model_path), path)
