@@ -20,6 +20,7 @@ from .metrics import normalize_text, wer
 from .output import JOB_FILE, STATS_FILE, SUCCESS_FILE, read_rows, write_atomic, write_json
 
 RUN_KEYS = ("precision", "engine", "workers", "threads_per_worker", "utterances", "failed", "audio_seconds",
+            "total_seconds", "rtfx_total", "quantize_seconds",  # None for runs made before they were recorded
             "rtfx", "wall_seconds", "startup_seconds", "wer", "cer", "scored_utterances", "cpu", "int8_check")
 
 
@@ -30,6 +31,9 @@ def compare_runs(a: Path, b: Path) -> dict:
     run_a, run_b = _run_summary(a, label_a), _run_summary(b, label_b)
     return {
         "a": run_a, "b": run_b,
+        # end to end, the user's clock: for the same audio, how many times sooner A's command finished
+        "speedup_total": round(run_a["rtfx_total"] / run_b["rtfx_total"], 2)
+        if run_a["rtfx_total"] and run_b["rtfx_total"] else None,
         "speedup": round(run_a["rtfx"] / run_b["rtfx"], 2) if run_a["rtfx"] and run_b["rtfx"] else None,
         "wer_difference": _difference(run_a["wer"], run_b["wer"]),
         "cer_difference": _difference(run_a["cer"], run_b["cer"]),

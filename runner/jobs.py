@@ -276,8 +276,13 @@ def _job_artifact(out: Path, sha256: str) -> bytes:
 
 
 def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, address: Optional[str] = None,
-            on_event: Event = lambda kind, **data: None) -> RunResult:
-    """Run (or resume) a job to completion; raises `InputError` (exit 2) or `JobFailed` (exit 1)."""
+            on_event: Event = lambda kind, **data: None, started: Optional[float] = None) -> RunResult:
+    """Run (or resume) a job to completion; raises `InputError` (exit 2) or `JobFailed` (exit 1).
+
+    `started`: when the user's command started (epoch seconds; the CLI passes its process's start),
+    for `total_seconds`; by default, now.
+    """
+    started = time.time() if started is None else started
     t_start = time.perf_counter()
     from .nemo_loader import check_model_file
 
@@ -289,10 +294,10 @@ def run_job(spec: JobSpec, resume: bool = False, retry_errors: bool = False, add
     check_output(spec, fp, resuming)  # before the lock: never a lock file in a folder that is not ours
     with driver_lock(Path(spec.output)):
         check_output(spec, fp, resuming)
-        return _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start)
+        return _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started)
 
 
-def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start) -> RunResult:
+def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started) -> RunResult:
     out = Path(spec.output)
     todo, retry = shards_to_run(spec, plan, retry_errors)
     _check_budget(spec, plan, _failed_in_finished_parts(out, plan, set(todo)))  # nothing to run can fix it
@@ -310,7 +315,8 @@ def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_ev
     todo_seconds = sum(plan.shards[i].seconds for i in todo)
     on_event("planned", shards=len(plan.shards), todo=len(todo), items=plan.items, seconds=plan.seconds,
              todo_seconds=todo_seconds)
-    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": 0, "engines": {},
+    processed = {"audio": 0.0, "wall": 0.0, "startup": 0.0, "workers": 0, "engines": {}, "started": started,
+                 "quantize": quant["seconds"] if quant and quant["source"] == "made" else 0.0,
                  "quantization": {k: v for k, v in (quant or {}).items() if k != "report"} or None}
     if todo:
         _run_on_ray(spec, plan, todo, retry, payload, address, on_event, processed, t_start)
@@ -397,6 +403,10 @@ def finish(spec: JobSpec, plan: Plan, processed: dict) -> dict:
 
     out = Path(spec.output)
     stats = job_stats(spec, out, processed)
+    if processed.get("started") is not None:  # the user's clock: command start to `_SUCCESS` (an fsync away)
+        total = time.time() - processed["started"]
+        stats.update(total_seconds=round(total, 3),
+                     rtfx_total=round(processed.get("audio", 0.0) / total, 2) if total > 0 else None)
     write_json(out / STATS_FILE, stats)
     write_atomic(out / SUCCESS_FILE, b"")
     return stats

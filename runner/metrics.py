@@ -1,24 +1,26 @@
-"""Word and character error rates (fractions, not percentages)."""
+"""Word and character error rates (fractions, not percentages).
+
+The edit distance is rapidfuzz's (C++, bit-parallel: a 3-hour recording's reference against
+its transcript, ~160k characters, in about a second), the library jiwer builds on; the
+pure-Python dynamic programme this replaced took ~100 s for one 16-minute recording.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from rapidfuzz.distance import Levenshtein
+
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1) between two strings
+    (characters) or two sequences of words."""
+    return Levenshtein.distance(ref, hyp)
 
 
 def error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str = "word") -> float:
     """Corpus-level WER (`unit="word"`) or CER (`unit="char"`): total edits / total reference units."""
-    split = str.split if unit == "word" else (lambda s: list(" ".join(s.split())))
+    split = str.split if unit == "word" else (lambda s: " ".join(s.split()))
     edits = units = 0
     for ref, hyp in zip(refs, hyps, strict=True):
         r, h = split(ref), split(hyp)

@@ -13,7 +13,8 @@ from .sysinfo import cpu_info
 
 def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
     """`stats.json` content. `audio_seconds` covers the whole job; `rtfx` the audio this invocation
-    transcribed (`processed_audio_seconds`) over its `wall_seconds` (equal for a fresh run)."""
+    transcribed (`processed_audio_seconds`) over its dispatch `wall_seconds` (equal for a fresh run);
+    `rtfx_total` the same audio over `total_seconds`, what the user waited."""
     table = read_rows(out, ["status", "duration", "text", "reference"])
     status = table["status"].to_pylist()
     ok = [s == "ok" for s in status]
@@ -31,6 +32,10 @@ def job_stats(spec: JobSpec, out: Path, processed: dict) -> dict:
         "failed": len(status) - sum(ok),
         "audio_seconds": round(sum(d or 0.0 for d, k in zip(durations, ok) if k), 3),
         "processed_audio_seconds": round(processed.get("audio", 0.0), 3),
+        # the user's clock (command start to `_SUCCESS`), set by `jobs.finish`; the dispatch figures follow
+        "total_seconds": None,
+        "rtfx_total": None,
+        "quantize_seconds": round(processed.get("quantize", 0.0), 3),  # int8 made now; 0 when cached or fp32
         "startup_seconds": round(processed.get("startup", 0.0), 3),
         "wall_seconds": round(wall, 3),
         "rtfx": round(processed.get("audio", 0.0) / wall, 2) if wall > 0 else None,

@@ -50,8 +50,14 @@ def test_figures_are_the_runs_stats(demo):
     assert result["cer_difference"] == pytest.approx(a["cer"] - b["cer"], abs=1e-5)
     for run, st in ((result["a"], a), (result["b"], b)):
         for key in ("precision", "engine", "workers", "utterances", "failed", "rtfx", "wall_seconds",
-                    "startup_seconds", "wer", "cer"):
+                    "startup_seconds", "wer", "cer", "total_seconds", "rtfx_total", "quantize_seconds"):
             assert run[key] == st[key], key
+        # the user's clock holds the start-up (quantization included) and the dispatch, and the scoring after
+        assert st["total_seconds"] >= st["startup_seconds"] + st["wall_seconds"] >= st["quantize_seconds"]
+        assert st["rtfx_total"] == pytest.approx(st["processed_audio_seconds"] / st["total_seconds"], rel=0.01)
+        assert st["rtfx_total"] < st["rtfx"]
+    assert a["quantize_seconds"] > 0 and b["quantize_seconds"] == 0  # the demo's int8 artifact was made now
+    assert result["speedup_total"] == pytest.approx(a["rtfx_total"] / b["rtfx_total"], abs=0.005)
     assert (result["a"]["label"], result["b"]["label"]) == ("int8", "fp32")
     assert json.loads((demo / "comparison.json").read_text()) == result  # the demo shows the same comparison
 
@@ -92,7 +98,9 @@ def test_console_script_prints_the_table_and_writes_both_files(demo, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     speedup = compare_runs(demo / "int8", demo / "fp32")["speedup"]
-    for text in (f"{speedup:.2f}x speedup", "WER", "identical transcripts", "peak worker RSS", "int8 vs fp32"):
+    total = compare_runs(demo / "int8", demo / "fp32")["speedup_total"]
+    for text in (f"{speedup:.2f}x speedup", f"{total:.2f}x end to end", "total (command start to _SUCCESS)", "WER",
+                 "identical transcripts", "peak worker RSS", "int8 vs fp32"):
         assert text in run.stdout, text
     assert (tmp_path / "compare-int8-vs-fp32.png").read_bytes().startswith(PNG_MAGIC)  # default --out: cwd
     assert json.loads((tmp_path / "compare-int8-vs-fp32.json").read_text())["speedup"] == speedup

@@ -21,6 +21,7 @@ def test_demo_runs_int8_and_fp32_and_compares(tmp_path):
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "speedup" in run.stdout and "WER" in run.stdout and "identical transcripts" in run.stdout
+    assert "x end to end" in run.stdout and "total (command start to _SUCCESS)" in run.stdout
     assert "Warning" not in run.stderr and "deprecat" not in run.stderr.lower()
     result = json.loads((out / "comparison.json").read_text())
     for precision in ("int8", "fp32"):
