@@ -304,7 +304,10 @@ def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_ev
     payload, quant = None, None
     if todo:
         if spec.precision == "int8":
-            payload, quant = int8_payload(spec, on_event, (recorded or {}).get("int8_artifact_sha256"))
+            # parts on disk were made with the recorded artifact: a resume must use it (none yet: the driver
+            # stopped between job.json and the artifact's copy, and a new quantization mixes nothing)
+            pinned = (recorded or {}).get("int8_artifact_sha256") if existing_parts(out) else None
+            payload, quant = int8_payload(spec, on_event, pinned)
         else:
             payload = load_payload(spec)
     claim_output(spec, plan, fp, resuming, {"int8_artifact_sha256": quant["sha256"]} if quant else None)
