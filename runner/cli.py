@@ -194,7 +194,6 @@ def _console():
 
 
 def _print_stats(stats: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{out}", show_header=False)
@@ -252,7 +251,6 @@ def _cmd_compare(args) -> int:
 
 def _print_comparison(result: dict, title: str) -> None:
     """Two runs side by side (`compare`, `demo`): each run's figures, then A against B in the last column."""
-    from rich.console import Console
     from rich.table import Table
 
     a, b, agree = result["a"], result["b"], result["agreement"]

@@ -188,7 +188,8 @@ def _why(keys: list[str], old: dict, new: dict) -> str:
                "precision": "precision changed", "shard_seconds": "shard_seconds changed",
                "quantization": "the int8 quantization settings or engine policy changed",
                "torch": f"torch {old.get('torch') or '(not recorded)'} wrote it, this is torch {new.get('torch')}",
-               "asr_runner": f"asr-runner {old.get('asr_runner') or '(older)'} wrote it, this is {new.get('asr_runner')}",
+               "asr_runner": f"asr-runner {old.get('asr_runner') or '(older)'} wrote it, "
+                             f"this is {new.get('asr_runner')}",
                "items": "the manifest has a different number of items", "plan_sha256": "the shard plan changed"}
     return "; ".join(reasons.get(k, k) for k in keys)
 
@@ -268,7 +269,8 @@ def _job_artifact(out: Path, sha256: str) -> bytes:
     except OSError:
         data = None
     if data is None or artifact.sha256(data) != sha256:
-        raise InputError(f"cannot resume {out}: its int8 model {path} {'is missing' if data is None else 'has changed'} "
+        what = "is missing" if data is None else "has changed"
+        raise InputError(f"cannot resume {out}: its int8 model {path} {what} "
                          f"(the job's parts were made with the artifact sha256 {sha256[:16]}..., and a resume must "
                          "use that same model, not a new quantization): put the file back, or start a new job with "
                          "another --out")

@@ -9,7 +9,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import pytest
 import soundfile as sf
 
 from runner.artifact import Artifact
