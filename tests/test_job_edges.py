@@ -8,12 +8,7 @@ Each test records its outcome for the README's Reliability table.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +17,7 @@ from runner.cli import main
 from runner.output import read_rows
 from runner.spec import DEMO_MODEL
 
-from .test_reliability import demo_rows, manifest_ids, stamps, write_manifest, write_spec
+from .test_reliability import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -197,24 +192,10 @@ def test_one_driver_per_output_folder_and_a_killed_drivers_lock_is_stale(ray_loc
     manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(2))  # 250 utterances
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=out, shard_seconds=20)
-    first = subprocess.Popen([sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
-                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while first.poll() is None and time.monotonic() < deadline and not (out / "job.json").exists():
-            time.sleep(0.01)
-        assert first.poll() is None, f"the first driver ended early: {first.stderr.read().decode()[-2000:]}"
+    with running_driver(spec, lambda: (out / "job.json").exists(), "the first driver") as first:
         refused = main(["--quiet", "run", str(spec), "--resume"])
         err = capsys.readouterr().err
         running = first.poll() is None
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
-    finally:
-        time.sleep(1)
-        try:  # the Ray processes the first driver started
-            os.killpg(first.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert running, "the first driver finished before the second one tried"
     assert refused == 2 and f"in use by another asr-runner driver (pid {first.pid} on " in err, err
     assert not (out / "_SUCCESS").exists()

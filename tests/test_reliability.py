@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -175,25 +176,35 @@ def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(ray_local, s
 
 # --- driver killed -------------------------------------------------------------------------------
 
-def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tmp_path, reliability):
-    manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(4))  # 500 utterances, 18 minutes
-    out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=out, shard_seconds=30)
+@contextmanager
+def running_driver(spec: Path, ready, what: str):
+    """`asr-runner run SPEC` in its own process, yielded once `ready()` holds (it must still be running
+    then), SIGKILLed on the way out with the Ray processes it started."""
     driver = subprocess.Popen([sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
-        while driver.poll() is None and time.monotonic() < deadline and len(stamps(out) if out.exists() else {}) < 3:
+        while driver.poll() is None and time.monotonic() < deadline and not ready():
             time.sleep(0.005)
-        assert driver.poll() is None, f"the driver ended before it was killed: {driver.stderr.read().decode()[-2000:]}"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
+        assert driver.poll() is None, f"{what} ended before it was killed: {driver.stderr.read().decode()[-2000:]}"
+        yield driver
     finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
         time.sleep(1)
         try:  # the Ray processes the driver started: gone with it, or cleaned up here
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tmp_path, reliability):
+    manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(4))  # 500 utterances, 18 minutes
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=out, shard_seconds=30)
+    with running_driver(spec, lambda: len(stamps(out) if out.exists() else {}) >= 3, "the driver"):
+        pass  # SIGKILLed on the way out
     at_kill = stamps(out)
     shards = len(json.loads((out / "job.json").read_text())["plan"])
     assert 3 <= len(at_kill) < shards and not (out / "_SUCCESS").exists()
