@@ -216,7 +216,7 @@ def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[i
 
 def load_payload(spec: JobSpec) -> dict:
     """fp32: what every worker needs to rebuild its model, in one picklable dict (put in Ray once)."""
-    from .nemo_loader import load_any  # NeMo is imported here only for .nemo files
+    from .nemo_loader import load_any  # reads .nemo archives itself: no NeMo import
 
     model = load_any(spec.model)
     return {"precision": "fp32", "spec": model.spec.to_dict(), "state_dict": model.state_dict()}

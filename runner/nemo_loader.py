@@ -1,24 +1,26 @@
-"""Driver side: `.nemo` file -> (`ModelSpec`, fp32 state dict for the lean model).
+"""Driver side: `.nemo` file -> (`ModelSpec`, fp32 state dict for the lean model), read from the archive.
 
-The only module that imports NeMo, and only inside functions: `import runner.nemo_loader`
-stays cheap. The model's config is checked from the archive before NeMo builds anything, so an
-unsupported family fails in well under a second with the classes it found.
+`load_nemo` never imports NeMo; the front end comes from the config with NeMo's own defaults. Only
+`load_nemo_with_nemo` (the reference), `describe` and `text_decoder` (in-memory NeMo models) use NeMo,
+inside functions: `import runner.nemo_loader` stays cheap.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import posixpath
 import re
 import tarfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from .arch import BlockSpec, ConformerSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
 from .decoding import TextDecoder
 from .errors import InputError, UnsupportedModelError
+from .nemo_archive import WEIGHTS, NemoArchive
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +34,14 @@ SUPPORTED_TEXT = ("EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (S
                   "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
                   "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)")
 TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
+_LEGACY = ("tokenizer SentencePieceTokenizer (legacy, with special tokens) is not supported; only NeMo's "
+           "SentencePieceTokenizer (tokenizer.type: bpe, not legacy) can be shipped to the workers")
 
 
 def read_nemo_config(path: str | Path) -> dict[str, Any]:
     """model_config.yaml of a .nemo archive, without NeMo."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: model file not found")
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
-            if member is None:
-                raise InputError(f"{path}: no model_config.yaml inside; is this a .nemo file?")
-            return yaml.safe_load(tar.extractfile(member))
-    except tarfile.TarError as exc:
-        raise InputError(f"{path}: not a .nemo archive ({exc}); pass a file saved by NeMo's save_to()") from None
+    with NemoArchive(Path(path)) as archive:
+        return archive.read_config()
 
 
 def check_supported(config: dict[str, Any], where: str) -> None:
@@ -70,15 +65,51 @@ def check_supported(config: dict[str, Any], where: str) -> None:
 def _check_tokenizer_config(model: str, tokenizer: Any, where: str) -> None:
     if model != "EncDecCTCModelBPE":
         return
-    kind = (tokenizer or {}).get("type")
-    if kind not in TOKENIZER_TYPES or (tokenizer or {}).get("custom_tokenizer"):
-        found = "custom_tokenizer" if (tokenizer or {}).get("custom_tokenizer") else f"tokenizer.type={kind!r}"
+    tokenizer = tokenizer or {}
+    kind = tokenizer.get("type")
+    if str(kind).lower() not in TOKENIZER_TYPES or tokenizer.get("custom_tokenizer"):  # NeMo lower()s the type
+        found = "custom_tokenizer" if tokenizer.get("custom_tokenizer") else f"tokenizer.type={kind!r}"
         raise UnsupportedModelError(f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
                                     "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers")
+    if tokenizer.get("special_tokens") is not None:  # NeMo's ASR mixin builds SentencePieceTokenizer(model_path)
+        raise UnsupportedModelError(f"{where}: {_LEGACY}")  # alone; special tokens were the legacy form
 
 
 def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    """Spec and lean-model weights of a `.nemo` CTC checkpoint."""
+    """Spec and lean-model weights of a `.nemo` CTC checkpoint, read from the archive (no NeMo import)."""
+    where = str(path)
+    with NemoArchive(Path(path)) as archive:
+        config = archive.read_config()
+        check_supported(config, where)
+        names = {k: (config.get(k) or {}).get("_target_", "").rsplit(".", 1)[-1] for k in ("encoder", "decoder")}
+        model = config["target"].rsplit(".", 1)[-1]
+        conformer = names["encoder"] == "ConformerEncoder"
+        dcfg = config["decoder"]
+        if model == "EncDecCTCModelBPE":
+            tokenizer, vocabulary = _tokenizer_from_archive(config["tokenizer"], dcfg.get("vocabulary"), archive,
+                                                            where)
+        else:
+            tokenizer, vocabulary = None, dcfg.get("vocabulary")
+            if not vocabulary:
+                raise UnsupportedModelError(f"{where}: no decoder.vocabulary; a character model needs its labels")
+        spec = ModelSpec(
+            features=_features_from_config(config["preprocessor"], where),
+            encoder=_conformer_encoder(config["encoder"], where) if conformer else _encoder(config["encoder"], where),
+            vocabulary=tuple(vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
+            source={"model": model, **names, "file": where}, tokenizer=tokenizer,
+        )
+        weights = archive.open(WEIGHTS, "not a NeMo checkpoint saved by save_to()", seekable=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"{where}: {WEIGHTS} unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{where}: {WEIGHTS} is not a state dict of tensors")
+    return spec, lean_state_dict(state, where, copy=False)
+
+
+def load_nemo_with_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The same through NeMo's restore_from (7+ s, 700+ MB): the reference `load_nemo` is tested against."""
     config = read_nemo_config(path)
     check_supported(config, str(path))
     from nemo.collections.asr import models  # heavy: 7+ s, 700+ MB
@@ -90,6 +121,29 @@ def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     return describe(model, str(path))
 
 
+def _tokenizer_from_archive(tcfg: dict, labels: Any, archive: NemoArchive,
+                            where: str) -> tuple[TokenizerSpec, tuple[str, ...]]:
+    """The SentencePiece model the config names (NeMo's register_artifact: `nemo:<member>`, else the file's
+    base name inside the archive; no model_path: <dir>/tokenizer.model) and its pieces in id order."""
+    import sentencepiece
+
+    src = tcfg["model_path"] if "model_path" in tcfg else posixpath.join(str(tcfg.get("dir")), "tokenizer.model")
+    if not src:
+        raise InputError(f"{where}: tokenizer.model_path is empty; the SentencePiece model cannot be found")
+    name = src[len("nemo:"):] if src.startswith("nemo:") else posixpath.basename(src)
+    data = archive.open(name, f"the tokenizer model named by tokenizer.model_path ({src}) is not in the archive")
+    try:
+        proc = sentencepiece.SentencePieceProcessor()
+        proc.LoadFromSerializedProto(data.read())
+    except Exception as exc:
+        raise InputError(f"{where}: {name} unreadable: not a SentencePiece model ({exc})") from None
+    pieces = tuple(proc.id_to_piece(i) for i in range(proc.get_piece_size()))
+    if labels and list(pieces) != list(labels):  # NeMo sets decoder.vocabulary to these pieces when it builds
+        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(labels)} labels) is not the "
+                                    f"tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+    return TokenizerSpec.sentencepiece(proc.serialized_model_proto()), pieces
+
+
 def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Spec and lean-model weights of an in-memory NeMo `EncDecCTCModel`."""
     cfg = _to_container(model.cfg)
@@ -98,8 +152,7 @@ def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Te
     spec = ModelSpec(
         features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
         encoder=_conformer_encoder(cfg["encoder"], where) if conformer else _encoder(cfg["encoder"], where),
-        vocabulary=tuple(model.decoder.vocabulary),
-        family="conformer-ctc" if conformer else "conv-ctc",
+        vocabulary=tuple(model.decoder.vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
         source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
                 "decoder": type(model.decoder).__name__, "file": where},
         tokenizer=_tokenizer(model, where),
@@ -150,6 +203,42 @@ def _features(fe, pcfg: dict, where: str) -> FeatureConfig:
         log_zero_guard_type=fe.log_zero_guard_type, log_zero_guard_value=fe.log_zero_guard_value,
         mag_power=float(fe.mag_power), normalize=fe.normalize or None, exact_pad=bool(fe.exact_pad),
         pad_value=float(fe.pad_value), mel_norm=pcfg.get("mel_norm", "slaney"),
+    )
+
+
+def _features_from_config(pcfg: dict, where: str) -> FeatureConfig:
+    """`_features` from the config alone: AudioToMelSpectrogramPreprocessor's and FilterbankFeatures'
+    defaults and derivations (NeMo 3.0); what NeMo refuses to build is refused too."""
+    get = pcfg.get
+    rate = get("sample_rate", 16000)
+    size, stride = get("window_size", 0.02), get("window_stride", 0.01)  # seconds, or null and ...
+    win, hop = get("n_window_size"), get("n_window_stride")  # ... samples
+    exact_pad, guard = get("exact_pad", False), get("log_zero_guard_type", "add")
+    problem = None
+    if size and win:
+        problem = "both window_size and n_window_size"
+    elif stride and hop:
+        problem = "both window_stride and n_window_stride"
+    win = int(size * rate) if size else win
+    hop = int(stride * rate) if stride else hop
+    if problem is None and not (isinstance(win, int) and isinstance(hop, int) and win > 0 and hop > 0):
+        problem = f"a window of {win!r} samples every {hop!r} (both must be positive ints)"
+    elif problem is None and exact_pad and hop % 2 == 1:
+        problem = f"exact_pad with an odd hop ({hop} samples)"
+    elif problem is None and guard not in ("add", "clamp"):
+        problem = f"log_zero_guard_type={guard!r} (add or clamp)"
+    if problem:
+        raise UnsupportedModelError(f"{where}: preprocessor with {problem}: NeMo refuses it too")
+    if get("frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={get('frame_splicing')} is not supported")
+    return FeatureConfig(
+        sample_rate=int(rate), win_length=win, hop_length=hop,
+        n_fft=int(get("n_fft") or 2 ** math.ceil(math.log2(win))), window=get("window", "hann"),
+        preemph=get("preemph", 0.97), n_mels=int(get("features", 64)), lowfreq=float(get("lowfreq", 0) or 0),
+        highfreq=get("highfreq"), log=bool(get("log", True)), log_zero_guard_type=guard,
+        log_zero_guard_value=get("log_zero_guard_value", 2**-24), mag_power=float(get("mag_power", 2.0)),
+        normalize=get("normalize", "per_feature") or None, exact_pad=bool(exact_pad),
+        pad_value=float(get("pad_value", 0)), mel_norm=get("mel_norm", "slaney"),
     )
 
 
@@ -238,14 +327,14 @@ _RENAMES = (
 )
 
 
-def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """NeMo parameter names -> lean-model names (the module layout is the same below the prefix)."""
+def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str, copy: bool = True) -> dict[str, torch.Tensor]:
+    """NeMo parameter names -> lean-model names (the same layout below the prefix); copy=False: fresh tensors."""
     out = {}
     for key, value in nemo_state.items():
         for pattern, repl in _RENAMES:
             if pattern.match(key):
-                out[pattern.sub(repl, key)] = value.detach().clone().float() if value.is_floating_point() \
-                    else value.detach().clone()
+                value = value.detach().clone() if copy else value.detach()
+                out[pattern.sub(repl, key)] = value.float() if value.is_floating_point() else value
                 break
         else:
             raise UnsupportedModelError(f"{where}: unexpected parameter {key!r} (adapters or extra modules?)")
@@ -262,7 +351,7 @@ def check_model_file(path: str | Path) -> None:
 
 
 def load_any(path: str | Path):
-    """Lean fp32 model from a `.nemo` file (through NeMo) or a lean checkpoint (without NeMo)."""
+    """Lean fp32 model from a `.nemo` file or a lean checkpoint (neither imports NeMo)."""
     from .model import build_model, load_checkpoint
 
     path = Path(path)
