@@ -343,6 +343,13 @@ def _print_report(report: dict) -> None:
     t = Table(title="int8 accuracy gate", show_header=False)
     t.add_row("held-out utterances", f"{gate.get('utterances')} ({gate.get('seconds', 0):.0f} s), "
               f"calibration on {report.get('calibration', {}).get('utterances')} others")
+    if gate.get("chunks", 1) > 1:
+        early = gate.get("chunks_read", 0) < gate["chunks"]
+        t.add_row("gate read", f"{gate.get('chunks_read')} of {gate['chunks']} chunks of "
+                  f"{gate.get('planned_utterances')} utterances" + ("; stopped early: the decision was clear" if early else ""))
+    if report.get("phase_seconds"):
+        t.add_row("quantized in", f"{report.get('seconds', 0):.1f} s (" + ", ".join(
+            f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items() if v) + ")")
     t.add_row("measure", gate.get("mode", "-"))
     if gate.get("fp32"):
         t.add_row("WER fp32 / int8", f"{_pct(gate['fp32'].get('wer'))} / {_pct(gate.get('int8', {}).get('wer'))}")

@@ -3,7 +3,7 @@
 int8 is not the same computation on every CPU (x86 without VNNI saturates 8-bit activations;
 a cluster may mix CPUs; an engine may have a bug), so the accuracy gate on the driver's CPU
 cannot vouch for a worker's. The artifact carries a small fp32 reference made once on the
-driver (`make_reference`): the features of a few held-out gate utterances, the fp32 model's
+driver (`runner.gate.GateSet.reference`): the features of a few held-out gate utterances, the fp32 model's
 logits on them, and the figures the driver's own int8 model reached on them, per activation
 bit width (`expected`). A worker runs the same features through its int8 model (`check`) and
 compares with the fp32 logits: per-frame logit cosine, greedy frame agreement and the WER of
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .decoding import greedy_decode
 from .metrics import normalize_text, wer
-from .transcribe import pad_batch
 
 REFERENCE_SECONDS = 20.0  # audio the reference holds (a check costs one int8 pass over it)
 REFERENCE_ITEMS = 4
@@ -54,24 +52,6 @@ def summarize(sums: Sequence[dict]) -> dict:
 def texts(logits: torch.Tensor, lens: torch.Tensor, text_decoder) -> list[str]:
     """Normalized greedy transcripts of [B, C, T] logits."""
     return [normalize_text(t) for t in greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, text_decoder)]
-
-
-@torch.inference_mode()
-def make_reference(model, audios: Sequence[np.ndarray]) -> dict:
-    """fp32 reference from the first gate utterances (up to `REFERENCE_ITEMS`, `REFERENCE_SECONDS`):
-    their features (one padded batch) and the fp32 `model`'s logits on them."""
-    rate = model.spec.features.sample_rate
-    picked, seconds = [], 0.0
-    for audio in audios:
-        if len(picked) >= REFERENCE_ITEMS or seconds >= REFERENCE_SECONDS:
-            break
-        clip = audio[: int((REFERENCE_SECONDS - seconds) * rate)]
-        picked.append(clip)
-        seconds += len(clip) / rate
-    feats, frames = model.features(*pad_batch(picked))
-    logits, lens = model.logits(feats, frames)
-    return {"features": feats.contiguous(), "frames": frames, "logits": logits.contiguous(), "lengths": lens,
-            "seconds": round(seconds, 2), "expected": {}}
 
 
 @torch.inference_mode()
