@@ -140,7 +140,7 @@ def main() -> None:
                   flush=True)
     print(f"CPU {cpu['model']} ({cpu['cores']} cores; int8 flags: {', '.join(cpu['int8_flags']) or 'none'})")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "quantize_time.json"
+    path = Path(args.out) / f"quantize_time_{args.models.replace(',', '_')}.json"
     path.write_text(json.dumps({"cpu": cpu, "statistic": "median of runs, process wall clock", "models": results},
                                indent=2))
     print(f"wrote {path}")
