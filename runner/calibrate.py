@@ -70,8 +70,8 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
                    references: Optional[list[str]], settings: Settings = Settings(),
                    info: Optional[dict] = None) -> Artifact:
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
-    from .quantize import (activation_bits, calibrate, candidate_engines, check_engine, choose_engine, convert,
-                           engine_scope, load_int8, prepare, probe_frames, rebuild, time_engines, use_observer)
+    from .quantize import (activation_bits, calibrate, candidate_engines, check_engine, convert, engine_scope,
+                           prepare, rebuild, use_observer)
 
     clock = _Phases()
     spec = model.spec
@@ -96,16 +96,12 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
 
     converted, engine = {}, settings.engine
     with clock("convert"):
-        if engine == "auto":  # the gate evaluates on the engine that is fastest here
-            probe_engine = "onednn" if "onednn" in candidate_engines() else candidate_engines()[0]
-            first = converted_with(observers[0], probe_engine)
-            timings = time_engines(lambda e: load_int8(spec, first.state_dict(), e), spec.encoder.feat_in,
-                                   candidate_engines(), spec.features.sample_rate / spec.features.hop_length,
-                                   frames=probe_frames(spec))
-            engine = choose_engine(timings)
-            report["engine_seconds_per_audio_second"] = {k: round(v, 5) for k, v in timings.items()}
-            if engine == probe_engine:
-                converted[observers[0]] = first
+        if engine == "auto":
+            # The gate runs on the first candidate in preference order (onednn where it exists: the fastest
+            # on long inputs on both CPU kinds measured), without timing the engines: a probe cost 2.7 s
+            # (QuartzNet15x5) to 4.8 s (FastConformer-CTC large) here, and on near-ties its pick followed
+            # timing noise, which made the artifact differ from run to run. Workers time their own.
+            engine = candidate_engines()[0]
         else:
             try:
                 check_engine(engine)

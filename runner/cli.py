@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="NeMo manifest to sample calibration and held-out gate utterances from (disjoint samples)")
     p.add_argument("--out", required=True, metavar="ARTIFACT", help="artifact file to write")
     p.add_argument("--engine", default="auto", choices=["auto", "onednn", "x86", "fbgemm", "qnnpack"],
-                   help="engine the accuracy gate runs on (default: the fastest here); workers choose their own")
+                   help="engine the accuracy gate runs on (auto: onednn where it exists); workers choose their own")
     p.add_argument("--items", type=int, default=100, help="calibration utterances (default 100)")
     p.add_argument("--gate-items", type=int, default=100, help="held-out utterances for the accuracy gate")
     p.add_argument("--max-wer-increase", type=float, default=0.005,
@@ -345,8 +345,9 @@ def _print_report(report: dict) -> None:
               f"calibration on {report.get('calibration', {}).get('utterances')} others")
     if gate.get("chunks", 1) > 1:
         early = gate.get("chunks_read", 0) < gate["chunks"]
+        stopped = "; stopped early: the decision was clear" if early else ""
         t.add_row("gate read", f"{gate.get('chunks_read')} of {gate['chunks']} chunks of "
-                  f"{gate.get('planned_utterances')} utterances" + ("; stopped early: the decision was clear" if early else ""))
+                  f"{gate.get('planned_utterances')} utterances{stopped}")
     if report.get("phase_seconds"):
         t.add_row("quantized in", f"{report.get('seconds', 0):.1f} s (" + ", ".join(
             f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items() if v) + ")")
