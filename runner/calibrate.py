@@ -94,7 +94,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
             use_observer(observed, observer)
         return convert(observed, engine)
 
-    converted, engine = {}, settings.engine
+    engine = settings.engine
     with clock("convert"):
         if engine == "auto":
             # The gate runs on the first candidate in preference order (onednn where it exists: the fastest
@@ -107,9 +107,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
                 check_engine(engine)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
-        for observer in observers:
-            if observer not in converted:
-                converted[observer] = converted_with(observer, engine)
+        converted = {observer: converted_with(observer, engine) for observer in observers}
         bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
         report.update(engine=engine, activation_bits=bits, cpu=_cpu())
 
@@ -143,7 +141,7 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     with clock("fallback"):
         if not passed:
             qenc, figures, kept, passed = _keep_units_in_fp32(model, qenc, figures, gate, settings, report,
-                                                              lambda q: run_on_engine(q), engine)
+                                                              run_on_engine, engine)
     report["gate"].update(utterances=len(gate.ids), seconds=round(gate.seconds, 2), fp32=gate.fp32_figures,
                           int8=public(figures), increase=round(gate.increase(figures), 6), passed=passed)
     report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
