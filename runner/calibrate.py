@@ -70,8 +70,9 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
                    references: Optional[list[str]], settings: Settings = Settings(),
                    info: Optional[dict] = None) -> Artifact:
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
+    from .observers import use_observer
     from .quantize import (activation_bits, calibrate, candidate_engines, check_engine, convert, engine_scope,
-                           prepare, rebuild, use_observer)
+                           prepare, rebuild)
 
     clock = _Phases()
     spec = model.spec

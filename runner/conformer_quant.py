@@ -133,7 +133,8 @@ def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedConfor
     are observed, `observer` for activations."""
     from torch.ao.quantization import fuse_modules, prepare as ao_prepare
 
-    from .quantize import qconfig, quiet
+    from .observers import qconfig
+    from .quantize import quiet
 
     qmodel = QuantizedConformer(model).eval()
     sub = Int8Subsampling(qmodel.encoder.pre_encode).eval()

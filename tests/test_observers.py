@@ -11,7 +11,8 @@ import torch
 
 from runner.calibrate import Settings, draw_samples, read_items
 from runner.gate import GateSet, feature_batches, wilson_upper
-from runner.quantize import OBSERVERS, FastHistogramObserver, calibrate, convert, prepare, use_observer
+from runner.observers import OBSERVERS, FastHistogramObserver, use_observer
+from runner.quantize import calibrate, convert, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "runner/data/demo_quartznet.nemo"
