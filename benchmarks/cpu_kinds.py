@@ -46,13 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import ten_second_utterances  # noqa: E402
 from vs_peers import onnx_sessions  # noqa: E402
-from runner.artifact import build_int8_model  # noqa: E402
-from runner.calibrate import GateFailed, Settings, quantize_model  # noqa: E402
-from runner.corpus import sentences, synthesize_many  # noqa: E402
-from runner.model import build_model  # noqa: E402
-from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.recipes import (build_nemo_model, citrinet_256_config, fastconformer_ctc_config,  # noqa: E402
-                            quartznet15x5_config, randomize_batchnorm, train_tokenizer)
+from runner.int8.artifact import build_int8_model  # noqa: E402
+from runner.int8.pipeline import GateFailed, Settings, quantize_model  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.model.ctc import build_model  # noqa: E402
+from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
+from runner.training.recipes import (
+    build_nemo_model, citrinet_256_config, fastconformer_ctc_config, quartznet15x5_config,
+    randomize_batchnorm, train_tokenizer
+)
 from runner.sysinfo import cpu_info  # noqa: E402
 
 ARCHS = ("quartznet", "citrinet", "fastconformer")
@@ -117,7 +119,7 @@ def exportable_conformer():
     `as_strided` `rel_shift` (which the TorchScript exporter cannot give a dynamic time axis) as NeMo's
     pad-view-slice, and the conv module's channels-last [B, C, 1, T] depthwise conv2d trick as NeMo's
     transpose + Conv1d (NNCF int8 of the trick's graph fails in OpenVINO for any other length)."""
-    from runner import conformer
+    from runner.model import conformer
 
     def pad_view_slice(bd: torch.Tensor) -> torch.Tensor:
         x, y, t, n = bd.shape

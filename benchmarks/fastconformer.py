@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
-from runner.artifact import build_int8_model  # noqa: E402
-from runner.calibrate import Settings, quantize_model  # noqa: E402
-from runner.corpus import sentences, synthesize_many  # noqa: E402
-from runner.model import build_model  # noqa: E402
-from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.quantize import candidate_engines  # noqa: E402
-from runner.recipes import build_nemo_model, fastconformer_ctc_config, randomize_batchnorm  # noqa: E402
+from runner.int8.artifact import build_int8_model  # noqa: E402
+from runner.int8.pipeline import Settings, quantize_model  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.model.ctc import build_model  # noqa: E402
+from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
+from runner.int8.engines import candidate_engines  # noqa: E402
+from runner.training.recipes import build_nemo_model, fastconformer_ctc_config, randomize_batchnorm  # noqa: E402
 from runner.sysinfo import cpu_info  # noqa: E402
-from runner.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
+from runner.model.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
 
 
 def main() -> None:

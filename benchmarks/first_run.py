@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 def build_random_quartznet15x5(path: Path) -> None:
     import torch
 
-    from runner.nemo_loader import quiet_nemo_logging
-    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
+    from runner.model.nemo_loader import quiet_nemo_logging
+    from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     quiet_nemo_logging()
     torch.manual_seed(0)

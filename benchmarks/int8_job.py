@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.jobs import run_job  # noqa: E402
-from runner.manifest import iter_manifest  # noqa: E402
-from runner.nemo_loader import quiet_nemo_logging  # noqa: E402
-from runner.spec import JobSpec  # noqa: E402
+from runner.job.run import run_job  # noqa: E402
+from runner.inputs.manifest import iter_manifest  # noqa: E402
+from runner.model.nemo_loader import quiet_nemo_logging  # noqa: E402
+from runner.job.spec import JobSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_random_quartznet15x5(path: str) -> None:
     import torch
 
-    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
+    from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_nemo_model(quartznet15x5_config())

@@ -24,19 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.corpus import sentences, synthesize_many  # noqa: E402
-from runner.model import build_model, save_checkpoint  # noqa: E402
-from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.recipes import build_nemo_model, quartznet15x5_config  # noqa: E402
-from runner.transcribe import pad_batch, transcribe_batch  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.model.ctc import build_model, save_checkpoint  # noqa: E402
+from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
+from runner.training.recipes import build_nemo_model, quartznet15x5_config  # noqa: E402
+from runner.model.transcribe import pad_batch, transcribe_batch  # noqa: E402
 
 COLD_START = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from runner.model import load_model
+from runner.model.ctc import load_model
 from runner.sysinfo import peak_rss_mb
-from runner.transcribe import transcribe_batch
+from runner.model.transcribe import transcribe_batch
 torch.set_num_threads(1)
 model = load_model(sys.argv[1])
 t_load = time.perf_counter() - t0

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RUN = r"""
 import json, sys
-from runner.calibrate import GateFailed, Settings, make_artifact
-from runner.artifact import Artifact
+from runner.int8.pipeline import GateFailed, Settings, make_artifact
+from runner.int8.artifact import Artifact
 model, manifest, calibration, early = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4] == "1"
 try:
     data, _ = make_artifact(model, manifest, calibration, Settings(early_stop=early), use_cache=False)
@@ -55,9 +55,11 @@ print("RESULT " + json.dumps({"seconds": report.get("seconds"), "phases": report
 def build(name: str, folder: Path) -> Path:
     import torch
 
-    from runner.nemo_loader import quiet_nemo_logging
-    from runner.recipes import (build_nemo_model, citrinet_256_config, fastconformer_ctc_config,
-                                quartznet15x5_config, randomize_batchnorm, train_tokenizer)
+    from runner.model.nemo_loader import quiet_nemo_logging
+    from runner.training.recipes import (
+        build_nemo_model, citrinet_256_config, fastconformer_ctc_config, quartznet15x5_config,
+        randomize_batchnorm, train_tokenizer
+    )
 
     if name == "demo":
         return ROOT / "runner/data/demo_quartznet.nemo"
@@ -69,7 +71,7 @@ def build(name: str, folder: Path) -> Path:
     if name == "quartznet15x5":
         model = build_nemo_model(quartznet15x5_config())
     elif name == "citrinet256":
-        from runner.corpus import sentences
+        from runner.training.corpus import sentences
 
         tokenizer = train_tokenizer(sentences(2000, seed=1), folder / "tokenizer", vocab_size=256)
         model = build_nemo_model(citrinet_256_config(tokenizer))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.corpus import sentences  # noqa: E402
+from runner.training.corpus import sentences  # noqa: E402
 from runner.metrics import cer, normalize_text, wer  # noqa: E402
 from runner.sysinfo import cpu_info, int8_flags  # noqa: E402
 

@@ -44,14 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
-from runner.artifact import build_int8_model  # noqa: E402
-from runner.corpus import sentences, synthesize_many  # noqa: E402
-from runner.jobs import run_job  # noqa: E402
-from runner.manifest import iter_manifest  # noqa: E402
-from runner.model import build_model  # noqa: E402
-from runner.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm  # noqa: E402
-from runner.spec import JobSpec  # noqa: E402
+from runner.int8.artifact import build_int8_model  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.job.run import run_job  # noqa: E402
+from runner.inputs.manifest import iter_manifest  # noqa: E402
+from runner.model.ctc import build_model  # noqa: E402
+from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
+from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm  # noqa: E402
+from runner.job.spec import JobSpec  # noqa: E402
 from runner.sysinfo import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def scaling(model: str, src: Path, tmp: Path, counts: list[int], quant: dict, re
     """int8 job RTFx with each worker count in `counts` (1 first) on `src` x `repeat`, `rounds` rounds
     of one run per count, with the artifact the main int8 job made (copied to the cache key of this
     manifest: no new quantization); then the same counts as plain processes."""
-    from runner.calibrate import cache_dir, cache_key
-    from runner.jobs import quantization_settings
+    from runner.int8.pipeline import cache_dir, cache_key
+    from runner.job.run import quantization_settings
 
     manifest = tmp / "scaling.jsonl"
     _paths, seconds = repeated_manifest(src, repeat, manifest)
@@ -137,8 +137,8 @@ _WORKER = None
 
 def _raw_init(artifact: bytes, barrier) -> None:
     global _WORKER
-    from runner.transcribe import DecodeOptions
-    from runner.worker import ShardWorker
+    from runner.model.transcribe import DecodeOptions
+    from runner.job.worker import ShardWorker
 
     _WORKER = ShardWorker({"precision": "int8", "artifact": artifact, "engine": "auto"}, 1, DecodeOptions())
     barrier.wait()
@@ -154,8 +154,8 @@ def raw_processes(artifact: bytes, spec: JobSpec, workers: int) -> float:
     RTFx from the first shard handed out (every process has built its model) to the last result."""
     import multiprocessing as mp
 
-    from runner.jobs import prepare
-    from runner.shards import group_items
+    from runner.job.run import prepare
+    from runner.job.shards import group_items
 
     plan = prepare(spec)
     tasks = [(shard.index, batch) for shard, batch in

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.corpus import espeak_available, sentences, synthesize_many
+from runner.training.corpus import espeak_available, sentences, synthesize_many
 
 RATE = 16000
 TRAIN_SEED, TEST_SEED = 1, 2
@@ -98,7 +98,7 @@ def train_speech() -> list[tuple[str, np.ndarray]]:
 def tiny_nemo(train_speech):
     """A NeMo QuartzNet (0.17 M parameters) trained for ~2 minutes on espeak-ng speech: real transcripts
     (held-out CER ~5%, WER ~13%), so that comparisons with NeMo are not decided by near-ties."""
-    from runner.recipes import build_nemo_model, tiny_quartznet_config, train_ctc
+    from runner.training.recipes import build_nemo_model, tiny_quartznet_config, train_ctc
 
     torch.manual_seed(0)
     model = build_nemo_model(tiny_quartznet_config())
@@ -114,8 +114,8 @@ def tiny_nemo_file(tiny_nemo, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_lean(tiny_nemo):
-    from runner.model import build_model
-    from runner.nemo_loader import describe
+    from runner.model.ctc import build_model
+    from runner.model.nemo_loader import describe
 
     return build_model(*describe(tiny_nemo))
 
@@ -123,7 +123,7 @@ def tiny_lean(tiny_nemo):
 @pytest.fixture(scope="session")
 def quartznet15x5_nemo():
     """NeMo's QuartzNet15x5 architecture (18.9 M parameters) with random weights and BN statistics."""
-    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
+    from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_nemo_model(quartznet15x5_config())
@@ -132,7 +132,7 @@ def quartznet15x5_nemo():
 
 
 def pad(audios):
-    from runner.transcribe import pad_batch
+    from runner.model.transcribe import pad_batch
 
     return pad_batch(audios)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runner.audio import audio_info, load_audio
+from runner.inputs.audio import audio_info, load_audio
 from runner.errors import AudioLoadError
 
 RATE = 16000

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import soundfile as sf
 
-from runner.artifact import Artifact
-from runner.calibrate import Settings, draw_samples, make_artifact, read_items
-from runner.manifest import iter_manifest
-from runner.quantize import available_engines
+from runner.int8.artifact import Artifact
+from runner.int8.pipeline import Settings, draw_samples, make_artifact, read_items
+from runner.inputs.manifest import iter_manifest
+from runner.int8.engines import available_engines
 
 RATE = 16000
 ENGINE = "onednn" if "onednn" in available_engines() else "auto"
@@ -71,8 +71,8 @@ def test_same_manifest_beside_other_audio_is_not_a_cache_hit(tiny_nemo_file, spe
 
 
 def test_code_version_covers_quantization_modules_only(speech_files, tmp_path, monkeypatch):
-    from runner import int8_cache
-    from runner.calibrate import cache_key, code_version
+    from runner.int8 import cache as int8_cache
+    from runner.int8.pipeline import cache_key, code_version
 
     base = tmp_path / "base"  # one copy of the sources; the variants are copies of it
     shutil.copytree(int8_cache.SOURCE_DIR, base, ignore=shutil.ignore_patterns("__pycache__", "data"))
@@ -98,11 +98,13 @@ def test_code_version_covers_quantization_modules_only(speech_files, tmp_path, m
 
     before = version_and_key(base)
     assert version_and_key(variant("moved", lambda folder: None)) == before  # the sources' bytes, not their place
-    for covered in (variant("edited", append("quantize.py")), variant("edited_audio", append("audio.py")),
-                    variant("new_module", lambda folder: (folder / "fancy_quant.py").write_text("SCALE = 2\n"))):
+    for covered in (variant("edited", append("int8/model.py")), variant("edited_audio", append("inputs/audio.py")),
+                    variant("edited_model", append("model/conv.py")),
+                    variant("new_module", lambda folder: (folder / "int8" / "fancy_quant.py").write_text("SCALE = 2\n"))):
         after = version_and_key(covered)
         assert after[0] != before[0] and after[1] != before[1], covered.name
-    assert version_and_key(variant("orchestration", append("jobs.py", "cli.py", "ray_pool.py", "output.py"))) == before
+    assert version_and_key(variant("orchestration", append("job/run.py", "cli/main.py", "job/ray_pool.py",
+                                                              "job/run_folder.py", "int8/cache.py"))) == before
 
 
 def test_cached_artifact_made_from_other_inputs_is_not_used(tiny_nemo_file, speech_files, tmp_path, monkeypatch,
@@ -191,7 +193,7 @@ def test_a_fifo_in_the_sample_is_skipped_without_opening_it(speech_files, tmp_pa
     assert len(audios) == 2 and str(fifo) not in [i.audio_filepath for i in kept]
     assert len(skipped) == 1 and "not a regular file" in skipped[0]
 
-    from runner.int8_cache import audio_entry
+    from runner.int8.cache import audio_entry
 
     fifo_item = next(i for i in samples.calibration if i.audio_filepath == str(fifo))
     assert audio_entry(fifo_item)[3:] == ["not a regular file"]

@@ -15,17 +15,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.arch import ModelSpec
-from runner.artifact import build_int8_model
-from runner.calibrate import Settings, quantize_model
-from runner.corpus import sentences, synthesize_many
-from runner.decoding import TextDecoder
+from runner.model.arch import ModelSpec
+from runner.int8.artifact import build_int8_model
+from runner.int8.pipeline import Settings, quantize_model
+from runner.training.corpus import sentences, synthesize_many
+from runner.model.decoding import TextDecoder
 from runner.errors import UnsupportedModelError
 from runner.metrics import cer, wer
-from runner.model import SqueezeExcite, build_model
-from runner.nemo_loader import check_supported, describe, load_nemo
-from runner.quantize import available_engines
-from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.model.conv import SqueezeExcite
+from runner.model.ctc import build_model
+from runner.model.nemo_loader import check_supported, describe, load_nemo
+from runner.int8.engines import available_engines
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import RATE, TRAIN_SEED, TRAIN_SENTENCES, pad
 from tests.test_model import max_logit_diff
 
@@ -34,7 +35,7 @@ TRAIN_STEPS = 300
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> str:
-    from runner.recipes import train_tokenizer
+    from runner.training.recipes import train_tokenizer
 
     return train_tokenizer(sentences(TRAIN_SENTENCES, TRAIN_SEED), tmp_path_factory.mktemp("spm"), vocab_size=256)
 
@@ -42,7 +43,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def citrinet_nemo(tokenizer_dir, train_speech):
     """A small NeMo Citrinet (SE, stride_last/stride_add, 8x stride, BPE) trained briefly on espeak-ng speech."""
-    from runner.recipes import build_nemo_model, small_citrinet_config, train_ctc
+    from runner.training.recipes import build_nemo_model, small_citrinet_config, train_ctc
 
     torch.manual_seed(0)
     model = build_nemo_model(small_citrinet_config(tokenizer_dir))
@@ -99,7 +100,7 @@ def test_lean_citrinet_matches_nemo_and_does_not_depend_on_the_batch(citrinet_ne
 @pytest.fixture(scope="module")
 def citrinet_256(tokenizer_dir):
     """NeMo's Citrinet-256 layout (9.7 M parameters here) with random weights and BN statistics."""
-    from runner.recipes import build_nemo_model, citrinet_256_config, randomize_batchnorm
+    from runner.training.recipes import build_nemo_model, citrinet_256_config, randomize_batchnorm
 
     torch.manual_seed(0)
     nemo = build_nemo_model(citrinet_256_config(tokenizer_dir))
@@ -114,7 +115,7 @@ def test_full_size_citrinet_256_matches_nemo(citrinet_256, speech):
 
 
 def test_transcripts_identical_to_nemo_transcribe(citrinet_nemo, citrinet_lean, speech_files):
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     paths = [p for _, p in speech_files]
     nemo_out = citrinet_nemo.transcribe(paths, batch_size=8, verbose=False)
@@ -195,9 +196,9 @@ def test_artifact_rebuilds_in_a_fresh_process_without_nemo(artifact, speech_file
     wavs = [p for _, p in speech_files[:6]]
     code = (
         "import json, sys\n"
-        "from runner.artifact import build_int8_model\n"
-        "from runner.audio import load_audio\n"
-        "from runner.transcribe import transcribe_batch\n"
+        "from runner.int8.artifact import build_int8_model\n"
+        "from runner.inputs.audio import load_audio\n"
+        "from runner.model.transcribe import transcribe_batch\n"
         f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'onednn')\n"
         f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
         "mods = {n.split('.')[0] for n in sys.modules}\n"
@@ -214,9 +215,9 @@ def test_artifact_rebuilds_in_a_fresh_process_without_nemo(artifact, speech_file
 
 @pytest.mark.slow
 def test_citrinet_int8_job_on_local_ray_writes_transcripts(ray_local, citrinet_file, speech, tmp_path, monkeypatch):
-    from runner.jobs import run_job
-    from runner.output import read_rows
-    from runner.spec import load_spec
+    from runner.job.run import run_job
+    from runner.job.run_folder import read_rows
+    from runner.job.spec import load_spec
 
     rows = []
     for i, (text, audio) in enumerate(speech[:24]):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.cli import main
+from runner.cli.main import main
 from runner.errors import UnsupportedModelError
-from runner.nemo_loader import _block, check_supported, read_nemo_config
+from runner.model.nemo_loader import _block, check_supported, read_nemo_config
 
 
 def fake_nemo(path: Path, config: dict) -> Path:
@@ -56,9 +56,9 @@ def test_not_a_model_file_exits_2(tmp_path, capsys):
 
 
 def test_export_then_transcribe_from_the_installed_console_script(tiny_nemo_file, speech_files, tmp_path):
-    from runner.audio import load_audio
-    from runner.model import load_model
-    from runner.transcribe import transcribe_batch
+    from runner.inputs.audio import load_audio
+    from runner.model.ctc import load_model
+    from runner.model.transcribe import transcribe_batch
 
     exe = Path(sys.executable).with_name("asr-runner")
     lean = tmp_path / "tiny.pt"

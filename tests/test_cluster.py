@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.output import read_rows
+from runner.job.run_folder import read_rows
 
 pytestmark = pytest.mark.slow
 

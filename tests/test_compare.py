@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner.cli import main
-from runner.compare import compare_runs, write, write_png
+from runner.cli.main import main
+from runner.cli.compare import compare_runs, write, write_png
 from runner.metrics import normalize_text, wer
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """A demo folder: OUT/int8 and OUT/fp32 (real jobs over the bundled audio), OUT/comparison.*."""
-    from runner.demo import run_demo
+    from runner.cli.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:

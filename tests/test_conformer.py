@@ -1,6 +1,6 @@
 """Conformer-CTC and FastConformer-CTC: lean fp32 parity with NeMo, padding, int8 gate, artifact, job.
 
-Real NeMo models from configs (runner.recipes): two with random weights (Conformer `striding`,
+Real NeMo models from configs (runner.training.recipes): two with random weights (Conformer `striding`,
 FastConformer `dw_striding` x8) for exact parity, and a small FastConformer trained briefly on
 espeak-ng speech for transcripts, the int8 gate and the job.
 """
@@ -14,15 +14,15 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.artifact import Artifact, build_int8_model
-from runner.calibrate import Settings, quantize_model
-from runner.corpus import sentences, synthesize_many
+from runner.int8.artifact import Artifact, build_int8_model
+from runner.int8.pipeline import Settings, quantize_model
+from runner.training.corpus import sentences, synthesize_many
 from runner.errors import UnsupportedModelError
 from runner.metrics import cer, wer
-from runner.model import build_model
-from runner.quantize import available_engines
-from runner.nemo_loader import check_supported, describe, load_nemo
-from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.model.ctc import build_model
+from runner.int8.engines import available_engines
+from runner.model.nemo_loader import check_supported, describe, load_nemo
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 from tests.test_model import max_logit_diff
 
@@ -32,7 +32,7 @@ CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"
 def random_conformer(subsampling: str, factor: int):
     """A NeMo Conformer with random weights, BN statistics and position biases (zero at init: a
     wrong pos_bias_u/v wiring would not show)."""
-    from runner.recipes import build_nemo_model, conformer_ctc_config, randomize_batchnorm
+    from runner.training.recipes import build_nemo_model, conformer_ctc_config, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_nemo_model(conformer_ctc_config(64, 2, 4, subsampling, factor, kernel=9))
@@ -47,7 +47,7 @@ def random_conformer(subsampling: str, factor: int):
 @pytest.fixture(scope="module")
 def fastconformer_nemo(train_speech):
     """A 0.24 M-parameter FastConformer-CTC trained ~80 s on espeak-ng speech (the QuartzNet set)."""
-    from runner.recipes import build_nemo_model, tiny_fastconformer_config, train_ctc
+    from runner.training.recipes import build_nemo_model, tiny_fastconformer_config, train_ctc
 
     torch.manual_seed(0)
     model = build_nemo_model(tiny_fastconformer_config())
@@ -89,7 +89,7 @@ def test_trained_logits_match_nemo_and_do_not_depend_on_batch(fastconformer_nemo
 
 
 def test_transcripts_identical_to_nemo_transcribe(fastconformer_nemo, fastconformer_lean, speech_files):
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     paths = [p for _, p in speech_files[:20]]
     nemo_out = fastconformer_nemo.transcribe(paths, batch_size=4, verbose=False)
@@ -105,7 +105,7 @@ def test_transcripts_identical_to_nemo_transcribe(fastconformer_nemo, fastconfor
                                        ("self_attention_model", "rel_pos_local_attn"), ("global_tokens", 1),
                                        ("conv_context_size", "causal"), ("subsampling", "vggnet")])
 def test_unsupported_conformer_options_are_rejected_by_name(key, value):
-    from runner.recipes import fastconformer_ctc_config
+    from runner.training.recipes import fastconformer_ctc_config
 
     config = {"target": "nemo.collections.asr.models.EncDecCTCModel", **fastconformer_ctc_config("medium")}
     check_supported(config, "m.nemo")  # the real-size config itself is supported
@@ -159,7 +159,8 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_
 
 def test_fp32_units_reproduce_fp32_exactly(fastconformer_lean, int8_artifact, speech):
     """Every unit kept in fp32 (the gate's fallback) gives the fp32 logits: the units cover the model."""
-    from runner.quantize import calibrate, convert, engine_scope, prepare, with_float_units
+    from runner.int8.model import calibrate, convert, prepare, with_float_units
+    from runner.int8.engines import engine_scope
 
     engine = int8_artifact.report["engine"]
     feats, frames = fastconformer_lean.features(*pad([a for _, a in speech[:4]]))
@@ -178,9 +179,9 @@ def test_fp32_units_reproduce_fp32_exactly(fastconformer_lean, int8_artifact, sp
 
 PROBE = r"""
 import json, sys
-from runner.artifact import build_int8_model, read
-from runner.audio import load_audio
-from runner.transcribe import transcribe_batch
+from runner.int8.artifact import build_int8_model, read
+from runner.inputs.audio import load_audio
+from runner.model.transcribe import transcribe_batch
 loaded = build_int8_model(read(sys.argv[1]), "auto")
 texts = transcribe_batch(loaded.model, [load_audio(p, 16000) for p in sys.argv[2:]])
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning", "ray"})
@@ -189,7 +190,7 @@ print(json.dumps({"texts": texts, "heavy": heavy, "engine": loaded.engine}))
 
 
 def test_artifact_round_trip_in_a_fresh_process_without_nemo(int8_artifact, speech_files, tmp_path):
-    from runner import artifact as artifact_io
+    from runner.int8 import artifact as artifact_io
 
     path = tmp_path / "fastconformer-int8.pt"
     artifact_io.save(int8_artifact.to_bytes(), path)
@@ -199,7 +200,7 @@ def test_artifact_round_trip_in_a_fresh_process_without_nemo(int8_artifact, spee
                          check=True, timeout=300)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     here = build_int8_model(int8_artifact.to_bytes(), result["engine"]).model
     assert result["texts"] == transcribe_batch(here, [load_audio(p, 16000) for p in paths])
@@ -207,9 +208,9 @@ def test_artifact_round_trip_in_a_fresh_process_without_nemo(int8_artifact, spee
 
 @pytest.mark.slow
 def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, speech_files, tmp_path):
-    from runner.jobs import run_job
-    from runner.output import read_rows
-    from runner.spec import load_spec
+    from runner.job.run import run_job
+    from runner.job.run_folder import read_rows
+    from runner.job.spec import load_spec
 
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"audio_filepath": p, "duration": sf.info(p).duration, "text": t}) + "\n"
@@ -225,7 +226,7 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
     stats = json.loads((out / "stats.json").read_text())
     assert stats["precision"] == "int8" and stats["worker_heavy_imports"] == []
     lean = build_model(*load_nemo(fastconformer_file))
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     fp32 = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in table], DecodeOptions())
     assert 1 - wer(fp32, [r["text"] for r in table]) >= 0.95
@@ -239,7 +240,7 @@ def test_long_file_windows_cost_no_accuracy(fastconformer_lean, long_speech):
     attention span over the whole file. (Measured on this model: whole-file CER 0.125, windows
     40+5 0.122, 80+10 0.122, 20+5 0.122, 10+2 0.120; transcripts differ from whole-file at 14-22%
     WER, where a weak model's errors land.)"""
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     path, reference = long_speech
     audio = load_audio(path, 16000)

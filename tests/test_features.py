@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from runner.arch import FeatureConfig
-from runner.features import MelFeatures, mel_filterbank
-from runner.transcribe import whole_file_features
+from runner.model.arch import FeatureConfig
+from runner.model.features import MelFeatures, mel_filterbank
+from runner.model.transcribe import whole_file_features
 from tests.conftest import pad
 
 

@@ -15,15 +15,15 @@ import sys
 import pytest
 import torch
 
-from runner.artifact import Artifact, Int8CheckFailed, build_int8_model
-from runner.calibrate import Settings, quantize_model
-from runner.corpus import sentences, synthesize_many
-from runner.model import build_model
-from runner.nemo_loader import describe
-from runner.quantize import VNNI_FLAGS, available_engines
+from runner.int8.artifact import Artifact, Int8CheckFailed, build_int8_model
+from runner.int8.pipeline import Settings, quantize_model
+from runner.training.corpus import sentences, synthesize_many
+from runner.model.ctc import build_model
+from runner.model.nemo_loader import describe
+from runner.int8.engines import VNNI_FLAGS, available_engines
 from runner.sysinfo import cpu_info
-from runner.transcribe import DecodeOptions, transcribe_batch
-from runner.worker import ShardWorker
+from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.job.worker import ShardWorker
 
 CLAIMS_VNNI = "avx2 fma avx512_vnni"  # what the override makes a worker believe
 HAS_VNNI = bool(VNNI_FLAGS & set(cpu_info()["flags"]))
@@ -33,7 +33,7 @@ HAS_VNNI = bool(VNNI_FLAGS & set(cpu_info()["flags"]))
 def qn15():
     """QuartzNet15x5 (random weights, randomized BN: wide activation ranges, so 8-bit activations
     saturate without VNNI) and a one-observer artifact calibrated on 6 utterances."""
-    from runner.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
+    from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm
 
     torch.manual_seed(0)
     nemo = build_nemo_model(quartznet15x5_config())
@@ -59,7 +59,7 @@ def test_the_driver_gates_and_records_what_workers_check_against(qn15):
 
 def _build_in_subprocess(data_path, engine, env_extra) -> tuple[dict, str]:
     code = ("import json, sys\n"
-            "from runner.artifact import build_int8_model\n"
+            "from runner.int8.artifact import build_int8_model\n"
             f"loaded = build_int8_model(open({str(data_path)!r}, 'rb').read(), {engine!r})\n"
             "print('RESULT ' + json.dumps(loaded.int8_check))\n")
     env = {**os.environ, **env_extra}
@@ -125,7 +125,7 @@ def _broken(art: Artifact) -> bytes:
 def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
     from io import BytesIO
 
-    from runner.model import save_checkpoint
+    from runner.model.ctc import save_checkpoint
 
     lean, art, audio = qn15
     buf = BytesIO()

@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from runner.model import save_checkpoint
-from runner.nemo_loader import describe
+from runner.model.ctc import save_checkpoint
+from runner.model.nemo_loader import describe
 
 PROBE = r"""
 import json, sys
@@ -22,17 +22,17 @@ def imported_heavy(code: str, *args: str) -> list[str]:
 
 
 def test_import_runner_does_not_import_nemo():
-    assert imported_heavy("import runner, runner.errors, runner.arch") == []
+    assert imported_heavy("import runner, runner.errors, runner.model.arch") == []
 
 
 def test_loading_and_running_the_lean_model_does_not_import_nemo(tiny_nemo, speech_files, tmp_path):
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(*describe(tiny_nemo), ckpt)
     code = (
-        "from runner.model import load_model\n"
-        "from runner.audio import load_audio\n"
-        "from runner.transcribe import transcribe_batch\n"
-        "import runner.nemo_loader, runner.cli\n"  # importing the loader module itself is cheap too
+        "from runner.model.ctc import load_model\n"
+        "from runner.inputs.audio import load_audio\n"
+        "from runner.model.transcribe import transcribe_batch\n"
+        "import runner.model.nemo_loader, runner.cli.main\n"  # importing the loader module itself is cheap too
         "m = load_model(sys.argv[1])\n"
         "texts = transcribe_batch(m, [load_audio(sys.argv[2], 16000)])\n"
         "assert texts[0], texts\n"

@@ -11,17 +11,17 @@ import soundfile as sf
 import soxr
 import torch
 
-from runner.audio import load_audio
-from runner.cli import main
-from runner.corpus import sentences, synthesize_many
-from runner.jobs import JobFailed, run_job
-from runner.model import build_model
-from runner.nemo_loader import load_nemo
-from runner.output import read_rows
-from runner.spec import load_spec
-from runner.manifest import iter_manifest
-from runner.transcribe import DecodeOptions, transcribe_batch
-from runner.worker import transcribe_items
+from runner.inputs.audio import load_audio
+from runner.cli.main import main
+from runner.training.corpus import sentences, synthesize_many
+from runner.job.run import JobFailed, run_job
+from runner.model.ctc import build_model
+from runner.model.nemo_loader import load_nemo
+from runner.job.run_folder import read_rows
+from runner.job.spec import load_spec
+from runner.inputs.manifest import iter_manifest
+from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.job.worker import transcribe_items
 
 pytestmark = pytest.mark.slow
 
@@ -267,9 +267,9 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_n
 def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch,
                                                            capsys):
     """precision int8: calibrate on a sample of the manifest, gate on another, workers pick their engine."""
-    from runner.artifact import Artifact
-    from runner.calibrate import cache_dir
-    from runner.quantize import activation_bits, available_engines
+    from runner.int8.artifact import Artifact
+    from runner.int8.pipeline import cache_dir
+    from runner.int8.engines import activation_bits, available_engines
 
     monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path / "cache"))
     folder, manifest, rows = corpus

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli import main
-from runner.output import read_rows
-from runner.spec import DEMO_MODEL
+from runner.cli.main import main
+from runner.job.run_folder import read_rows
+from runner.job.spec import DEMO_MODEL
 
 from .test_reliability import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
 
@@ -118,7 +118,7 @@ def test_a_resumed_int8_job_uses_its_own_int8_model_or_refuses(ray_local, speech
                       precision="int8", quantization=quant)
     assert main(["--quiet", "run", str(spec)]) == 0
     job = json.loads((out / "job.json").read_text())
-    from runner.artifact import sha256
+    from runner.int8.artifact import sha256
 
     assert sha256((out / "int8-model.pt").read_bytes()) == job["int8_artifact_sha256"]
     first = {r["id"]: r["text"] for r in read_rows(out).to_pylist()}

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from runner.audio import load_audio
+from runner.inputs.audio import load_audio
 from runner.metrics import cer, wer
-from runner.model import save_checkpoint
-from runner.nemo_loader import describe
-from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.model.ctc import save_checkpoint
+from runner.model.nemo_loader import describe
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ RSS_SCRIPT = r"""
 import json, sys, time
 from runner.sysinfo import peak_rss_mb
 t0 = time.perf_counter()
-from runner.audio import load_audio
-from runner.model import load_model
-from runner.transcribe import transcribe_batch
+from runner.inputs.audio import load_audio
+from runner.model.ctc import load_model
+from runner.model.transcribe import transcribe_batch
 import torch
 torch.set_num_threads(2)
 model = load_model(sys.argv[1])

@@ -8,9 +8,9 @@ import soundfile as sf
 import numpy as np
 
 from runner.errors import ManifestError
-from runner.manifest import check_unique_ids, iter_manifest
-from runner.shards import group_items, plan_shards
-from runner.spec import JobSpec, SpecError, load_spec
+from runner.inputs.manifest import check_unique_ids, iter_manifest
+from runner.job.shards import group_items, plan_shards
+from runner.job.spec import JobSpec, SpecError, load_spec
 
 
 def write_lines(path, lines, newline="\n", bom=False):

@@ -4,11 +4,11 @@ import io
 
 import torch
 
-from runner.decoding import greedy_decode
+from runner.model.decoding import greedy_decode
 from runner.metrics import cer
-from runner.model import build_model, load_checkpoint, save_checkpoint
-from runner.nemo_loader import describe, load_nemo
-from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.model.ctc import build_model, load_checkpoint, save_checkpoint
+from runner.model.nemo_loader import describe, load_nemo
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import pad
 
 
@@ -36,7 +36,7 @@ def test_quartznet15x5_logits_match_nemo(quartznet15x5_nemo, speech):
 
 
 def test_transcripts_identical_to_nemo_transcribe(tiny_nemo, tiny_lean, speech_files):
-    from runner.audio import load_audio
+    from runner.inputs.audio import load_audio
 
     texts = [t for t, _ in speech_files]
     paths = [p for _, p in speech_files]

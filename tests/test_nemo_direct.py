@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from runner.corpus import sentences
+from runner.training.corpus import sentences
 from runner.errors import InputError, UnsupportedModelError
-from runner.nemo_loader import load_nemo, load_nemo_with_nemo
+from runner.model.nemo_loader import load_nemo, load_nemo_with_nemo
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES
 
 DEMO = str(Path(__file__).parent.parent / "runner" / "data" / "demo_quartznet.nemo")
@@ -57,8 +57,10 @@ def as_older_nemo(config: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def nemo_files(tmp_path_factory) -> dict[str, str]:
-    from runner.recipes import (build_nemo_model, conformer_ctc_config, randomize_batchnorm, small_citrinet_config,
-                                tiny_quartznet_config, train_tokenizer)
+    from runner.training.recipes import (
+        build_nemo_model, conformer_ctc_config, randomize_batchnorm, small_citrinet_config,
+        tiny_quartznet_config, train_tokenizer
+    )
 
     folder = tmp_path_factory.mktemp("direct")
     spm = train_tokenizer(sentences(TRAIN_SENTENCES, TRAIN_SEED), folder / "spm", vocab_size=128)
@@ -96,7 +98,7 @@ def test_direct_load_equals_nemo_restore(nemo_files, name):
 
 
 def test_direct_load_does_not_import_nemo(nemo_files):
-    code = ("import json, sys\nfrom runner.nemo_loader import load_any\n"
+    code = ("import json, sys\nfrom runner.model.nemo_loader import load_any\n"
             "for path in sys.argv[1:]:\n    load_any(path)\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'nemo', 'lightning', 'librosa'})))\n")
     paths = [nemo_files[k] for k in ("demo", "citrinet", "fastconformer_defaults", "demo_as_older_nemo_gz")]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from runner import ray_pool
-from runner.cli import main
-from runner.jobs import run_job
-from runner.output import read_rows
-from runner.spec import DEMO_MODEL, load_spec
+from runner.job import ray_pool
+from runner.cli.main import main
+from runner.job.run import run_job
+from runner.job.run_folder import read_rows
+from runner.job.spec import DEMO_MODEL, load_spec
 
 from .test_reliability import demo_rows, manifest_ids, stamps, write_manifest, write_spec
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.calibrate import Settings, draw_samples, read_items
-from runner.gate import GateSet, feature_batches, wilson_upper
-from runner.observers import OBSERVERS, FastHistogramObserver, use_observer
-from runner.quantize import calibrate, convert, prepare
+from runner.int8.pipeline import Settings, draw_samples, read_items
+from runner.int8.gate import GateSet, feature_batches, wilson_upper
+from runner.int8.observers import OBSERVERS, FastHistogramObserver, use_observer
+from runner.int8.model import calibrate, convert, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "runner/data/demo_quartznet.nemo"
@@ -20,7 +20,7 @@ DEMO = ROOT / "runner/data/demo_quartznet.nemo"
 
 @pytest.fixture(scope="module")
 def demo():
-    from runner.nemo_loader import load_any
+    from runner.model.nemo_loader import load_any
 
     model = load_any(DEMO)
     samples = draw_samples(str(ROOT / "manifests/demo/test.jsonl"), None, Settings(calibration_items=24, gate_items=40))

@@ -9,16 +9,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.artifact import Artifact, build_int8_model, sha256
-from runner.calibrate import GateFailed, Settings, quantize_model
-from runner.cli import main
-from runner.corpus import sentences, synthesize_many
+from runner.int8.artifact import Artifact, build_int8_model, sha256
+from runner.int8.pipeline import GateFailed, Settings, quantize_model
+from runner.cli.main import main
+from runner.training.corpus import sentences, synthesize_many
 from runner.metrics import wer
-from runner.model import build_model
-from runner.conv_quant import fusion_groups, int8_structure
-from runner.quantize import (TIE_MARGIN, activation_bits, available_engines, candidate_engines, choose_engine,
-                             engine_scope, with_activation_bits)
-from runner.transcribe import DecodeOptions, transcribe_batch
+from runner.model.ctc import build_model
+from runner.int8.conv_family import fusion_groups, int8_structure
+from runner.int8.engines import (
+    TIE_MARGIN, activation_bits, available_engines, candidate_engines, choose_engine, engine_scope
+)
+from runner.int8.model import with_activation_bits
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
 
 
@@ -125,7 +127,7 @@ def test_auto_breaks_near_ties_by_preference_not_by_noise():
 
 
 def test_auto_candidates_leave_qnnpack_as_fallback(monkeypatch):
-    import runner.quantize as quantize
+    import runner.int8.engines as quantize
 
     assert candidate_engines() == [e for e in available_engines() if e != "qnnpack"]
     monkeypatch.setattr(quantize, "available_engines", lambda: ["qnnpack"])  # an ARM-like build
@@ -189,9 +191,9 @@ def test_worker_loads_the_artifact_in_a_fresh_process_without_nemo(artifact, spe
     wavs = [p for _, p in speech_files[:6]]
     code = (
         "import json, sys\n"
-        "from runner.artifact import build_int8_model\n"
-        "from runner.audio import load_audio\n"
-        "from runner.transcribe import transcribe_batch\n"
+        "from runner.int8.artifact import build_int8_model\n"
+        "from runner.inputs.audio import load_audio\n"
+        "from runner.model.transcribe import transcribe_batch\n"
         f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'auto')\n"
         f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
         "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'nemo', 'lightning', 'pytorch_lightning'})\n"
@@ -271,10 +273,10 @@ DEMO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "demo"
 
 def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
     """The trained QuartzNet 5x3 (issue 5's demo model): int8 vs fp32 transcripts within 2% WER."""
-    from runner.audio import load_audio
-    from runner.calibrate import make_artifact
-    from runner.manifest import iter_manifest
-    from runner.nemo_loader import load_any
+    from runner.inputs.audio import load_audio
+    from runner.int8.pipeline import make_artifact
+    from runner.inputs.manifest import iter_manifest
+    from runner.model.nemo_loader import load_any
 
     data, _ = make_artifact(str(DEMO_MODEL), str(DEMO_MANIFESTS / "test.jsonl"),
                             str(DEMO_MANIFESTS / "calibration.jsonl"), Settings(), use_cache=False)

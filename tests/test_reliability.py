@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from runner.cli import main
-from runner.jobs import run_job
-from runner.manifest import iter_manifest
+from runner.cli.main import main
+from runner.job.run import run_job
+from runner.inputs.manifest import iter_manifest
 from runner.metrics import cer, normalize_text
-from runner.output import read_rows, write_part
-from runner.spec import DEMO_MODEL, load_spec
+from runner.job.run_folder import read_rows, write_part
+from runner.job.spec import DEMO_MODEL, load_spec
 
 from .badaudio import make_bad_audio
 
@@ -296,7 +296,7 @@ def test_a_run_writes_only_inside_its_output_and_refuses_another_job(ray_local, 
 
 
 def test_a_worker_that_cannot_build_its_model_stops_the_job_with_the_reason(ray_local, tmp_path):
-    from runner.ray_pool import RayPool, WorkersLost
+    from runner.job.ray_pool import RayPool, WorkersLost
 
     manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(1)[:4])
     spec = load_spec(write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=tmp_path / "out"))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from runner.manifest import ManifestItem, iter_manifest
-from runner.output import read_rows
-from runner.ray_pool import audio_seconds
-from runner.shards import Shard
-from runner.spec import DEMO_MODEL, SpecError, load_spec, time_limit
+from runner.inputs.manifest import ManifestItem, iter_manifest
+from runner.job.run_folder import read_rows
+from runner.job.ray_pool import audio_seconds
+from runner.job.shards import Shard
+from runner.job.spec import DEMO_MODEL, SpecError, load_spec, time_limit
 
 from .test_reliability import write_manifest, write_spec
 

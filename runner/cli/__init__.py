@@ -1,0 +1,2 @@
+"""The command line: `asr-runner` commands (`main`), live progress (`progress`), comparing runs
+(`compare`) and the demo (`demo`)."""

@@ -1,0 +1,179 @@
+"""The int8 artifact: what the driver makes once and every worker rebuilds its model from.
+
+Contents (one `torch.save` file, loadable with `weights_only=True`): the architecture
+(`ModelSpec`: features config, encoder blocks, vocabulary), the fp32 mel front end's buffers,
+the engine-neutral int8 state dict (int8 weights with per-channel scales, activation scales and
+zero points calibrated on 8 bits), the units kept in fp32 with their weights, the recipe, the
+quantization report and the self-check reference (`runner.int8.self_check`). It is identified by the
+sha256 of its bytes.
+
+A worker calls `build_int8_model(data, engine)`: torch only (no NeMo, no calibration, no fp32
+weights for the int8 units); with `engine="auto"` it times the candidate engines on its own CPU
+first and keeps the fastest, so a cluster can mix CPUs. It then checks its int8 model against
+the reference: with the activation bits its CPU needs (`quantize.activation_bits`), and if that
+fails, with 7-bit activations; if both fail it raises `Int8CheckFailed` (the worker decides what
+then: `runner.job.worker`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from runner.int8 import self_check as int8_check
+from runner.model.arch import ModelSpec
+from runner.errors import InputError, QuantizationError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "asr-runner/int8-ctc/2"  # 2: activation bits per CPU, the self-check reference
+
+
+@dataclass
+class Artifact:
+    spec: ModelSpec
+    features: dict  # fp32 buffers of the mel front end
+    int8: dict  # engine-neutral state dict of the quantized encoder + decoder
+    float_units: list[int] = field(default_factory=list)  # units kept in fp32 by the accuracy gate
+    recipe: dict = field(default_factory=dict)  # observers, dtypes: how the int8 weights were made
+    report: dict = field(default_factory=dict)  # calibration, gate figures, sensitivity, engine timings
+    reference: dict = field(default_factory=dict)  # fp32 features + logits every worker checks its int8 against
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        with _no_storage_warnings():
+            torch.save({"format": FORMAT, "spec": self.spec.to_dict(), "features": self.features, "int8": self.int8,
+                        "float_units": list(self.float_units), "recipe": self.recipe, "report": self.report,
+                        "reference": self.reference},
+                       buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "artifact") -> "Artifact":
+        try:
+            with _no_storage_warnings():
+                raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise InputError(f"{where}: not an asr-runner int8 artifact ({type(exc).__name__}: {exc}); "
+                             "make one with `asr-runner quantize`") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise InputError(f"{where}: not an asr-runner int8 artifact (format {FORMAT}); "
+                             "make one with `asr-runner quantize`")
+        return cls(ModelSpec.from_dict(raw["spec"]), raw["features"], raw["int8"], list(raw["float_units"]),
+                   raw["recipe"], raw["report"], raw["reference"])
+
+
+@contextmanager
+def _no_storage_warnings():
+    """(De)serializing quantized tensors warns twice (TypedStorage and quantized tensors are
+    deprecated); both are torch internals a user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save(data: bytes, path: Union[str, os.PathLike]) -> None:
+    """Write artifact bytes atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read(path: Union[str, os.PathLike]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the int8 artifact ({exc.strerror})") from None
+
+
+class Int8CheckFailed(QuantizationError):
+    """The int8 model's self-check failed on this CPU at every activation width tried."""
+
+    def __init__(self, message: str, check: dict):
+        super().__init__(message)
+        self.check = check
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # quantize.Int8CTCModel
+    engine: str
+    engine_seconds: dict[str, float]  # auto: each candidate's time for 1 s of audio; else {}
+    load_seconds: float
+    int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8_check.check`) of `model`
+
+
+def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
+    """The int8 model for this process's CPU, self-checked: `engine="auto"` times the candidates and keeps
+    the fastest; activation bits follow the CPU, then 7 bits if the check fails. Raises `Int8CheckFailed`."""
+    from runner.model.features import MelFeatures
+    from runner.int8.model import Int8CTCModel, load_int8
+    from runner.int8.engines import activation_bits
+
+    t0 = time.perf_counter()
+    art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
+    with torch.device("meta"):
+        features = MelFeatures(art.spec.features)
+    features.load_state_dict(art.features, strict=True, assign=True)
+    features.eval()
+    engine, timings = _pick_engine(art, engine)
+    bits = activation_bits(engine)
+    attempts: list[dict] = []
+    for width in [bits] + ([7] if bits == 8 else []):
+        qencoder = load_int8(art.spec, art.int8, engine, art.float_units, width)
+        model = Int8CTCModel(art.spec, features, qencoder, engine).eval()
+        attempts.append(int8_check.check(model, art.reference))
+        if attempts[-1]["passed"]:
+            break
+        log.warning("int8 self-check failed on %s with %d-bit activations (logit cosine %.4f, frame agreement "
+                    "%.3f; expected %s)", engine, width, attempts[-1]["logit_cosine"],
+                    attempts[-1]["frame_agreement"], attempts[-1]["expected"])
+    result = {**attempts[-1], "fallback": f"{attempts[-1]['activation_bits']}-bit activations" if len(attempts) > 1
+              else None, "attempts": attempts}
+    if not result["passed"]:
+        widths = " or ".join(str(a["activation_bits"]) for a in attempts)
+        raise Int8CheckFailed(f"int8 on this CPU ({engine} engine) does not match fp32 at {widths}-bit activations "
+                              f"(logit cosine {result['logit_cosine']:.4f}, frame agreement "
+                              f"{result['frame_agreement']:.3f}; expected {result['expected']})", result)
+    return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0, result)
+
+
+def _pick_engine(art: Artifact, engine: str) -> tuple[str, dict[str, float]]:
+    """`auto`: time the candidate engines (each with the activation bits this CPU needs) and keep the
+    fastest; else check that `engine` exists here."""
+    from runner.int8.engines import candidate_engines, check_engine, choose_engine, probe_frames, time_engines
+    from runner.int8.model import load_int8
+
+    if engine != "auto":
+        try:
+            check_engine(engine)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return engine, {}
+    candidates = candidate_engines()
+    if len(candidates) == 1:
+        return candidates[0], {}
+    spec = art.spec
+    # Each candidate is built, probed and released in turn; the winner is built again.
+    timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units), spec.encoder.feat_in,
+                           candidates, spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
+    return choose_engine(timings), timings

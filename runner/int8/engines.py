@@ -1,0 +1,152 @@
+"""int8 engines: which exist, which `auto` considers, how they are timed, and the activation bits
+each needs on this CPU.
+
+One list of engines (`ENGINES`, also `auto`'s preference order on near-ties), one place that decides
+activation bits from the CPU's flags (`activation_bits`), one probe (`time_engines`) and one choice
+(`choose_engine`) used by the driver and by every worker (`runner.int8.artifact.resolve_engine`).
+
+Without VNNI, x86 int8 kernels (oneDNN, fbgemm) multiply u8 x s8 pairs into int16 with saturation
+(vpmaddubsw), and full-range 8-bit activations overflow it (QuartzNet15x5 on an AVX2-only EPYC:
+logit cosine 0.80, 0% of frames agree with fp32). There, activations use 7 bits, which cannot
+overflow (2 x 127 x 128 < 2^15): cosine 0.9997, 100% agreement. VNNI/AMX (int32 accumulation) and
+qnnpack keep 8 bits.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from runner.model.arch import ModelSpec
+
+ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # also `auto`'s preference order on near-ties
+TIE_MARGIN = 0.10  # probes closer than this to the fastest count as ties
+
+
+@contextmanager
+def engine_scope(engine: str):
+    """Use a quantized engine for a block of work, restoring the previous one after."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def available_engines() -> list[str]:
+    """The engines of `ENGINES` this torch build has, in our preference order."""
+    have = set(torch.backends.quantized.supported_engines)
+    return [e for e in ENGINES if e in have]
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of auto, {', '.join(ENGINES)}; got {engine!r}")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"engine {engine!r} is not available in this torch build "
+                         f"(available: {', '.join(available_engines())})")
+
+
+def probe_frames(spec: ModelSpec) -> int:
+    """Feature frames `auto` times each engine on. 0.5 s ranks engines right for the conv family
+    (QuartzNet15x5: the same order as on 10 s utterances). A Conformer sees only ~6 frames of 0.5 s
+    after 8x subsampling, too few to rank its int8 matmuls (on FastConformer-CTC large a 0.5 s probe
+    put `x86` first, while `onednn` is the fastest on 10 s utterances), so Conformers probe 10 s."""
+    return 1000 if spec.family == "conformer-ctc" else 50
+
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8 x s8 products accumulate in int32
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+
+
+# What `activation_bits` gives each kind of CPU (printed by `asr-runner quantize`).
+BITS_BY_CPU_KIND = (("x86 with AVX-512 VNNI, AVX-VNNI or AMX: onednn, x86, fbgemm", 8),
+                    ("x86 without VNNI (AVX2; AVX-512 without VNNI): onednn, x86, fbgemm", 7),
+                    ("qnnpack (ARM; x86 only when no other engine exists)", 8))
+
+
+def activation_bits(engine: str, cpu_flags: Optional[Sequence[str]] = None) -> int:
+    """Activation bits for `engine` on this CPU: 7 where its int8 products can saturate, else 8.
+
+    onednn, x86 and fbgemm on an x86 CPU without VNNI/AMX add pairs of u8 x s8 products into int16
+    with saturation: 7 bits. With VNNI or AMX they accumulate in int32, and so does qnnpack: 8 bits.
+    Decided from the CPU's flags (`sysinfo.int8_flags`, which a diagnostic override can replace);
+    every worker then confirms it by measurement (`runner.int8.self_check`).
+    """
+    import platform
+
+    from runner.sysinfo import int8_flags
+
+    flags = set(int8_flags() if cpu_flags is None else cpu_flags)
+    if engine == "qnnpack" or flags & VNNI_FLAGS or platform.machine().lower() not in X86_MACHINES:
+        return 8
+    return 7
+
+
+@torch.inference_mode()
+def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]], feat_in: int,
+                 engines: Sequence[str], frames_per_second: float = 100.0, frames: int = 50, rounds: int = 3,
+                 budget_seconds: float = 0.3) -> dict[str, float]:
+    """Seconds each engine needs per second of audio, probed on `frames` feature frames (0.5 s).
+
+    `build(engine)` returns a callable(feats, lens). Engines are tried one at a time in preference
+    order and each is released before the next is built (peak memory = one engine's, not all of
+    them: qnnpack's buffers alone can be hundreds of MB). Each first runs a short pass (16 frames)
+    that absorbs first-call set-up; one whose short pass takes over 10x the fastest short pass so
+    far is recorded at that time, scaled to `frames` (an estimate), and dropped: a slow engine costs
+    one short pass. (Comparing it with the others' full probes instead made a long probe drop fast
+    engines: a few ms of set-up x frames / 16.) The others run one untimed pass at the probe's shape (kernels are set up per shape), then
+    up to `rounds` timed passes within their share of `budget_seconds`; the best pass counts.
+    """
+    torch.manual_seed(0)
+    feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
+    short, short_lens = feats[:, :, :16], torch.tensor([16])
+    timings: dict[str, float] = {}
+    shorts: dict[str, float] = {}  # short passes are compared with short passes (both pay first-call set-up)
+    for engine in engines:
+        with engine_scope(engine):
+            run = build(engine)
+            t0 = time.perf_counter()
+            run(short, short_lens)
+            shorts[engine] = time.perf_counter() - t0
+            if len(shorts) > 1 and shorts[engine] > 10 * min(shorts.values()):
+                timings[engine] = shorts[engine] * frames / 16  # an estimate: it is not probed further
+                del run
+                continue
+            run(feats, lens)
+            passes: list[float] = []
+            while len(passes) < rounds and sum(passes) < budget_seconds / len(engines):
+                t0 = time.perf_counter()
+                run(feats, lens)
+                passes.append(time.perf_counter() - t0)
+            timings[engine] = min(passes)
+            del run
+    audio_seconds = frames / frames_per_second
+    return {e: t / audio_seconds for e, t in timings.items()}
+
+
+def choose_engine(timings: dict[str, float], tie: float = TIE_MARGIN) -> str:
+    """The engine `auto` keeps: the first in `ENGINES` order whose probe is within `tie` of the fastest.
+
+    A 0.5 s probe on a busy machine can put a slow engine a few percent ahead (qnnpack once beat
+    onednn 0.028 s to 0.029 s under load, then ran real shards several times slower with 3x the
+    memory); near-ties go to the engine that is fastest on long inputs here, onednn."""
+    best = min(timings.values())
+    return next(e for e in sorted(timings, key=ENGINES.index) if timings[e] <= best * (1 + tie))
+
+
+def candidate_engines() -> list[str]:
+    """Engines `auto` considers on this CPU: every x86 engine this torch has (each with the activation
+    bits this CPU needs, so none of them saturates).
+
+    qnnpack is the fallback only, when none of the others is available: its buffers grow with
+    kernel size x input length (~7 GB for ONE 10 s utterance of QuartzNet15x5, and the driver
+    was OOM-killed at 23 GB when a busy machine's 0.5 s probe had put qnnpack ahead and the
+    accuracy gate then ran 30 s utterances on it), which a short probe cannot see.
+    """
+    engines = available_engines()
+    return [e for e in engines if e != "qnnpack"] or engines

@@ -1,0 +1,154 @@
+"""The int8 model: eager post-training quantization of the lean model, dispatched by family.
+
+Every `torch.ao.quantization` use lives in `runner.int8` (this module, `observers` and the two
+family modules it dispatches to: `conv_family` (QuartzNet, Jasper, Citrinet) and
+`conformer_family` ((Fast)Conformer: int8
+subsampling convs and Linear layers, fp32 between them); static int8 in both, so a later move to
+torchao's pt2e flow touches these modules. The mel front end stays fp32 (~1% of the time).
+Observers: per-channel symmetric int8 weights, uint8 activations calibrated over the full 8-bit
+range (`runner.int8.observers`); the activation observer is chosen by measurement in `runner.int8.pipeline`.
+
+Activation bits depend on the CPU, not on the artifact (`runner.int8.engines.activation_bits`):
+where 8-bit activations could saturate, every activation scale is widened to the same calibrated
+range on 7 bits (`with_activation_bits`). Each family exposes prepare /
+convert / with_float_units / int8_structure; "units" are the pieces the accuracy gate may keep
+in fp32 (conv family: each block and the decoder; Conformers: the subsampling and each layer).
+
+The converted state dict is engine-neutral (int8 weights, per-channel scales, activation scales
+and zero points); `int8_structure` rebuilds the modules for any engine without fp32 weights,
+and loading the state dict under an engine packs the weights for it (`load_int8`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from runner.model.arch import ModelSpec
+from runner.model.ctc import LeanCTCModel
+from runner.model.decoding import TextDecoder
+from runner.int8.engines import activation_bits, engine_scope
+from runner.int8.observers import quiet
+
+
+def _conformer(spec: ModelSpec) -> bool:
+    """The Conformer family is quantized by `runner.int8.conformer_family` (int8 subsampling convs and Linear layers)."""
+    return spec.family == "conformer-ctc"
+
+
+def fallback_possible(spec: ModelSpec) -> bool:
+    """Units can be kept in fp32 one by one unless blocks feed later ones densely (Jasper DR)."""
+    if _conformer(spec):
+        return True
+    return not any(b.residual and b.residual_dense for b in spec.encoder.blocks)
+
+
+def _family(spec: ModelSpec):
+    """The module holding this family's int8 structure: `conformer_family` or `conv_family`."""
+    if _conformer(spec):
+        from runner.int8 import conformer_family
+
+        return conformer_family
+    from runner.int8 import conv_family
+
+    return conv_family
+
+
+def prepare(model: LeanCTCModel, observer: str = "histogram") -> nn.Module:
+    """Fused, observed copy of the encoder+decoder (`observer` for activations), ready for calibration."""
+    return _family(model.spec).prepare(model, observer)
+
+
+@torch.inference_mode()
+def calibrate(qmodel: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Run (features, frames) batches of real audio through the observed model."""
+    for feats, frames in batches:
+        qmodel(feats, frames)
+
+
+def convert(qmodel: nn.Module, engine: str) -> nn.Module:
+    """Observed -> int8 modules packed for `engine`."""
+    with quiet(), engine_scope(engine):
+        return _family(qmodel.spec).convert(qmodel)
+
+
+def with_float_units(qenc: nn.Module, model: LeanCTCModel, units: Iterable[int], engine: str) -> nn.Module:
+    """A copy of the int8 `qenc` (packed for `engine`) in which `units` run the fp32 modules of
+    `model` (shared, not copied)."""
+    with quiet(), engine_scope(engine):  # copying repacks the int8 weights for the current engine
+        return _family(model.spec).with_float_units(qenc, model, units)
+
+
+def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = (),
+              bits: Optional[int] = None) -> nn.Module:
+    """Rebuild the int8 encoder for `engine` from an engine-neutral state dict, with `bits`-bit
+    activations (default: what this CPU needs on `engine`, `activation_bits`)."""
+    bits = activation_bits(engine) if bits is None else bits
+    keep = _family(spec).eight_bit_outputs(spec, state_dict, engine)
+    with quiet(), engine_scope(engine):
+        qenc = _family(spec).int8_structure(spec, float_units)
+        qenc.load_state_dict(with_activation_bits(state_dict, bits, keep), strict=True)
+    qenc.activation_bits = bits
+    return qenc.requires_grad_(False)
+
+
+def rebuild(qenc: nn.Module, engine: str, bits: int) -> nn.Module:
+    """`qenc` (calibrated at 8 bits, packed for `engine`) as it runs with `bits`-bit activations."""
+    if bits == 8:
+        return qenc
+    return load_int8(qenc.spec, qenc.state_dict(), engine, sorted(qenc.float_units), bits)
+
+
+def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) -> dict:
+    """The state dict with every activation scale / zero point (`X.scale` beside `X.zero_point`,
+    `in_scale` beside `in_zero_point`) moved from the calibrated 8-bit grid to a `bits`-bit grid
+    over the same range: [-zp * s, (255 - zp) * s] stays, with 2^bits - 1 steps. Weights (qint8,
+    per-channel, packed in their own keys) are untouched. No re-calibration: the ranges are the
+    calibrated ones. Scale keys in `keep` (outputs that no u8 x s8 product reads: the logits, each
+    int8 Linear's output, what only a quantized add reads) keep their 8 bits."""
+    if bits == 8:
+        return state_dict
+    levels, keep = 2 ** bits - 1, set(keep)
+    out = state_dict.copy()
+    if hasattr(state_dict, "_metadata"):  # module versions: quantized Linear reads its keys by them
+        out._metadata = state_dict._metadata
+    for key, scale in state_dict.items():
+        if not key.endswith("scale") or key in keep:
+            continue
+        zp_key = key[: -len("scale")] + "zero_point"
+        zero_point = state_dict.get(zp_key)
+        if not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor)) or scale.is_quantized \
+                or not scale.is_floating_point() or zero_point.is_floating_point():
+            continue
+        out[key] = scale * (255 / levels)
+        out[zp_key] = torch.round(zero_point.double() * levels / 255).clamp(0, levels).to(zero_point.dtype)
+    return out
+
+
+class Int8CTCModel(nn.Module):
+    """fp32 features + int8 encoder/decoder, with the lean model's interface (`spec`, forward)."""
+
+    def __init__(self, spec: ModelSpec, features: nn.Module, qencoder: nn.Module, engine: str):
+        super().__init__()
+        self.spec = spec
+        self.features = features
+        self.qencoder = qencoder
+        self.engine = engine
+        self.text_decoder = TextDecoder.from_spec(spec)  # token ids -> text, built once per model
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
+        feats, frames = self.features(audio, lengths)
+        return self.forward_features(feats, frames)
+
+    def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
+        logits, lens = self.logits(feats, frames)
+        return torch.log_softmax(logits.transpose(1, 2), dim=-1), lens
+
+    def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output [B, C, T'] before log-softmax (what the accuracy gate compares), and lengths."""
+        with quiet(), engine_scope(self.engine):
+            return self.qencoder(feats, frames)
+
+

@@ -1,0 +1,348 @@
+"""Driver side of int8: sample audio, calibrate, choose observers, gate accuracy, make the artifact.
+
+    samples (seeded, calibration kept apart from the gate's held-out items; files longer than
+             `max_seconds` take part as consecutive windows of that length)        (runner.int8.samples)
+    -> one calibration pass observes with every candidate activation observer at once,
+       then each candidate is converted                                         (runner.int8.model)
+    -> held-out gate, chunk by chunk: fp32 once, every candidate against it (WER/CER with
+       references, else agreement with fp32 transcripts, plus logit similarity); the best
+       candidate is kept; the gate stops early only once its decision is clear (runner.int8.gate)
+    -> over the tolerance: per-unit sensitivity (logit error with that unit kept in fp32),
+       then the most sensitive units go back to fp32 one by one until the gate passes, or
+       `max_fp32_layers` is reached and quantization fails with the report (exit 1)
+    -> Artifact (runner.int8.artifact), cached on disk by what it was made from: model, manifests,
+       settings, the sampled audio files and the quantization code (runner.int8.cache).
+
+Runs where the fp32 model already is (the job driver, `asr-runner quantize`). No Ray here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from runner.int8 import cache as int8_cache
+from runner.int8.artifact import Artifact
+from runner.errors import InputError, QuantizationError
+from runner.int8.cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
+from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
+from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
+from runner.inputs.manifest import file_sha256
+from runner.model.ctc import LeanCTCModel
+from runner.int8.samples import Samples, draw_samples, read_items  # noqa: F401 - public here too
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 4  # bump when the recipe changes what an artifact holds: invalidates the cache
+# (2: Conformer static int8; 3: activation bits per CPU, the self-check reference; 4: the reference from
+# the gate's own fp32 outputs, a gate read in chunks)
+
+
+class GateFailed(QuantizationError):
+    """int8 accuracy stayed outside the tolerance even with `max_fp32_layers` units in fp32."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Settings:
+    calibration_items: int = 100
+    gate_items: int = 100
+    max_wer_increase: float = 0.005  # a fraction: 0.005 = 0.5 WER points
+    max_fp32_layers: int = 3  # units (encoder blocks, decoder) the gate may keep in fp32
+    engine: str = "auto"  # engine the gate evaluates with (auto: the fastest here)
+    observers: tuple[str, ...] = ("histogram", "minmax", "moving_average")
+    seed: int = 0
+    max_seconds: float = 30.0  # items longer than this take part as consecutive windows of this length
+    early_stop: bool = True  # the gate may stop reading once its decision is clear (`runner.int8.gate`)
+
+
+# --------------------------------------------------------------------------- quantizing
+def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
+                   references: Optional[list[str]], settings: Settings = Settings(),
+                   info: Optional[dict] = None) -> Artifact:
+    """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
+    from runner.int8.observers import use_observer
+    from runner.int8.engines import activation_bits, candidate_engines, check_engine, engine_scope
+    from runner.int8.model import calibrate, convert, prepare, rebuild
+
+    clock = _Phases()
+    spec = model.spec
+    rate = spec.features.sample_rate
+    report: dict = {"recipe_version": RECIPE_VERSION, **(info or {}), "settings": asdict(settings)}
+    report["calibration"] = {**report.get("calibration", {}), "utterances": len(calibration),
+                             "seconds": round(sum(len(a) for a in calibration) / rate, 2)}
+    log.info("calibrating on %d utterances (%.0f s), gate on up to %d held-out utterances (%.0f s)",
+             len(calibration), report["calibration"]["seconds"], len(gate_audio),
+             sum(len(a) for a in gate_audio) / rate)
+
+    # One pass over the calibration audio calibrates every candidate observer.
+    observers = tuple(settings.observers)
+    with clock("calibrate"):
+        observed = prepare(model, "all" if len(observers) > 1 else observers[0])
+        calibrate(observed, [(f, n) for f, n, _ in feature_batches(model, calibration)])
+
+    def converted_with(observer: str, engine: str):
+        if len(observers) > 1:
+            use_observer(observed, observer)
+        return convert(observed, engine)
+
+    engine = settings.engine
+    with clock("convert"):
+        if engine == "auto":
+            # The gate runs on the first candidate in preference order (onednn where it exists: the fastest
+            # on long inputs on both CPU kinds measured), without timing the engines: a probe cost 2.7 s
+            # (QuartzNet15x5) to 4.8 s (FastConformer-CTC large) here, and on near-ties its pick followed
+            # timing noise, which made the artifact differ from run to run. Workers time their own.
+            engine = candidate_engines()[0]
+        else:
+            try:
+                check_engine(engine)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        converted = {observer: converted_with(observer, engine) for observer in observers}
+        bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
+        report.update(engine=engine, activation_bits=bits, cpu=_cpu())
+
+        def run_on_engine(qenc):
+            variant = rebuild(qenc, engine, bits)
+
+            def run(feats, frames):
+                with engine_scope(engine):
+                    return variant(feats, frames)
+            return run
+
+        runs = {name: run_on_engine(q) for name, q in converted.items()}
+
+    with clock("gate"):
+        gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)
+        scores, leaders = _gate_observers(gate, runs, settings)
+    chosen = leaders[-1]
+    report["observers"] = {name: public(fig) for name, fig in scores.items()}
+    report["observer"] = chosen
+    report["gate"] = {**report.get("gate", {}), "mode": "references" if references else "agreement with fp32",
+                      "max_wer_increase": settings.max_wer_increase, "planned_utterances": len(gate_audio),
+                      "planned_seconds": round(gate.planned_seconds, 2),
+                      "chunks_read": gate.read, "chunks": len(gate.chunks), "leaders": leaders}
+    qenc, figures = converted[chosen], scores[chosen]
+    log.info("int8 (%s observers, %s engine): %s", chosen, engine, _summary(gate, figures))
+
+    passed = gate.increase(figures) <= settings.max_wer_increase
+    kept: list[int] = []
+    report["steps"] = [{"fp32_units": [], "increase": round(gate.increase(figures), 6), **public(figures)}]
+    report["sensitivity"] = []
+    with clock("fallback"):
+        if not passed:
+            qenc, figures, kept, passed = _keep_units_in_fp32(model, qenc, figures, gate, settings, report,
+                                                              run_on_engine, engine)
+    report["gate"].update(utterances=len(gate.ids), seconds=round(gate.seconds, 2), fp32=gate.fp32_figures,
+                          int8=public(figures), increase=round(gate.increase(figures), 6), passed=passed)
+    report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
+    if not passed:
+        report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
+        raise GateFailed(
+            f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
+            f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
+            "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
+            "or run with precision fp32", report)
+    with clock("self_check"):
+        reference = _self_check_reference(model, qenc, engine, bits, gate)
+        report["self_check"] = {"utterances": len(reference["frames"]), "seconds": reference["seconds"],
+                                "expected": reference["expected"]}
+        art = Artifact(spec, model.features.state_dict(), qenc.state_dict(), sorted(kept),
+                       recipe={"observer": chosen, "weights": "qint8 per-channel symmetric",
+                               "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
+                                              "ranges on CPUs whose int8 kernels saturate",
+                               **getattr(qenc, "recipe", {}), "version": RECIPE_VERSION},
+                       report=report, reference=reference)
+        _check_reproduced(art, engine, bits)
+    report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2),
+                         "artifact": round(len(art.to_bytes()) / 1e6, 2)}
+    report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
+    return art
+
+
+def _best(scores: dict, gate: GateSet, settings: Settings) -> str:
+    """Best = passes the gate, then closest to fp32 (agreement of transcripts, then logits): with a few
+    hundred held-out words, a WER *below* fp32's is luck, not a better observer."""
+    return min(scores, key=lambda n: (gate.increase(scores[n]) > settings.max_wer_increase,
+                                      scores[n]["wer_vs_fp32"], scores[n]["logit_error"]))
+
+
+def _gate_observers(gate: GateSet, runs: dict, settings: Settings) -> tuple[dict, list[str]]:
+    """Every candidate scored chunk by chunk; the gate stops reading once the same candidate has led after
+    `MIN_CHUNKS` or more chunks and its pass is clear (`GateSet.clear_pass`). Returns the scores and the
+    leader after each chunk read (the last one is the choice)."""
+    leaders: list[str] = []
+    while True:
+        scores = {name: gate.score(run, key=name) for name, run in runs.items()}
+        leaders.append(_best(scores, gate, settings))
+        if gate.complete:
+            return scores, leaders
+        if gate.read >= MIN_CHUNKS and len(set(leaders)) == 1 and \
+                gate.clear_pass(scores[leaders[-1]], settings.max_wer_increase):
+            return scores, leaders
+        if gate.increase(scores[leaders[-1]]) > settings.max_wer_increase:
+            gate.read_all()  # a failing gate goes on to keep units in fp32: that decision reads every chunk
+        else:
+            gate.read_more()
+
+
+def _keep_units_in_fp32(model, qenc, figures, gate: GateSet, settings: Settings, report: dict, run_on_engine,
+                        engine: str):
+    """Per-unit sensitivity (logit error with that unit alone in fp32), then the most sensitive units go
+    back to fp32 one by one until the gate passes or `max_fp32_layers` is reached."""
+    from runner.int8.model import fallback_possible, with_float_units
+
+    units, steps = qenc.unit_names(), report["steps"]
+    kept: list[int] = []
+    if settings.max_fp32_layers <= 0 or not fallback_possible(model.spec):
+        return qenc, figures, kept, False
+    gate.read_all()
+    sensitivity = {k: gate.score(run_on_engine(with_float_units(qenc, model, [k], engine)))["logit_error"]
+                   for k in range(len(units))}
+    ranked = sorted(sensitivity, key=sensitivity.get)  # lowest error with k in fp32 = most sensitive
+    report["sensitivity"] = [{"unit": units[k], "logit_error_with_unit_in_fp32": sensitivity[k],
+                              "logit_error_all_int8": figures["logit_error"]} for k in ranked]
+    for k in ranked[: settings.max_fp32_layers]:
+        kept.append(k)
+        hybrid = with_float_units(qenc, model, kept, engine)
+        figures = gate.score(run_on_engine(hybrid))
+        steps.append({"fp32_units": [units[u] for u in kept], "increase": round(gate.increase(figures), 6),
+                      **public(figures)})
+        log.info("keeping %s in fp32: %s", ", ".join(units[u] for u in kept), _summary(gate, figures))
+        if gate.increase(figures) <= settings.max_wer_increase:
+            return hybrid, figures, kept, True
+    return qenc, figures, kept, False
+
+
+def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gate: GateSet) -> dict:
+    """The fp32 reference every worker checks its int8 model against, with what the gated int8 model
+    reaches on it here at `bits` and, where this CPU can run it unsaturated, at 7 bits too. Its audio
+    and fp32 logits are the gate's own (`GateSet.reference`): nothing is computed twice."""
+    from runner.int8.model import Int8CTCModel, rebuild
+
+    reference = gate.reference(REFERENCE_ITEMS, REFERENCE_SECONDS)
+    for b in sorted({bits, 7}, reverse=True):
+        variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
+        reference["expected"][b] = measure(variant.logits, reference, model.text_decoder)
+    return reference
+
+
+def _check_reproduced(art: Artifact, engine: str, bits: int) -> None:
+    """What a worker will do: rebuild from bytes alone on the gate's engine and pass its self-check with the
+    very figures the gated model reached on the reference."""
+    from runner.int8.artifact import build_int8_model
+
+    loaded = build_int8_model(art.to_bytes(), engine)
+    got, want = loaded.int8_check, art.reference["expected"][bits]
+    if got["fallback"] or got["wer_vs_fp32"] != want["wer_vs_fp32"] or \
+            abs(got["logit_error"] - want["logit_error"]) > 1e-5 + 0.01 * want["logit_error"]:
+        raise QuantizationError(f"the int8 artifact does not reproduce the gated model (logit error "
+                                f"{got['logit_error']} vs {want['logit_error']}, self-check {got}); please report this")
+
+
+class _Phases:
+    """Seconds spent per phase of `quantize_model` (in the report: where first-time quantization goes)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+def _cpu() -> dict:
+    from runner.sysinfo import cpu_info, int8_flags
+
+    info = cpu_info()
+    return {"model": info["model"], "flags": int8_flags()}
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _summary(gate: GateSet, figures: dict) -> str:
+    text = f"WER vs fp32 transcripts {100 * figures['wer_vs_fp32']:.2f}%, logit cosine {figures['logit_cosine']:.4f}"
+    if "wer" in figures:
+        text += f", WER {100 * figures['wer']:.2f}% (fp32 {100 * gate.fp32_figures['wer']:.2f}%)"
+    return text
+
+
+def gate_description(gate: dict) -> str:
+    what = "WER increase over fp32" if gate["mode"] == "references" else "WER of int8 against fp32 transcripts"
+    return f"{what} {100 * gate['increase']:.2f} points (limit {100 * gate['max_wer_increase']:.2f})"
+
+
+# --------------------------------------------------------------------------- from files, with a cache
+def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
+              samples: Optional[Samples] = None) -> str:
+    """The key of the artifact these inputs make (draws the samples when not given)."""
+    return artifact_inputs(model_path, manifest, calibration_manifest, settings, samples)["cache_key"]
+
+
+def artifact_inputs(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
+                    samples: Optional[Samples] = None, model_sha256: Optional[str] = None) -> dict:
+    """What the artifact is made from, with its cache key (`runner.int8_cache.inputs_record`)."""
+    samples = samples or draw_samples(manifest, calibration_manifest, settings)
+    manifests = {"manifest": file_sha256(manifest),
+                 "calibration": file_sha256(calibration_manifest) if calibration_manifest else None}
+    return int8_cache.inputs_record(model_sha256 or file_sha256(model_path), manifests, asdict(settings),
+                                    RECIPE_VERSION, samples.calibration, samples.gate)
+
+
+def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional[str] = None,
+                  settings: Settings = Settings(), use_cache: bool = True) -> tuple[bytes, bool]:
+    """Artifact bytes for a model and manifest, from the cache when the same inputs made one before.
+
+    The samples are drawn first: the key covers the audio they read. A cached artifact is used only if
+    its own record of its inputs matches. Returns (bytes, came_from_cache). Raises `GateFailed` (exit 1)
+    or `InputError` (exit 2).
+    """
+    samples = draw_samples(manifest, calibration_manifest, settings)
+    model_sha256 = file_sha256(model_path)
+    inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256)
+    if use_cache and (data := int8_cache.cached_artifact(inputs)) is not None:
+        return data, True
+    from runner.model.nemo_loader import load_any
+
+    model = load_any(model_path)
+    if use_cache:
+        int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256))
+    rate = model.spec.features.sample_rate
+    cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds,
+                                                   samples.calibration_items)
+    gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds, samples.gate_items)
+    if not cal_audio or not gate_audio:
+        raise InputError(f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
+                         f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})")
+    # References only when every gate item is a whole manifest item (windows have none) and none was cut.
+    whole = all(len(a) < settings.max_seconds * rate for a in gate_audio)
+    references = [i.text for i in gate_items] if whole and all(i.text is not None for i in gate_items) else None
+    info = {"model": {"file": str(model_path), "sha256": model_sha256}, "inputs": inputs,
+            "calibration": {"manifest": str(calibration_manifest or manifest), "skipped": cal_skipped[:20],
+                            "ids": [i.id for i in cal_items][:1000]},
+            "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]}}
+    art = quantize_model(model, cal_audio, gate_audio, references, settings, info)
+    data = art.to_bytes()
+    if use_cache:
+        int8_cache.store_artifact(data, inputs)
+    return data, False

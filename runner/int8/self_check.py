@@ -1,0 +1,86 @@
+"""Every int8 model proves its arithmetic on the CPU that runs it, before it transcribes.
+
+int8 is not the same computation on every CPU (x86 without VNNI saturates 8-bit activations;
+a cluster may mix CPUs; an engine may have a bug), so the accuracy gate on the driver's CPU
+cannot vouch for a worker's. The artifact carries a small fp32 reference made once on the
+driver (`runner.gate.GateSet.reference`): the features of a few held-out gate utterances, the fp32 model's
+logits on them, and the figures the driver's own int8 model reached on them, per activation
+bit width (`expected`). A worker runs the same features through its int8 model (`check`) and
+compares with the fp32 logits: per-frame logit cosine, greedy frame agreement and the WER of
+its transcripts against fp32's. It passes when cosine and frame agreement are within
+`COSINE_MARGIN` / `AGREEMENT_MARGIN` of what the driver reached (engines differ in rounding, a
+few 1e-4 of cosine; saturation costs tenths).
+
+What happens when a check fails is `runner.artifact.build_int8_model`'s (7-bit activations next)
+and `runner.worker.ShardWorker`'s (the fp32 model, or stop the job) business.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from runner.model.decoding import greedy_decode
+from runner.metrics import normalize_text, wer
+
+REFERENCE_SECONDS = 20.0  # audio the reference holds (a check costs one int8 pass over it)
+REFERENCE_ITEMS = 4
+COSINE_MARGIN = 0.001  # a worker may be this far below the driver's logit cosine
+AGREEMENT_MARGIN = 0.02  # ... and this far below its frame agreement
+
+Logits = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def logit_figures(a: torch.Tensor, b: torch.Tensor, lens: torch.Tensor) -> dict:
+    """Sums over the valid frames of two [B, C, T] logit tensors: squared error and reference energy,
+    per-frame cosine, argmax agreement, and the frame count (`summarize` turns them into figures)."""
+    valid = torch.arange(a.shape[-1]).unsqueeze(0) < lens.unsqueeze(1)  # [B, T]
+    return {"error": float((a - b).pow(2).sum(1)[valid].sum()), "energy": float(b.pow(2).sum(1)[valid].sum()),
+            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1)[valid].sum()),
+            "agree": int((a.argmax(1) == b.argmax(1))[valid].sum()), "frames": int(valid.sum())}
+
+
+def summarize(sums: Sequence[dict]) -> dict:
+    """`logit_error` (relative squared error), `logit_cosine` and `frame_agreement` (fractions)."""
+    total = {k: sum(s[k] for s in sums) for k in ("error", "energy", "cosine", "agree", "frames")}
+    frames = max(total["frames"], 1)
+    return {"logit_error": total["error"] / max(total["energy"], 1e-12), "logit_cosine": total["cosine"] / frames,
+            "frame_agreement": total["agree"] / frames}
+
+
+def texts(logits: torch.Tensor, lens: torch.Tensor, text_decoder) -> list[str]:
+    """Normalized greedy transcripts of [B, C, T] logits."""
+    return [normalize_text(t) for t in greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, text_decoder)]
+
+
+@torch.inference_mode()
+def measure(run: Logits, reference: dict, text_decoder) -> dict:
+    """Figures of an int8 model's logits (`run(feats, frames)`) against the reference's fp32 logits."""
+    out, lens = run(reference["features"], reference["frames"])
+    figures = summarize([logit_figures(out, reference["logits"], reference["lengths"])])
+    figures["wer_vs_fp32"] = wer(texts(reference["logits"], reference["lengths"], text_decoder),
+                                 texts(out, lens, text_decoder))
+    return {k: round(v, 6) for k, v in figures.items()}
+
+
+def expected(reference: dict, bits: int) -> Optional[dict]:
+    """What the driver's int8 model reached at `bits` (else at the other width it measured)."""
+    known = reference.get("expected", {})
+    return known.get(bits) or next(iter(known.values()), None)
+
+
+def passes(figures: dict, target: Optional[dict]) -> bool:
+    if target is None:  # nothing measured on the driver: hold the worker to the gate's usual quality
+        target = {"logit_cosine": 0.999, "frame_agreement": 0.99}
+    return (figures["logit_cosine"] >= target["logit_cosine"] - COSINE_MARGIN
+            and figures["frame_agreement"] >= target["frame_agreement"] - AGREEMENT_MARGIN)
+
+
+def check(model, reference: dict) -> dict:
+    """The self-check of an int8 model (`Int8CTCModel`): its figures, engine, activation bits and verdict."""
+    bits = model.qencoder.activation_bits
+    figures = measure(model.logits, reference, model.text_decoder)
+    target = expected(reference, bits)
+    return {"engine": model.engine, "activation_bits": bits, **figures, "passed": passes(figures, target),
+            "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")}}

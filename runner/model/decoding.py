@@ -1,0 +1,82 @@
+"""Greedy CTC decoding: best class per frame, merge repeats, drop blanks (NeMo's `greedy`).
+
+Token ids become text through a `TextDecoder`: character vocabularies join their tokens as they
+are; subword models (Citrinet's `EncDecCTCModelBPE`) go through the real `sentencepiece`
+library with the tokenizer model shipped in the spec, as NeMo's `SentencePieceTokenizer.ids_to_text`
+does. A model builds its `TextDecoder` once (`model.text_decoder`), not per utterance.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from runner.model.arch import ModelSpec
+
+
+def greedy_ids(log_probs: torch.Tensor, lengths: torch.Tensor, blank_id: int) -> list[list[int]]:
+    """log-probs [B, T, C], frame counts [B] -> token ids per utterance."""
+    best = log_probs.argmax(dim=-1)
+    out = []
+    for row, n in zip(best, lengths.tolist()):
+        row = row[: int(n)]
+        if row.numel() == 0:
+            out.append([])
+            continue
+        keep = torch.ones_like(row, dtype=torch.bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append([t for t in row[keep].tolist() if t != blank_id])
+    return out
+
+
+def ids_to_text(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
+    """Character vocabularies: tokens are joined as they are (the space is a token)."""
+    return "".join(vocabulary[i] for i in ids)
+
+
+class TextDecoder:
+    """Token ids -> text for one model: its vocabulary (blank = its length) and, for subword models,
+    its SentencePiece model (loaded on first use; pickles and copies without the loaded processor)."""
+
+    def __init__(self, vocabulary: Sequence[str], sentencepiece_model: Optional[bytes] = None):
+        self.vocabulary = tuple(vocabulary)
+        self.blank_id = len(self.vocabulary)
+        self._model = sentencepiece_model
+        self._processor = None
+
+    @classmethod
+    def from_spec(cls, spec: "ModelSpec") -> "TextDecoder":
+        tok = spec.tokenizer
+        if tok is not None and tok.kind != "sentencepiece":
+            raise ValueError(f"tokenizer kind {tok.kind!r} is not supported (supported: sentencepiece)")
+        return cls(spec.vocabulary, tok.model_bytes() if tok is not None else None)
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        if self._model is None:
+            return ids_to_text(ids, self.vocabulary)
+        return self.processor.decode_ids(list(ids))
+
+    @property
+    def processor(self):
+        """The SentencePieceProcessor, built once (imported only for subword models)."""
+        if self._processor is None:
+            import sentencepiece
+
+            self._processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
+            if self._processor.get_piece_size() != len(self.vocabulary):
+                raise ValueError(f"the tokenizer has {self._processor.get_piece_size()} pieces but the model "
+                                 f"{len(self.vocabulary)} output classes (+ blank); the spec is inconsistent")
+        return self._processor
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_processor": None}
+
+
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor,
+                  text: Union[TextDecoder, Sequence[str]]) -> list[str]:
+    """Transcripts of a batch; `text` is the model's `TextDecoder` (or a character vocabulary)."""
+    if not isinstance(text, TextDecoder):
+        text = TextDecoder(text)
+    return [text(ids) for ids in greedy_ids(log_probs, lengths, text.blank_id)]

@@ -1,0 +1,375 @@
+"""Driver side: `.nemo` file -> (`ModelSpec`, fp32 state dict for the lean model), read from the archive.
+
+`load_nemo` never imports NeMo; the front end comes from the config with NeMo's own defaults. Only
+`load_nemo_with_nemo` (the reference), `describe` and `text_decoder` (in-memory NeMo models) use NeMo,
+inside functions: `import runner.model.nemo_loader` stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from runner.model.arch import BlockSpec, ConformerSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
+from runner.model.decoding import TextDecoder
+from runner.errors import InputError, UnsupportedModelError
+from runner.model.nemo_archive import WEIGHTS, NemoArchive
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {
+    "model": ("EncDecCTCModel", "EncDecCTCModelBPE"),
+    "preprocessor": ("AudioToMelSpectrogramPreprocessor",),
+    "encoder": ("ConvASREncoder", "ConformerEncoder"),
+    "decoder": ("ConvASRDecoder",),
+}
+SUPPORTED_TEXT = ("EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
+                  "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
+                  "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)")
+TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
+_LEGACY = ("tokenizer SentencePieceTokenizer (legacy, with special tokens) is not supported; only NeMo's "
+           "SentencePieceTokenizer (tokenizer.type: bpe, not legacy) can be shipped to the workers")
+
+
+def read_nemo_config(path: str | Path) -> dict[str, Any]:
+    """model_config.yaml of a .nemo archive, without NeMo."""
+    with NemoArchive(Path(path)) as archive:
+        return archive.read_config()
+
+
+def check_supported(config: dict[str, Any], where: str) -> None:
+    """Raise `UnsupportedModelError` naming the classes found unless all are supported."""
+    found = {
+        "model": config.get("target", ""),
+        "preprocessor": (config.get("preprocessor") or {}).get("_target_", ""),
+        "encoder": (config.get("encoder") or {}).get("_target_", ""),
+        "decoder": (config.get("decoder") or {}).get("_target_", ""),
+    }
+    names = {k: v.rsplit(".", 1)[-1] for k, v in found.items()}
+    if all(names[k] in SUPPORTED[k] for k in SUPPORTED):
+        _check_tokenizer_config(names["model"], config.get("tokenizer"), where)
+        if names["encoder"] == "ConformerEncoder":
+            check_conformer_options(config["encoder"], where)
+        return
+    listed = ", ".join(f"{k}={v or '?'}" for k, v in names.items())
+    raise UnsupportedModelError(f"{where}: unsupported model ({listed}); supported: {SUPPORTED_TEXT}")
+
+
+def _check_tokenizer_config(model: str, tokenizer: Any, where: str) -> None:
+    if model != "EncDecCTCModelBPE":
+        return
+    tokenizer = tokenizer or {}
+    kind = tokenizer.get("type")
+    if str(kind).lower() not in TOKENIZER_TYPES or tokenizer.get("custom_tokenizer"):  # NeMo lower()s the type
+        found = "custom_tokenizer" if tokenizer.get("custom_tokenizer") else f"tokenizer.type={kind!r}"
+        raise UnsupportedModelError(f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
+                                    "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers")
+    if tokenizer.get("special_tokens") is not None:  # NeMo's ASR mixin builds SentencePieceTokenizer(model_path)
+        raise UnsupportedModelError(f"{where}: {_LEGACY}")  # alone; special tokens were the legacy form
+
+
+def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of a `.nemo` CTC checkpoint, read from the archive (no NeMo import)."""
+    where = str(path)
+    with NemoArchive(Path(path)) as archive:
+        config = archive.read_config()
+        check_supported(config, where)
+        names = {k: (config.get(k) or {}).get("_target_", "").rsplit(".", 1)[-1] for k in ("encoder", "decoder")}
+        model = config["target"].rsplit(".", 1)[-1]
+        conformer = names["encoder"] == "ConformerEncoder"
+        dcfg = config["decoder"]
+        if model == "EncDecCTCModelBPE":
+            tokenizer, vocabulary = _tokenizer_from_archive(config["tokenizer"], dcfg.get("vocabulary"), archive,
+                                                            where)
+        else:
+            tokenizer, vocabulary = None, dcfg.get("vocabulary")
+            if not vocabulary:
+                raise UnsupportedModelError(f"{where}: no decoder.vocabulary; a character model needs its labels")
+        spec = ModelSpec(
+            features=_features_from_config(config["preprocessor"], where),
+            encoder=_conformer_encoder(config["encoder"], where) if conformer else _encoder(config["encoder"], where),
+            vocabulary=tuple(vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
+            source={"model": model, **names, "file": where}, tokenizer=tokenizer,
+        )
+        weights = archive.open(WEIGHTS, "not a NeMo checkpoint saved by save_to()", seekable=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"{where}: {WEIGHTS} unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{where}: {WEIGHTS} is not a state dict of tensors")
+    return spec, lean_state_dict(state, where, copy=False)
+
+
+def load_nemo_with_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The same through NeMo's restore_from (7+ s, 700+ MB): the reference `load_nemo` is tested against."""
+    config = read_nemo_config(path)
+    check_supported(config, str(path))
+    from nemo.collections.asr import models  # heavy: 7+ s, 700+ MB
+
+    quiet_nemo_logging(logging.getLogger("runner").isEnabledFor(logging.DEBUG))  # NeMo resets it on import
+    log.info("restoring %s with NeMo", path)
+    cls = getattr(models, config.get("target", "").rsplit(".", 1)[-1] or "EncDecCTCModel", models.EncDecCTCModel)
+    model = cls.restore_from(str(path), map_location="cpu")
+    return describe(model, str(path))
+
+
+def _tokenizer_from_archive(tcfg: dict, labels: Any, archive: NemoArchive,
+                            where: str) -> tuple[TokenizerSpec, tuple[str, ...]]:
+    """The SentencePiece model the config names (NeMo's register_artifact: `nemo:<member>`, else the file's
+    base name inside the archive; no model_path: <dir>/tokenizer.model) and its pieces in id order."""
+    import sentencepiece
+
+    src = tcfg["model_path"] if "model_path" in tcfg else posixpath.join(str(tcfg.get("dir")), "tokenizer.model")
+    if not src:
+        raise InputError(f"{where}: tokenizer.model_path is empty; the SentencePiece model cannot be found")
+    name = src[len("nemo:"):] if src.startswith("nemo:") else posixpath.basename(src)
+    data = archive.open(name, f"the tokenizer model named by tokenizer.model_path ({src}) is not in the archive")
+    try:
+        proc = sentencepiece.SentencePieceProcessor()
+        proc.LoadFromSerializedProto(data.read())
+    except Exception as exc:
+        raise InputError(f"{where}: {name} unreadable: not a SentencePiece model ({exc})") from None
+    pieces = tuple(proc.id_to_piece(i) for i in range(proc.get_piece_size()))
+    if labels and list(pieces) != list(labels):  # NeMo sets decoder.vocabulary to these pieces when it builds
+        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(labels)} labels) is not the "
+                                    f"tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+    return TokenizerSpec.sentencepiece(proc.serialized_model_proto()), pieces
+
+
+def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of an in-memory NeMo `EncDecCTCModel`."""
+    cfg = _to_container(model.cfg)
+    check_supported({"target": f"x.{type(model).__name__}", **cfg}, where)
+    conformer = type(model.encoder).__name__ == "ConformerEncoder"
+    spec = ModelSpec(
+        features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
+        encoder=_conformer_encoder(cfg["encoder"], where) if conformer else _encoder(cfg["encoder"], where),
+        vocabulary=tuple(model.decoder.vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
+        source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
+                "decoder": type(model.decoder).__name__, "file": where},
+        tokenizer=_tokenizer(model, where),
+    )
+    return spec, lean_state_dict(model.state_dict(), where)
+
+
+def _tokenizer(model, where: str) -> Optional[TokenizerSpec]:
+    """The SentencePiece model of a subword model, as bytes in the spec; None for character models."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    from nemo.collections.common.tokenizers import SentencePieceTokenizer
+
+    legacy = getattr(tokenizer, "legacy", False)
+    if type(tokenizer) is not SentencePieceTokenizer or legacy:
+        kind = type(tokenizer).__name__ + (" (legacy, with special tokens)" if legacy else "")
+        raise UnsupportedModelError(f"{where}: tokenizer {kind} is not supported; only NeMo's SentencePieceTokenizer "
+                                    "(tokenizer.type: bpe, not legacy) can be shipped to the workers")
+    proto = tokenizer.tokenizer.serialized_model_proto()
+    pieces = [tokenizer.tokenizer.id_to_piece(i) for i in range(tokenizer.tokenizer.get_piece_size())]
+    if pieces != list(model.decoder.vocabulary):
+        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(model.decoder.vocabulary)} labels) is "
+                                    f"not the tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+    return TokenizerSpec.sentencepiece(proto)
+
+
+def text_decoder(model) -> TextDecoder:
+    """A NeMo CTC model's ids -> text, for code that runs the NeMo model itself (recipes, tests)."""
+    tok = _tokenizer(model, type(model).__name__)
+    return TextDecoder(model.decoder.vocabulary, tok.model_bytes() if tok else None)
+
+
+def _to_container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _features(fe, pcfg: dict, where: str) -> FeatureConfig:
+    if getattr(fe, "frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={fe.frame_splicing} is not supported")
+    window = pcfg.get("window", "hann")
+    return FeatureConfig(
+        sample_rate=int(fe.sample_rate), win_length=int(fe.win_length), hop_length=int(fe.hop_length),
+        n_fft=int(fe.n_fft), window=window, preemph=fe.preemph, n_mels=int(fe.nfilt),
+        lowfreq=float(pcfg.get("lowfreq", 0) or 0), highfreq=pcfg.get("highfreq"), log=bool(fe.log),
+        log_zero_guard_type=fe.log_zero_guard_type, log_zero_guard_value=fe.log_zero_guard_value,
+        mag_power=float(fe.mag_power), normalize=fe.normalize or None, exact_pad=bool(fe.exact_pad),
+        pad_value=float(fe.pad_value), mel_norm=pcfg.get("mel_norm", "slaney"),
+    )
+
+
+def _features_from_config(pcfg: dict, where: str) -> FeatureConfig:
+    """`_features` from the config alone: AudioToMelSpectrogramPreprocessor's and FilterbankFeatures'
+    defaults and derivations (NeMo 3.0); what NeMo refuses to build is refused too."""
+    get = pcfg.get
+    rate = get("sample_rate", 16000)
+    size, stride = get("window_size", 0.02), get("window_stride", 0.01)  # seconds, or null and ...
+    win, hop = get("n_window_size"), get("n_window_stride")  # ... samples
+    exact_pad, guard = get("exact_pad", False), get("log_zero_guard_type", "add")
+    problem = None
+    if size and win:
+        problem = "both window_size and n_window_size"
+    elif stride and hop:
+        problem = "both window_stride and n_window_stride"
+    win = int(size * rate) if size else win
+    hop = int(stride * rate) if stride else hop
+    if problem is None and not (isinstance(win, int) and isinstance(hop, int) and win > 0 and hop > 0):
+        problem = f"a window of {win!r} samples every {hop!r} (both must be positive ints)"
+    elif problem is None and exact_pad and hop % 2 == 1:
+        problem = f"exact_pad with an odd hop ({hop} samples)"
+    elif problem is None and guard not in ("add", "clamp"):
+        problem = f"log_zero_guard_type={guard!r} (add or clamp)"
+    if problem:
+        raise UnsupportedModelError(f"{where}: preprocessor with {problem}: NeMo refuses it too")
+    if get("frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={get('frame_splicing')} is not supported")
+    return FeatureConfig(
+        sample_rate=int(rate), win_length=win, hop_length=hop,
+        n_fft=int(get("n_fft") or 2 ** math.ceil(math.log2(win))), window=get("window", "hann"),
+        preemph=get("preemph", 0.97), n_mels=int(get("features", 64)), lowfreq=float(get("lowfreq", 0) or 0),
+        highfreq=get("highfreq"), log=bool(get("log", True)), log_zero_guard_type=guard,
+        log_zero_guard_value=get("log_zero_guard_value", 2**-24), mag_power=float(get("mag_power", 2.0)),
+        normalize=get("normalize", "per_feature") or None, exact_pad=bool(exact_pad),
+        pad_value=float(get("pad_value", 0)), mel_norm=get("mel_norm", "slaney"),
+    )
+
+
+def _encoder(ecfg: dict, where: str) -> EncoderSpec:
+    norm = ecfg.get("normalization_mode", "batch")
+    if norm != "batch":
+        raise UnsupportedModelError(f"{where}: encoder normalization_mode={norm!r} (supported: 'batch')")
+    if ecfg.get("frame_splicing", 1) != 1:
+        raise UnsupportedModelError(f"{where}: encoder frame_splicing is not supported")
+    default_mode = ecfg.get("residual_mode", "add")
+    blocks = tuple(_block(i, b, default_mode, where) for i, b in enumerate(ecfg["jasper"]))
+    return EncoderSpec(feat_in=int(ecfg["feat_in"]), activation=ecfg["activation"], blocks=blocks,
+                       conv_mask=bool(ecfg.get("conv_mask", True)))
+
+
+def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
+    for key, ok in (("groups", 1), ("heads", -1)):
+        if b.get(key, ok) != ok:
+            raise UnsupportedModelError(
+                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support")
+    mode = b.get("residual_mode", default_mode)
+    if mode not in ("add", "stride_add"):
+        raise UnsupportedModelError(f"{where}: encoder block {i} residual_mode={mode!r} is not supported")
+    first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    kernel = max(int(first(b["kernel"]) * float(b.get("kernel_size_factor", 1.0))), 1)
+    kernel += 1 - kernel % 2  # NeMo rounds even kernels up to odd
+    return BlockSpec(
+        filters=int(b["filters"]), repeat=int(b["repeat"]), kernel=kernel, stride=first(b["stride"]),
+        dilation=first(b["dilation"]), separable=bool(b.get("separable", False)),
+        residual=bool(b["residual"]), residual_mode=mode, residual_dense=bool(b.get("residual_dense", False)),
+        stride_last=bool(b.get("stride_last", False)), future_context=int(b.get("future_context", -1)),
+        se=bool(b.get("se", False)), se_reduction_ratio=int(b.get("se_reduction_ratio", 8)),  # ConvASREncoder's default
+        se_context_window=int(b.get("se_context_size", -1)),
+    )
+
+
+# Options of NeMo's ConformerEncoder the lean Conformer implements only at one value (or a few):
+# (key, NeMo's default, accepted values). Stochastic depth and dropouts act only in training.
+_CONFORMER_FIXED = (
+    ("self_attention_model", "rel_pos", ("rel_pos",)),
+    ("att_context_size", None, (None, [-1, -1])),
+    ("conv_norm_type", "batch_norm", ("batch_norm",)),
+    ("causal_downsampling", False, (False,)),
+    ("subsampling", "striding", ("striding", "dw_striding")),
+    ("subsampling_factor", 4, (2, 4, 8, 16)),
+    ("reduction", None, (None,)),
+    ("global_tokens", 0, (0,)),
+    ("att_chunk_context_size", None, (None,)),
+)
+
+
+def check_conformer_options(ecfg: dict, where: str) -> None:
+    """Raise `UnsupportedModelError` naming the first ConformerEncoder option the lean model lacks."""
+    for key, default, accepted in _CONFORMER_FIXED:
+        value = ecfg.get(key, default)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value not in accepted:
+            raise UnsupportedModelError(
+                f"{where}: encoder {key}={value!r} is not supported (supported: {', '.join(map(repr, accepted))}); "
+                "the lean Conformer runs full-context rel_pos attention with batch-norm conv modules")
+    kernel = ecfg.get("conv_kernel_size", 31)
+    context = ecfg.get("conv_context_size")
+    if context is not None and not (isinstance(kernel, int) and list(context) == [(kernel - 1) // 2] * 2):
+        raise UnsupportedModelError(f"{where}: encoder conv_context_size={context!r} is not supported "
+                                    "(only null: symmetric, non-causal depthwise convolutions)")
+
+
+def _conformer_encoder(ecfg: dict, where: str) -> ConformerSpec:
+    check_conformer_options(ecfg, where)
+    return ConformerSpec(
+        feat_in=int(ecfg["feat_in"]), n_layers=int(ecfg["n_layers"]), d_model=int(ecfg["d_model"]),
+        n_heads=int(ecfg.get("n_heads", 4)), ff_expansion_factor=int(ecfg.get("ff_expansion_factor", 4)),
+        subsampling_mode=ecfg.get("subsampling", "striding"), subsampling_factor=int(ecfg.get("subsampling_factor", 4)),
+        subsampling_conv_channels=int(ecfg.get("subsampling_conv_channels", -1)),
+        conv_kernel_size=int(ecfg.get("conv_kernel_size", 31)), xscaling=bool(ecfg.get("xscaling", True)),
+        use_bias=bool(ecfg.get("use_bias", True)), feat_out=int(ecfg.get("feat_out", -1)),
+    )
+
+
+_RENAMES = (
+    (re.compile(r"^preprocessor\.featurizer\."), "features."),
+    (re.compile(r"^encoder\.encoder\."), "encoder.blocks."),
+    (re.compile(r"^encoder\.(pre_encode|layers|out_proj)\."), r"encoder.\1."),  # Conformer: same names
+    (re.compile(r"^decoder\.decoder_layers\.0\."), "decoder."),
+)
+
+
+def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str, copy: bool = True) -> dict[str, torch.Tensor]:
+    """NeMo parameter names -> lean-model names (the same layout below the prefix); copy=False: fresh tensors."""
+    out = {}
+    for key, value in nemo_state.items():
+        for pattern, repl in _RENAMES:
+            if pattern.match(key):
+                value = value.detach().clone() if copy else value.detach()
+                out[pattern.sub(repl, key)] = value.float() if value.is_floating_point() else value
+                break
+        else:
+            raise UnsupportedModelError(f"{where}: unexpected parameter {key!r} (adapters or extra modules?)")
+    return out
+
+
+def check_model_file(path: str | Path) -> None:
+    """Cheap checks before any work: the file exists, and a .nemo holds a supported model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found; set `model` in the job spec")
+    if tarfile.is_tarfile(path):
+        check_supported(read_nemo_config(path), str(path))
+
+
+def load_any(path: str | Path):
+    """Lean fp32 model from a `.nemo` file or a lean checkpoint (neither imports NeMo)."""
+    from runner.model.ctc import build_model, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    if tarfile.is_tarfile(path):
+        return build_model(*load_nemo(path))
+    try:
+        return build_model(*load_checkpoint(path))
+    except Exception as exc:
+        raise InputError(f"{path}: neither a .nemo archive nor a lean checkpoint ({exc})") from None
+
+
+def quiet_nemo_logging(verbose: bool = False) -> None:
+    """NeMo logs through its own logger at INFO; keep its chatter out of user output."""
+    import os
+
+    os.environ.setdefault("NEMO_TESTING", "0")
+    level = logging.DEBUG if verbose else logging.ERROR
+    for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning", "nv_one_logger"):
+        logging.getLogger(name).setLevel(level)

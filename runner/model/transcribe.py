@@ -1,0 +1,140 @@
+"""Audio arrays -> text with the lean model: batching by length, and long files in windows.
+
+`transcribe_batch` is the plain function the Ray workers call (and tests call without Ray).
+Files longer than `window_seconds` go through `long_log_probs`: the log-mel of the whole file
+is computed chunk by chunk (exactly equal to the whole-file features, normalization
+statistics included), then the encoder runs over fixed windows that each see
+`context_seconds` of neighbouring audio, and the kept output frames are concatenated before
+greedy decoding. Memory then grows with the window, not with the file (apart from the
+samples and log-mel frames themselves: ~90 KB per second of audio).
+
+Given a `timings` dict, both add the seconds they spend per stage: `features` (padding + log-mel),
+`encoder` (encoder + decoder conv + log-softmax) and `decode` (greedy CTC); results are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from runner.model.decoding import greedy_decode
+from runner.model.features import feature_lengths, mask_frames, normalize
+from runner.model.ctc import LeanCTCModel
+from runner.timing import timed
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    batch_size: int = 8  # utterances per forward pass (sorted by length first)
+    window_seconds: float = 40.0  # files longer than this are processed in windows
+    context_seconds: float = 5.0  # audio seen on each side of a window, then dropped
+    window_batch: int = 2  # windows per forward pass: QuartzNet15x5 peaks at ~550 MB RSS (8: ~900 MB)
+
+
+def pad_batch(audios: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(a) for a in audios], dtype=torch.long)
+    batch = torch.zeros(len(audios), int(lengths.max()) if len(audios) else 0)
+    for i, a in enumerate(audios):
+        batch[i, : len(a)] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    return batch, lengths
+
+
+@torch.inference_mode()
+def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
+                     options: DecodeOptions = DecodeOptions(), timings: Optional[dict] = None) -> list[str]:
+    """Transcripts of mono float32 arrays at the model's rate, in input order."""
+    rate = model.spec.features.sample_rate
+    texts: list[str] = [""] * len(audios)
+    long_ids = {i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate}
+    for i in sorted(long_ids):
+        lp = long_log_probs(model, audios[i], options, timings)
+        with timed(timings, "decode"):
+            texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.text_decoder)[0]
+    short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
+    for start in range(0, len(short), options.batch_size):
+        ids = short[start: start + options.batch_size]
+        with timed(timings, "features"):  # model(batch, lengths) in two steps, to time them apart
+            batch, lengths = pad_batch([audios[i] for i in ids])
+            feats, frames = model.features(batch, lengths)
+        with timed(timings, "encoder"):
+            log_probs, out_lens = model.forward_features(feats, frames)
+        with timed(timings, "decode"):
+            for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.text_decoder)):
+                texts[i] = text
+    return texts
+
+
+@torch.inference_mode()
+def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions,
+                   timings: Optional[dict] = None) -> torch.Tensor:
+    """[T', C] log-probabilities of one long file, computed in bounded-memory windows."""
+    with timed(timings, "features"):
+        feats = whole_file_features(model, audio, chunk_frames=6000)
+    sub = model.spec.encoder.subsampling
+    fps = model.spec.features.sample_rate / model.spec.features.hop_length
+    window = max(sub, int(options.window_seconds * fps) // sub * sub)
+    context = int(math.ceil(options.context_seconds * fps / sub)) * sub
+    total = feats.shape[1]
+    spans = [(a, min(a + window, total)) for a in range(0, total, window)]
+    pieces = []
+    with timed(timings, "encoder"):
+        for group in range(0, len(spans), options.window_batch):
+            pieces += _encode_windows(model, feats, spans[group: group + options.window_batch], context, sub)
+        return torch.cat(pieces, dim=0)
+
+
+def _encode_windows(model, feats, spans, context, sub) -> list[torch.Tensor]:
+    total = feats.shape[1]
+    starts = [max(0, a - context) for a, _ in spans]
+    ends = [min(total, b + context) for _, b in spans]
+    lens = torch.tensor([e - s for s, e in zip(starts, ends)])
+    batch = torch.zeros(len(spans), feats.shape[0], int(lens.max()))
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        batch[i, :, : e - s] = feats[:, s:e]
+    log_probs, _ = model.forward_features(batch, lens)
+    out = []
+    for i, ((a, b), s) in enumerate(zip(spans, starts)):
+        first, last = (a - s) // sub, (b - s + sub - 1) // sub
+        out.append(log_probs[i, first:last])
+    return out
+
+
+def whole_file_features(model: LeanCTCModel, audio: np.ndarray, chunk_frames: int) -> torch.Tensor:
+    """Normalized log-mel [n_mels, F] of one file, computed `chunk_frames` frames at a time."""
+    mel = model.features
+    cfg = mel.cfg
+    signal = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+    n = torch.tensor([signal.numel()])
+    if cfg.exact_pad:  # rare; the chunked STFT below assumes centered frames
+        return mel(signal.unsqueeze(0), n)[0][0]
+    frames = int(feature_lengths(cfg, n)[0])
+    half = cfg.n_fft // 2
+    chunks = []
+    for f0 in range(0, frames, chunk_frames):
+        f1 = min(frames, f0 + chunk_frames)
+        # Frame f covers samples [f*hop - n_fft/2, f*hop + n_fft/2) of the pre-emphasized signal,
+        # which is zero outside the file (NeMo's constant padding and length mask).
+        lo, hi = f0 * cfg.hop_length - half, (f1 - 1) * cfg.hop_length + half
+        seg = _padded_slice(signal, lo - 1, hi)
+        seg = seg[1:] - cfg.preemph * seg[:-1] if cfg.preemph is not None else seg[1:]
+        if hi > signal.numel():
+            seg[max(0, signal.numel() - lo):] = 0.0
+        chunks.append(mel.spectrum_to_log_mel(mel.stft(seg.unsqueeze(0), center=False))[0])
+    x = torch.cat(chunks, dim=1).unsqueeze(0)
+    frames_t = torch.tensor([frames])
+    if cfg.normalize:
+        x = normalize(x, frames_t, cfg.normalize)
+    return mask_frames(x, frames_t, cfg.pad_value)[0]
+
+
+def _padded_slice(signal: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """signal[lo:hi] with zeros where the range runs past either end."""
+    out = torch.zeros(hi - lo)
+    a, b = max(lo, 0), min(hi, signal.numel())
+    if b > a:
+        out[a - lo: b - lo] = signal[a:b]
+    return out
