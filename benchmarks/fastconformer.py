@@ -5,7 +5,7 @@
 
 Prints figures and writes JSON; not a test. NeMo's FastConformer-CTC architecture (example config
 sizes; character vocabulary) with random weights and randomized BN statistics. The int8 model
-is what a worker runs: an artifact made by `runner.calibrate.quantize_model` (the gate checks
+is what a worker runs: an artifact made by `runner.int8.pipeline.quantize_model` (the gate checks
 agreement with fp32 on held-out espeak-ng speech), rebuilt from bytes on each engine and on the
 engine `auto` picks. RTFx = audio seconds / seconds of features + encoder + greedy decoding
 (NeMo: its forward only), best of 3 interleaved rounds, batch 1 and 8, on 10 s utterances.

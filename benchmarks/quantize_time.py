@@ -5,7 +5,7 @@
 
 Each run is a fresh Python process that does what a job's driver does the first time (empty cache):
 load the .nemo, draw and read the samples, calibrate, gate, self-check, serialize
-(`runner.calibrate.make_artifact`, `use_cache=False`); timed from before the process is spawned to
+(`runner.int8.pipeline.make_artifact`, `use_cache=False`); timed from before the process is spawned to
 its exit, imports included. Statistic, fixed before the runs: median of `--runs` runs with min and
 max, with the default settings (the gate stops early once its decision is clear). One more run per
 model reads the whole gate (`early_stop=False`, the gate as it was): the decisions (observer, engine,

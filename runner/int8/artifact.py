@@ -119,7 +119,7 @@ class LoadedModel:
     engine: str
     engine_seconds: dict[str, float]  # auto: each candidate's time for 1 s of audio; else {}
     load_seconds: float
-    int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8_check.check`) of `model`
+    int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8.self_check.check`) of `model`
 
 
 def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
@@ -127,7 +127,7 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
     the fastest; activation bits follow the CPU, then 7 bits if the check fails. Raises `Int8CheckFailed`."""
     from runner.model.features import MelFeatures
     from runner.int8.model import Int8CTCModel, load_int8
-    from runner.int8.engines import activation_bits
+    from runner.int8.engines import activation_bits, resolve_engine
 
     t0 = time.perf_counter()
     art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
@@ -135,7 +135,9 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
         features = MelFeatures(art.spec.features)
     features.load_state_dict(art.features, strict=True, assign=True)
     features.eval()
-    engine, timings = _pick_engine(art, engine)
+    # `auto`: each candidate is built, probed and released in turn; the winner is built again.
+    engine, timings = resolve_engine(engine, lambda name: load_int8(art.spec, art.int8, name, art.float_units),
+                                     art.spec)
     bits = activation_bits(engine)
     attempts: list[dict] = []
     for width in [bits] + ([7] if bits == 8 else []):
@@ -155,25 +157,3 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
                               f"(logit cosine {result['logit_cosine']:.4f}, frame agreement "
                               f"{result['frame_agreement']:.3f}; expected {result['expected']})", result)
     return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0, result)
-
-
-def _pick_engine(art: Artifact, engine: str) -> tuple[str, dict[str, float]]:
-    """`auto`: time the candidate engines (each with the activation bits this CPU needs) and keep the
-    fastest; else check that `engine` exists here."""
-    from runner.int8.engines import candidate_engines, check_engine, choose_engine, probe_frames, time_engines
-    from runner.int8.model import load_int8
-
-    if engine != "auto":
-        try:
-            check_engine(engine)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        return engine, {}
-    candidates = candidate_engines()
-    if len(candidates) == 1:
-        return candidates[0], {}
-    spec = art.spec
-    # Each candidate is built, probed and released in turn; the winner is built again.
-    timings = time_engines(lambda name: load_int8(spec, art.int8, name, art.float_units), spec.encoder.feat_in,
-                           candidates, spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
-    return choose_engine(timings), timings

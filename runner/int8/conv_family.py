@@ -1,7 +1,7 @@
 """int8 for the convolutional family (QuartzNet, Jasper, Citrinet): the module structure.
 
 Recipe: fuse Conv+BN(+ReLU) -> residual adds as FloatFunctional (add+ReLU fused) -> squeeze-excite
-(Citrinet) in fp32 with its product requantized -> observers (`runner.observers.qconfig`) ->
+(Citrinet) in fp32 with its product requantized -> observers (`runner.int8.observers.qconfig`) ->
 calibrate on real audio -> convert. The encoder blocks and the decoder run int8 between a
 QuantStub (on the features) and a DeQuantStub (before log-softmax).
 

@@ -20,9 +20,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from runner.errors import InputError
+from runner.int8.config import ENGINES
 from runner.model.arch import ModelSpec
 
-ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # also `auto`'s preference order on near-ties
 TIE_MARGIN = 0.10  # probes closer than this to the fastest count as ties
 
 
@@ -150,3 +151,30 @@ def candidate_engines() -> list[str]:
     """
     engines = available_engines()
     return [e for e in engines if e != "qnnpack"] or engines
+
+
+def resolve_engine(engine: str, build: Optional[Callable[[str], Callable]] = None,
+                   spec: Optional[ModelSpec] = None) -> tuple[str, dict[str, float]]:
+    """The engine that `engine` (a spec's or a flag's value) means on this CPU, with the probe timings
+    behind an `auto` choice ({} otherwise). The one place engines are resolved, driver and workers alike.
+
+    A named engine must exist in this torch build (`InputError` naming the ones that do). `auto` considers
+    `candidate_engines()`: with `build` (engine -> callable(feats, lens)) and `spec`, each candidate is
+    timed here and the fastest kept, near-ties going to the preferred one (what every worker does); without,
+    the first in preference order, untimed (the driver's accuracy gate: onednn where it exists, the fastest
+    on long inputs on both CPU kinds measured; a probe cost 2.7 s on QuartzNet15x5 to 4.8 s on
+    FastConformer-CTC large, and on near-ties its pick followed timing noise, which made the artifact
+    differ from run to run).
+    """
+    if engine != "auto":
+        try:
+            check_engine(engine)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return engine, {}
+    candidates = candidate_engines()
+    if build is None or spec is None or len(candidates) == 1:
+        return candidates[0], {}
+    timings = time_engines(build, spec.encoder.feat_in, candidates,
+                           spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
+    return choose_engine(timings), timings

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 
 from runner.int8 import cache as int8_cache
 from runner.int8.artifact import Artifact
+from runner.int8.config import Settings  # noqa: F401 - public here too
 from runner.errors import InputError, QuantizationError
 from runner.int8.cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
@@ -52,122 +53,129 @@ class GateFailed(QuantizationError):
         self.report = report
 
 
-@dataclass(frozen=True)
-class Settings:
-    calibration_items: int = 100
-    gate_items: int = 100
-    max_wer_increase: float = 0.005  # a fraction: 0.005 = 0.5 WER points
-    max_fp32_layers: int = 3  # units (encoder blocks, decoder) the gate may keep in fp32
-    engine: str = "auto"  # engine the gate evaluates with (auto: the fastest here)
-    observers: tuple[str, ...] = ("histogram", "minmax", "moving_average")
-    seed: int = 0
-    max_seconds: float = 30.0  # items longer than this take part as consecutive windows of this length
-    early_stop: bool = True  # the gate may stop reading once its decision is clear (`runner.int8.gate`)
-
-
 # --------------------------------------------------------------------------- quantizing
 def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
                    references: Optional[list[str]], settings: Settings = Settings(),
                    info: Optional[dict] = None) -> Artifact:
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
-    from runner.int8.observers import use_observer
-    from runner.int8.engines import activation_bits, candidate_engines, check_engine, engine_scope
-    from runner.int8.model import calibrate, convert, prepare, rebuild
+    from runner.int8.engines import activation_bits, resolve_engine
 
     clock = _Phases()
-    spec = model.spec
-    rate = spec.features.sample_rate
+    report = _start_report(model, calibration, gate_audio, settings, info)
+    with clock("calibrate"):  # one pass over the calibration audio calibrates every candidate observer
+        observed = _calibrated(model, calibration, settings.observers)
+    with clock("convert"):
+        engine, _ = resolve_engine(settings.engine)  # `auto`: the preferred candidate, untimed; workers time theirs
+        bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
+        report.update(engine=engine, activation_bits=bits, cpu=_cpu())
+        converted = _converted(observed, settings.observers, engine)
+        runs = {name: _runner(q, engine, bits) for name, q in converted.items()}
+    with clock("gate"):
+        gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)
+        scores, leaders = _gate_observers(gate, runs, settings)
+    chosen = leaders[-1]
+    _record_gate(report, gate, scores, leaders, settings)
+    qenc, figures = converted[chosen], scores[chosen]
+    log.info("int8 (%s observers, %s engine): %s", chosen, engine, _summary(gate, figures))
+    report["steps"] = [{"fp32_units": [], "increase": round(gate.increase(figures), 6), **public(figures)}]
+    report["sensitivity"] = []
+    kept: list[int] = []
+    passed = gate.increase(figures) <= settings.max_wer_increase
+    with clock("fallback"):
+        if not passed:
+            qenc, figures, kept, passed = _keep_units_in_fp32(model, qenc, figures, gate, settings, report,
+                                                              lambda q: _runner(q, engine, bits), engine)
+    report["gate"].update(utterances=len(gate.ids), seconds=round(gate.seconds, 2), fp32=gate.fp32_figures,
+                          int8=public(figures), increase=round(gate.increase(figures), 6), passed=passed)
+    report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
+    if not passed:
+        report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
+        raise GateFailed(_failure_message(report, settings), report)
+    with clock("self_check"):
+        art = _artifact(model, qenc, kept, chosen, engine, bits, gate, report)
+        _check_reproduced(art, engine, bits)
+    report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2),
+                         "int8": round((_nbytes(art.int8) + _nbytes(art.features)) / 1e6, 2)}
+    report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
+    return art
+
+
+def _start_report(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
+                  settings: Settings, info: Optional[dict]) -> dict:
+    rate = model.spec.features.sample_rate
     report: dict = {"recipe_version": RECIPE_VERSION, **(info or {}), "settings": asdict(settings)}
     report["calibration"] = {**report.get("calibration", {}), "utterances": len(calibration),
                              "seconds": round(sum(len(a) for a in calibration) / rate, 2)}
     log.info("calibrating on %d utterances (%.0f s), gate on up to %d held-out utterances (%.0f s)",
              len(calibration), report["calibration"]["seconds"], len(gate_audio),
              sum(len(a) for a in gate_audio) / rate)
+    return report
 
-    # One pass over the calibration audio calibrates every candidate observer.
-    observers = tuple(settings.observers)
-    with clock("calibrate"):
-        observed = prepare(model, "all" if len(observers) > 1 else observers[0])
-        calibrate(observed, [(f, n) for f, n, _ in feature_batches(model, calibration)])
 
-    def converted_with(observer: str, engine: str):
+def _calibrated(model: LeanCTCModel, calibration: Sequence[np.ndarray], observers: Sequence[str]):
+    """The observed model after one pass over the calibration audio (every candidate observer at once)."""
+    from runner.int8.model import calibrate, prepare
+
+    observed = prepare(model, "all" if len(observers) > 1 else observers[0])
+    calibrate(observed, [(f, n) for f, n, _ in feature_batches(model, calibration)])
+    return observed
+
+
+def _converted(observed, observers: Sequence[str], engine: str) -> dict:
+    """Each candidate observer's int8 model, packed for `engine` (calibrated at 8 bits)."""
+    from runner.int8.model import convert
+    from runner.int8.observers import use_observer
+
+    converted = {}
+    for observer in observers:
         if len(observers) > 1:
             use_observer(observed, observer)
-        return convert(observed, engine)
+        converted[observer] = convert(observed, engine)
+    return converted
 
-    engine = settings.engine
-    with clock("convert"):
-        if engine == "auto":
-            # The gate runs on the first candidate in preference order (onednn where it exists: the fastest
-            # on long inputs on both CPU kinds measured), without timing the engines: a probe cost 2.7 s
-            # (QuartzNet15x5) to 4.8 s (FastConformer-CTC large) here, and on near-ties its pick followed
-            # timing noise, which made the artifact differ from run to run. Workers time their own.
-            engine = candidate_engines()[0]
-        else:
-            try:
-                check_engine(engine)
-            except ValueError as exc:
-                raise InputError(str(exc)) from None
-        converted = {observer: converted_with(observer, engine) for observer in observers}
-        bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
-        report.update(engine=engine, activation_bits=bits, cpu=_cpu())
 
-        def run_on_engine(qenc):
-            variant = rebuild(qenc, engine, bits)
+def _runner(qenc, engine: str, bits: int):
+    """callable(feats, frames) running `qenc` as a worker with `bits`-bit activations on `engine` would."""
+    from runner.int8.engines import engine_scope
+    from runner.int8.model import rebuild
 
-            def run(feats, frames):
-                with engine_scope(engine):
-                    return variant(feats, frames)
-            return run
+    variant = rebuild(qenc, engine, bits)
 
-        runs = {name: run_on_engine(q) for name, q in converted.items()}
+    def run(feats, frames):
+        with engine_scope(engine):
+            return variant(feats, frames)
+    return run
 
-    with clock("gate"):
-        gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)
-        scores, leaders = _gate_observers(gate, runs, settings)
-    chosen = leaders[-1]
+
+def _record_gate(report: dict, gate: GateSet, scores: dict, leaders: list[str], settings: Settings) -> None:
     report["observers"] = {name: public(fig) for name, fig in scores.items()}
-    report["observer"] = chosen
-    report["gate"] = {**report.get("gate", {}), "mode": "references" if references else "agreement with fp32",
-                      "max_wer_increase": settings.max_wer_increase, "planned_utterances": len(gate_audio),
+    report["observer"] = leaders[-1]
+    report["gate"] = {**report.get("gate", {}), "mode": "references" if gate.references else "agreement with fp32",
+                      "max_wer_increase": settings.max_wer_increase, "planned_utterances": len(gate.audios),
                       "planned_seconds": round(gate.planned_seconds, 2),
                       "chunks_read": gate.read, "chunks": len(gate.chunks), "leaders": leaders}
-    qenc, figures = converted[chosen], scores[chosen]
-    log.info("int8 (%s observers, %s engine): %s", chosen, engine, _summary(gate, figures))
 
-    passed = gate.increase(figures) <= settings.max_wer_increase
-    kept: list[int] = []
-    report["steps"] = [{"fp32_units": [], "increase": round(gate.increase(figures), 6), **public(figures)}]
-    report["sensitivity"] = []
-    with clock("fallback"):
-        if not passed:
-            qenc, figures, kept, passed = _keep_units_in_fp32(model, qenc, figures, gate, settings, report,
-                                                              run_on_engine, engine)
-    report["gate"].update(utterances=len(gate.ids), seconds=round(gate.seconds, 2), fp32=gate.fp32_figures,
-                          int8=public(figures), increase=round(gate.increase(figures), 6), passed=passed)
-    report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
-    if not passed:
-        report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
-        raise GateFailed(
-            f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
+
+def _failure_message(report: dict, settings: Settings) -> str:
+    return (f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
             f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
             "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
-            "or run with precision fp32", report)
-    with clock("self_check"):
-        reference = _self_check_reference(model, qenc, engine, bits, gate)
-        report["self_check"] = {"utterances": len(reference["frames"]), "seconds": reference["seconds"],
-                                "expected": reference["expected"]}
-        art = Artifact(spec, model.features.state_dict(), qenc.state_dict(), sorted(kept),
-                       recipe={"observer": chosen, "weights": "qint8 per-channel symmetric",
-                               "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
-                                              "ranges on CPUs whose int8 kernels saturate",
-                               **getattr(qenc, "recipe", {}), "version": RECIPE_VERSION},
-                       report=report, reference=reference)
-        _check_reproduced(art, engine, bits)
-    report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2),
-                         "artifact": round(len(art.to_bytes()) / 1e6, 2)}
-    report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
-    return art
+            "or run with precision fp32")
+
+
+def _artifact(model: LeanCTCModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet,
+              report: dict) -> Artifact:
+    """The artifact workers load: int8 weights, the fp32 front end, the units kept in fp32, the recipe, the
+    report (shared: later figures land in it too) and the self-check reference."""
+    reference = _self_check_reference(model, qenc, engine, bits, gate)
+    report["self_check"] = {"utterances": len(reference["frames"]), "seconds": reference["seconds"],
+                            "expected": reference["expected"]}
+    recipe = {"observer": observer, "weights": "qint8 per-channel symmetric",
+              "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
+                             "ranges on CPUs whose int8 kernels saturate",
+              **getattr(qenc, "recipe", {}), "version": RECIPE_VERSION}
+    return Artifact(model.spec, model.features.state_dict(), qenc.state_dict(), sorted(kept), recipe=recipe,
+                    report=report, reference=reference)
 
 
 def _best(scores: dict, gate: GateSet, settings: Settings) -> str:
@@ -238,11 +246,12 @@ def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gat
 
 
 def _check_reproduced(art: Artifact, engine: str, bits: int) -> None:
-    """What a worker will do: rebuild from bytes alone on the gate's engine and pass its self-check with the
-    very figures the gated model reached on the reference."""
+    """What a worker will do: rebuild from the artifact's contents alone (what its bytes hold: torch.save
+    round-trips them exactly) on the gate's engine and pass its self-check with the very figures the gated
+    model reached on the reference."""
     from runner.int8.artifact import build_int8_model
 
-    loaded = build_int8_model(art.to_bytes(), engine)
+    loaded = build_int8_model(art, engine)
     got, want = loaded.int8_check, art.reference["expected"][bits]
     if got["fallback"] or got["wer_vs_fp32"] != want["wer_vs_fp32"] or \
             abs(got["logit_error"] - want["logit_error"]) > 1e-5 + 0.01 * want["logit_error"]:
@@ -301,7 +310,7 @@ def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str
 
 def artifact_inputs(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
                     samples: Optional[Samples] = None, model_sha256: Optional[str] = None) -> dict:
-    """What the artifact is made from, with its cache key (`runner.int8_cache.inputs_record`)."""
+    """What the artifact is made from, with its cache key (`runner.int8.cache.inputs_record`)."""
     samples = samples or draw_samples(manifest, calibration_manifest, settings)
     manifests = {"manifest": file_sha256(manifest),
                  "calibration": file_sha256(calibration_manifest) if calibration_manifest else None}

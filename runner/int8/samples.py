@@ -12,16 +12,14 @@ import os
 import random
 import stat
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from runner.inputs.audio import load_audio
 from runner.errors import AudioLoadError, InputError
 from runner.inputs.manifest import ManifestItem, iter_manifest
-
-if TYPE_CHECKING:
-    from runner.int8.pipeline import Settings
+from runner.int8.config import Settings
 
 
 @dataclass

@@ -3,7 +3,7 @@
 int8 is not the same computation on every CPU (x86 without VNNI saturates 8-bit activations;
 a cluster may mix CPUs; an engine may have a bug), so the accuracy gate on the driver's CPU
 cannot vouch for a worker's. The artifact carries a small fp32 reference made once on the
-driver (`runner.gate.GateSet.reference`): the features of a few held-out gate utterances, the fp32 model's
+driver (`runner.int8.gate.GateSet.reference`): the features of a few held-out gate utterances, the fp32 model's
 logits on them, and the figures the driver's own int8 model reached on them, per activation
 bit width (`expected`). A worker runs the same features through its int8 model (`check`) and
 compares with the fp32 logits: per-frame logit cosine, greedy frame agreement and the WER of
@@ -11,8 +11,8 @@ its transcripts against fp32's. It passes when cosine and frame agreement are wi
 `COSINE_MARGIN` / `AGREEMENT_MARGIN` of what the driver reached (engines differ in rounding, a
 few 1e-4 of cosine; saturation costs tenths).
 
-What happens when a check fails is `runner.artifact.build_int8_model`'s (7-bit activations next)
-and `runner.worker.ShardWorker`'s (the fp32 model, or stop the job) business.
+What happens when a check fails is `runner.int8.artifact.build_int8_model`'s (7-bit activations next)
+and `runner.job.worker.ShardWorker`'s (the fp32 model, or stop the job) business.
 """
 
 from __future__ import annotations

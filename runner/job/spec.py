@@ -15,11 +15,10 @@ from typing import Any, Optional, Union
 import yaml
 
 from runner.errors import InputError
+from runner.int8.config import ON_CHECK_FAILURE, Settings
 
 PRECISIONS = ("int8", "fp32")
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo_quartznet.nemo"  # `model: demo`
-ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
-ON_CHECK_FAILURE = ("fp32", "stop")
 # shard_timeout_seconds: auto: a worker must transcribe at >= 0.5x real time, plus time to start and read
 SHARD_TIMEOUT_BASE_SECONDS = 120.0
 SHARD_TIMEOUT_PER_AUDIO_SECOND = 2.0
@@ -41,6 +40,12 @@ class QuantizationSpec:
     # A worker whose int8 model fails its self-check at 8 and at 7 bits: `fp32` runs the fp32 model
     # there (slower, correct, reported loudly); `stop` fails the job before that worker transcribes.
     on_check_failure: str = "fp32"
+
+    def settings(self) -> Settings:
+        """What the int8 pipeline runs with (`runner.int8.config`, which also validates these keys)."""
+        return Settings(calibration_items=self.calibration_items, gate_items=self.gate_items,
+                        max_wer_increase=self.max_wer_increase, max_fp32_layers=self.max_fp32_layers,
+                        engine=self.engine)
 
 
 @dataclass(frozen=True)
@@ -128,18 +133,11 @@ def verify(spec: JobSpec, where: str) -> None:
          or (_number(spec.shard_timeout_seconds) and 0 < spec.shard_timeout_seconds < float("inf")),
          f"shard_timeout_seconds must be auto, a positive number of seconds or null (no limit), "
          f"got {spec.shard_timeout_seconds!r}"),
-        (q.engine in ENGINES, f"quantization.engine must be one of {', '.join(ENGINES)}, got {q.engine!r}"),
         (q.on_check_failure in ON_CHECK_FAILURE,
          f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}"),
-        (isinstance(q.calibration_items, int) and q.calibration_items >= 1,
-         f"quantization.calibration_items must be a positive integer, got {q.calibration_items!r}"),
-        (isinstance(q.gate_items, int) and q.gate_items >= 1,
-         f"quantization.gate_items must be a positive integer, got {q.gate_items!r}"),
-        (isinstance(q.max_fp32_layers, int) and q.max_fp32_layers >= 0,
-         f"quantization.max_fp32_layers must be an integer >= 0, got {q.max_fp32_layers!r}"),
-        (_number(q.max_wer_increase) and 0 <= q.max_wer_increase < 1,
-         f"quantization.max_wer_increase is a fraction (0.005 = 0.5 WER points), got {q.max_wer_increase!r}"),
     ]
+    prefixed = {name: f"quantization.{name}" for name in Settings.field_names()}
+    checks += [(False, message) for message in q.settings().problems(prefixed)]
     for ok, message in checks:
         if not ok:
             raise SpecError(f"{where}: {message}")

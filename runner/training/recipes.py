@@ -103,7 +103,7 @@ def citrinet_256_config(tokenizer_dir: str) -> dict:
 
 def small_citrinet_config(tokenizer_dir: str) -> dict:
     """A ~0.2 M-parameter Citrinet (SE, stride_last/stride_add, 8x stride) that learns the espeak-ng
-    grammar of `runner.corpus.sentences` in about a minute on 2 cores."""
+    grammar of `runner.training.corpus.sentences` in about a minute on 2 cores."""
     return citrinet_config(tokenizer_dir, filters=96, enc_final=128, repeat=1,
                            kernels=((11, 13), (13, 15), (15, 17)), features=64)
 
