@@ -30,9 +30,12 @@ from typing import Any, Union
 
 import torch
 
-from runner.int8 import self_check as int8_check
-from runner.model.arch import ModelSpec
 from runner.errors import InputError, QuantizationError
+from runner.int8 import self_check as int8_check
+from runner.int8.engines import activation_bits, resolve_engine
+from runner.int8.model import Int8CTCModel, load_int8
+from runner.model.arch import ModelSpec
+from runner.model.features import MelFeatures
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +128,6 @@ class LoadedModel:
 def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
     """The int8 model for this process's CPU, self-checked: `engine="auto"` times the candidates and keeps
     the fastest; activation bits follow the CPU, then 7 bits if the check fails. Raises `Int8CheckFailed`."""
-    from runner.model.features import MelFeatures
-    from runner.int8.model import Int8CTCModel, load_int8
-    from runner.int8.engines import activation_bits, resolve_engine
-
     t0 = time.perf_counter()
     art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
     with torch.device("meta"):

@@ -20,10 +20,12 @@ import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
-from runner.int8 import artifact as artifact_io
-from runner.int8.artifact import Artifact
 from runner.errors import InputError
 from runner.inputs.manifest import ManifestItem, file_sha256
+from runner.int8 import artifact as artifact_io
+from runner.int8.artifact import Artifact
+from runner.model.ctc import load_checkpoint, save_checkpoint
+from runner.model.nemo_loader import load_any
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ def fp32_cache_path(model_path: str, model_sha256: Optional[str] = None) -> Path
 
 
 def save_fp32_checkpoint(model, path: Path) -> bytes:
-    from runner.model.ctc import save_checkpoint
-
     buf = io.BytesIO()
     save_checkpoint(model.spec, model.state_dict(), buf)
     artifact_io.save(buf.getvalue(), path)
@@ -139,8 +139,6 @@ def save_fp32_checkpoint(model, path: Path) -> bytes:
 def fp32_checkpoint(model_path: str) -> bytes:
     """The lean fp32 checkpoint of a model (loads without NeMo), for workers whose int8 fails its
     self-check: cached beside the artifacts, so a job with a cached artifact does not load NeMo."""
-    from runner.model.ctc import load_checkpoint
-
     path = fp32_cache_path(model_path)
     if path.is_file():
         data = path.read_bytes()
@@ -149,6 +147,5 @@ def fp32_checkpoint(model_path: str) -> bytes:
             return data
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("ignoring a damaged cached fp32 checkpoint %s", path)
-    from runner.model.nemo_loader import load_any
 
     return save_fp32_checkpoint(load_any(model_path), path)

@@ -8,7 +8,6 @@ names each bad value by the key the user wrote (`key_names` maps a setting to a 
 from __future__ import annotations
 
 # Torch-free: the job spec imports this module.
-
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
@@ -32,7 +31,7 @@ class Settings:
 
     def problems(self, key_names: Optional[Mapping[str, str]] = None) -> list[str]:
         """One message per invalid value, naming it by `key_names[field]` (default: the field's name)."""
-        name = (lambda f: (key_names or {}).get(f, f))
+        names = key_names or {}
         checks = [
             ("engine", self.engine in ENGINE_CHOICES, f"must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}"),
             ("calibration_items", _whole(self.calibration_items) and self.calibration_items >= 1,
@@ -48,7 +47,7 @@ class Settings:
             ("max_seconds", _number(self.max_seconds) and self.max_seconds > 0,
              f"must be a positive number, got {self.max_seconds!r}"),
         ]
-        return [f"{name(key)} {message}" for key, ok, message in checks if not ok]
+        return [f"{names.get(key, key)} {message}" for key, ok, message in checks if not ok]
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -131,10 +131,10 @@ class QuantizedConformer(nn.Module):
 def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedConformer:
     """A copy whose subsampling convs (fused with their ReLU) and Linear layers (each in a `QLinear`)
     are observed, `observer` for activations."""
-    from torch.ao.quantization import fuse_modules, prepare as ao_prepare
+    from torch.ao.quantization import fuse_modules
+    from torch.ao.quantization import prepare as ao_prepare
 
-    from runner.int8.observers import qconfig
-    from runner.int8.observers import quiet
+    from runner.int8.observers import qconfig, quiet
 
     qmodel = QuantizedConformer(model).eval()
     sub = Int8Subsampling(qmodel.encoder.pre_encode).eval()

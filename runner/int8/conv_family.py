@@ -20,11 +20,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from runner.int8.observers import qconfig, quiet
 from runner.model.arch import ModelSpec
 from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite
 from runner.model.ctc import LeanCTCModel
-from runner.int8.observers import qconfig
-from runner.int8.observers import quiet
 
 
 class QuantizedEncoder(nn.Module):
@@ -95,8 +94,9 @@ def _runs(layers: Sequence[nn.Module], name: str) -> list[list[str]]:
 
 def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedEncoder:
     """Fused, observed copy of the encoder+decoder, ready for calibration."""
-    from torch.ao.quantization import QuantStub, fuse_modules, prepare as ao_prepare
     from torch.ao.nn.quantized import FloatFunctional
+    from torch.ao.quantization import QuantStub, fuse_modules
+    from torch.ao.quantization import prepare as ao_prepare
 
     qmodel = QuantizedEncoder(model).eval()
     with quiet():

@@ -14,6 +14,7 @@ qnnpack keep 8 bits.
 
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
@@ -23,6 +24,7 @@ import torch
 from runner.errors import InputError
 from runner.int8.config import ENGINES
 from runner.model.arch import ModelSpec
+from runner.sysinfo import int8_flags
 
 TIE_MARGIN = 0.10  # probes closer than this to the fastest count as ties
 
@@ -78,9 +80,6 @@ def activation_bits(engine: str, cpu_flags: Optional[Sequence[str]] = None) -> i
     Decided from the CPU's flags (`sysinfo.int8_flags`, which a diagnostic override can replace);
     every worker then confirms it by measurement (`runner.int8.self_check`).
     """
-    import platform
-
-    from runner.sysinfo import int8_flags
 
     flags = set(int8_flags() if cpu_flags is None else cpu_flags)
     if engine == "qnnpack" or flags & VNNI_FLAGS or platform.machine().lower() not in X86_MACHINES:

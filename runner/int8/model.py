@@ -26,11 +26,12 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from runner.int8 import conformer_family, conv_family
+from runner.int8.engines import activation_bits, engine_scope
+from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
 from runner.model.ctc import LeanCTCModel
 from runner.model.decoding import TextDecoder
-from runner.int8.engines import activation_bits, engine_scope
-from runner.int8.observers import quiet
 
 
 def _conformer(spec: ModelSpec) -> bool:
@@ -48,10 +49,7 @@ def fallback_possible(spec: ModelSpec) -> bool:
 def _family(spec: ModelSpec):
     """The module holding this family's int8 structure: `conformer_family` or `conv_family`."""
     if _conformer(spec):
-        from runner.int8 import conformer_family
-
         return conformer_family
-    from runner.int8 import conv_family
 
     return conv_family
 

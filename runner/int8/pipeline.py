@@ -27,16 +27,21 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from runner.int8 import cache as int8_cache
-from runner.int8.artifact import Artifact
-from runner.int8.config import Settings  # noqa: F401 - public here too
 from runner.errors import InputError, QuantizationError
-from runner.int8.cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
-from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
-from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
 from runner.inputs.manifest import file_sha256
-from runner.model.ctc import LeanCTCModel
+from runner.int8 import cache as int8_cache
+from runner.int8.artifact import Artifact, build_int8_model
+from runner.int8.cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
+from runner.int8.config import Settings  # noqa: F401 - public here too
+from runner.int8.engines import activation_bits, engine_scope, resolve_engine
+from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
+from runner.int8.model import Int8CTCModel, calibrate, convert, fallback_possible, prepare, rebuild, with_float_units
+from runner.int8.observers import use_observer
 from runner.int8.samples import Samples, draw_samples, read_items  # noqa: F401 - public here too
+from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
+from runner.model.ctc import LeanCTCModel
+from runner.model.nemo_loader import load_any
+from runner.sysinfo import cpu_info, int8_flags
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,6 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
                    references: Optional[list[str]], settings: Settings = Settings(),
                    info: Optional[dict] = None) -> Artifact:
     """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
-    from runner.int8.engines import activation_bits, resolve_engine
-
     clock = _Phases()
     report = _start_report(model, calibration, gate_audio, settings, info)
     with clock("calibrate"):  # one pass over the calibration audio calibrates every candidate observer
@@ -114,8 +117,6 @@ def _start_report(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_a
 
 def _calibrated(model: LeanCTCModel, calibration: Sequence[np.ndarray], observers: Sequence[str]):
     """The observed model after one pass over the calibration audio (every candidate observer at once)."""
-    from runner.int8.model import calibrate, prepare
-
     observed = prepare(model, "all" if len(observers) > 1 else observers[0])
     calibrate(observed, [(f, n) for f, n, _ in feature_batches(model, calibration)])
     return observed
@@ -123,9 +124,6 @@ def _calibrated(model: LeanCTCModel, calibration: Sequence[np.ndarray], observer
 
 def _converted(observed, observers: Sequence[str], engine: str) -> dict:
     """Each candidate observer's int8 model, packed for `engine` (calibrated at 8 bits)."""
-    from runner.int8.model import convert
-    from runner.int8.observers import use_observer
-
     converted = {}
     for observer in observers:
         if len(observers) > 1:
@@ -136,9 +134,6 @@ def _converted(observed, observers: Sequence[str], engine: str) -> dict:
 
 def _runner(qenc, engine: str, bits: int):
     """callable(feats, frames) running `qenc` as a worker with `bits`-bit activations on `engine` would."""
-    from runner.int8.engines import engine_scope
-    from runner.int8.model import rebuild
-
     variant = rebuild(qenc, engine, bits)
 
     def run(feats, frames):
@@ -208,8 +203,6 @@ def _keep_units_in_fp32(model, qenc, figures, gate: GateSet, settings: Settings,
                         engine: str):
     """Per-unit sensitivity (logit error with that unit alone in fp32), then the most sensitive units go
     back to fp32 one by one until the gate passes or `max_fp32_layers` is reached."""
-    from runner.int8.model import fallback_possible, with_float_units
-
     units, steps = qenc.unit_names(), report["steps"]
     kept: list[int] = []
     if settings.max_fp32_layers <= 0 or not fallback_possible(model.spec):
@@ -236,8 +229,6 @@ def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gat
     """The fp32 reference every worker checks its int8 model against, with what the gated int8 model
     reaches on it here at `bits` and, where this CPU can run it unsaturated, at 7 bits too. Its audio
     and fp32 logits are the gate's own (`GateSet.reference`): nothing is computed twice."""
-    from runner.int8.model import Int8CTCModel, rebuild
-
     reference = gate.reference(REFERENCE_ITEMS, REFERENCE_SECONDS)
     for b in sorted({bits, 7}, reverse=True):
         variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
@@ -249,8 +240,6 @@ def _check_reproduced(art: Artifact, engine: str, bits: int) -> None:
     """What a worker will do: rebuild from the artifact's contents alone (what its bytes hold: torch.save
     round-trips them exactly) on the gate's engine and pass its self-check with the very figures the gated
     model reached on the reference."""
-    from runner.int8.artifact import build_int8_model
-
     loaded = build_int8_model(art, engine)
     got, want = loaded.int8_check, art.reference["expected"][bits]
     if got["fallback"] or got["wer_vs_fp32"] != want["wer_vs_fp32"] or \
@@ -279,8 +268,6 @@ class _Phases:
 
 
 def _cpu() -> dict:
-    from runner.sysinfo import cpu_info, int8_flags
-
     info = cpu_info()
     return {"model": info["model"], "flags": int8_flags()}
 
@@ -331,7 +318,6 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256)
     if use_cache and (data := int8_cache.cached_artifact(inputs)) is not None:
         return data, True
-    from runner.model.nemo_loader import load_any
 
     model = load_any(model_path)
     if use_cache:

@@ -16,8 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from runner.inputs.audio import load_audio
 from runner.errors import AudioLoadError, InputError
+from runner.inputs.audio import load_audio
 from runner.inputs.manifest import ManifestItem, iter_manifest
 from runner.int8.config import Settings
 

@@ -21,8 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from runner.model.decoding import greedy_decode
 from runner.metrics import normalize_text, wer
+from runner.model.decoding import greedy_decode
 
 REFERENCE_SECONDS = 20.0  # audio the reference holds (a check costs one int8 pass over it)
 REFERENCE_ITEMS = 4
