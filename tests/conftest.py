@@ -15,10 +15,7 @@ import torch
 
 from runner.training.corpus import espeak_available, sentences, synthesize_many
 
-RATE = 16000
-TRAIN_SEED, TEST_SEED = 1, 2
-TRAIN_SENTENCES = 400
-
+from .support import RATE, TEST_SEED, TRAIN_SEED, TRAIN_SENTENCES
 
 RELIABILITY: list[dict] = []  # outcomes of the fault-injection tests, printed at the end of the run
 
@@ -129,12 +126,6 @@ def quartznet15x5_nemo():
     model = build_nemo_model(quartznet15x5_config())
     randomize_batchnorm(model)
     return model
-
-
-def pad(audios):
-    from runner.model.transcribe import pad_batch
-
-    return pad_batch(audios)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 quantization code; a cached artifact is used only when its own record matches; long files take part in
 calibration and the gate as windows; a FIFO in a sample is skipped without being opened."""
 
-import json
 import logging
 import os
 import shutil
@@ -14,21 +13,16 @@ import soundfile as sf
 from runner.int8.artifact import Artifact
 from runner.int8.pipeline import Settings, draw_samples, make_artifact, read_items
 from runner.inputs.manifest import iter_manifest
-from runner.int8.engines import available_engines
 
-RATE = 16000
-ENGINE = "onednn" if "onednn" in available_engines() else "auto"
+from .support import RATE, pinned_engine, write_manifest
+
+ENGINE = pinned_engine()
 
 
 def quick(**extra) -> Settings:
     """Small samples, one observer, a tolerance that always passes: seconds per artifact on the tiny model."""
     return Settings(**{"calibration_items": 2, "gate_items": 2, "observers": ("minmax",), "engine": ENGINE,
                        "max_wer_increase": 1.0, **extra})
-
-
-def write_manifest(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def folder_of(tmp_path: Path, name: str, sources: list[str]) -> str:
@@ -38,7 +32,7 @@ def folder_of(tmp_path: Path, name: str, sources: list[str]) -> str:
     names = [f"{chr(ord('a') + i)}.wav" for i in range(len(sources))]
     for n, src in zip(names, sources):
         shutil.copyfile(src, folder / n)
-    return write_manifest(folder / "manifest.jsonl", [{"audio_filepath": n} for n in names])
+    return str(write_manifest(folder / "manifest.jsonl", [{"audio_filepath": n} for n in names]))
 
 
 def report_of(data: bytes) -> dict:
@@ -78,7 +72,7 @@ def test_code_version_covers_quantization_modules_only(speech_files, tmp_path, m
     shutil.copytree(int8_cache.SOURCE_DIR, base, ignore=shutil.ignore_patterns("__pycache__", "data"))
     model = tmp_path / "model.nemo"
     model.write_bytes(b"model bytes")
-    manifest = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p} for _, p in speech_files[:4]])
+    manifest = str(write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p} for _, p in speech_files[:4]]))
 
     def version_and_key(folder: Path) -> tuple[str, str]:
         monkeypatch.setattr(int8_cache, "SOURCE_DIR", folder)
@@ -131,7 +125,7 @@ def long_manifest(tmp_path: Path, speech_files, long_speech) -> tuple[str, float
     rows += [{"audio_filepath": long_path, "id": "long-a", "duration": 200.0, "text": reference},
              {"audio_filepath": long_path, "id": "long-b", "offset": 200.0, "duration": 200.0},
              {"audio_filepath": long_path, "id": "long-c", "offset": 400.0}]
-    return write_manifest(tmp_path / "long.jsonl", rows), sf.info(long_path).duration
+    return str(write_manifest(tmp_path / "long.jsonl", rows)), sf.info(long_path).duration
 
 
 def test_long_files_take_part_as_windows(speech_files, long_speech, tmp_path):
@@ -174,9 +168,9 @@ def test_a_gate_with_windows_measures_agreement(tiny_nemo_file, speech_files, lo
 def test_a_fifo_in_the_sample_is_skipped_without_opening_it(speech_files, tmp_path):
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)
-    calibration = write_manifest(tmp_path / "cal.jsonl", [{"audio_filepath": str(fifo), "duration": 2.0}]
-                                 + [{"audio_filepath": p} for _, p in speech_files[:2]])
-    manifest = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p} for _, p in speech_files[2:4]])
+    calibration = str(write_manifest(tmp_path / "cal.jsonl", [{"audio_filepath": str(fifo), "duration": 2.0}]
+                                     + [{"audio_filepath": p} for _, p in speech_files[:2]]))
+    manifest = str(write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p} for _, p in speech_files[2:4]]))
     samples = draw_samples(manifest, calibration, quick(calibration_items=3))
     assert str(fifo) in [i.audio_filepath for i in samples.calibration]
     result = {}

@@ -18,7 +18,7 @@ import torch
 from runner.model.arch import ModelSpec
 from runner.int8.artifact import build_int8_model
 from runner.int8.pipeline import Settings, quantize_model
-from runner.training.corpus import sentences, synthesize_many
+from runner.training.corpus import sentences
 from runner.model.decoding import TextDecoder
 from runner.errors import UnsupportedModelError
 from runner.metrics import cer, wer
@@ -27,8 +27,11 @@ from runner.model.ctc import build_model
 from runner.model.nemo_loader import check_supported, describe, load_nemo
 from runner.int8.engines import available_engines
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from tests.conftest import RATE, TRAIN_SEED, TRAIN_SENTENCES, pad
-from tests.test_model import max_logit_diff
+
+from .support import (
+    RATE, TRAIN_SEED, TRAIN_SENTENCES, calibration_audio, copy_model, held_out_gate, max_logit_diff, pad,
+    pinned_engine, write_manifest,
+)
 
 TRAIN_STEPS = 300
 
@@ -72,10 +75,7 @@ def citrinet_file(citrinet_nemo, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def gate_data():
     """Calibration audio and held-out (text, audio) for the gate: apart from training and `speech`."""
-    calibration = [a for _t, _v, a in synthesize_many(sentences(24, seed=9), seed=9)]
-    train = set(sentences(TRAIN_SENTENCES, TRAIN_SEED)) | set(sentences(80, 2))
-    gate = [(t, a) for t, _v, a in synthesize_many([t for t in sentences(200, 3) if t not in train][:30], seed=3)]
-    return calibration, gate
+    return calibration_audio(24), held_out_gate(30)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def artifact(citrinet_lean, gate_data):
     """int8 through the unchanged gate, default settings (it picks among three activation observers) but one
     engine, not `auto`: a timing probe must not decide which int8 arithmetic the test sees."""
     calibration, gate = gate_data
-    settings = Settings(engine="onednn" if "onednn" in available_engines() else "auto")
+    settings = Settings(engine=pinned_engine())
     return quantize_model(citrinet_lean, calibration, [a for _, a in gate], [t for t, _ in gate], settings)
 
 
@@ -168,7 +168,7 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(citrinet_lean, artifact, spee
 def test_gate_keeps_a_sensitive_se_block_in_fp32(citrinet_lean, gate_data, speech):
     """The unchanged gate on a Citrinet: an SE block made hostile to per-tensor int8 (same fp32 function)
     goes back to fp32, and the hybrid artifact rebuilds on every engine."""
-    lean = build_model(citrinet_lean.spec, {k: v.clone() for k, v in citrinet_lean.state_dict().items()})
+    lean = copy_model(citrinet_lean)
     layers = lean.encoder.blocks[2].mconv  # depthwise, pointwise, BN, SqueezeExcite
     with torch.no_grad():  # 1000x larger depthwise outputs in 4 channels, undone by the pointwise conv
         layers[0].conv.weight[:4] *= 1000
@@ -223,7 +223,7 @@ def test_citrinet_int8_job_on_local_ray_writes_transcripts(ray_local, citrinet_f
     for i, (text, audio) in enumerate(speech[:24]):
         sf.write(tmp_path / f"u{i:02d}.flac", audio, RATE)
         rows.append({"audio_filepath": f"u{i:02d}.flac", "text": text})
-    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_manifest(tmp_path / "manifest.jsonl", rows)
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(f"model: {citrinet_file}\nmanifest: manifest.jsonl\noutput: run\nprecision: int8\n"
                          "workers: 2\nshard_seconds: 20\nquantization:\n  calibration_items: 12\n  gate_items: 12\n"

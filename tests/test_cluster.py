@@ -11,6 +11,8 @@ import pytest
 
 from runner.job.run_folder import read_rows
 
+from .support import write_manifest
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,8 +41,7 @@ def ray_head(tmp_path):
 
 
 def test_job_runs_on_an_existing_cluster(ray_head, speech_files, tiny_nemo_file, tmp_path):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"audio_filepath": p, "text": t}) + "\n" for t, p in speech_files))
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p, "text": t} for t, p in speech_files])
     spec = tmp_path / "job.yaml"
     spec.write_text(f"model: {tiny_nemo_file}\nmanifest: {manifest}\noutput: {tmp_path / 'out'}\n"
                     "precision: fp32\nshard_seconds: 20\n")

@@ -16,15 +16,13 @@ import torch
 
 from runner.int8.artifact import Artifact, build_int8_model
 from runner.int8.pipeline import Settings, quantize_model
-from runner.training.corpus import sentences, synthesize_many
 from runner.errors import UnsupportedModelError
 from runner.metrics import cer, wer
 from runner.model.ctc import build_model
-from runner.int8.engines import available_engines
 from runner.model.nemo_loader import check_supported, describe, load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
-from tests.test_model import max_logit_diff
+
+from .support import calibration_audio, held_out_gate, max_logit_diff, pad, pinned_engine, write_manifest
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"
 
@@ -117,12 +115,10 @@ def test_unsupported_conformer_options_are_rejected_by_name(key, value):
 @pytest.fixture(scope="module")
 def int8_artifact(fastconformer_lean):
     """Calibrated and gated on held-out espeak-ng speech (other sentences than training and `speech`)."""
-    train = set(sentences(TRAIN_SENTENCES, TRAIN_SEED)) | set(sentences(80, 2))
-    texts = [t for t in sentences(200, seed=3) if t not in train][:24]
-    gate = [(t, a) for t, _v, a in synthesize_many(texts, seed=3)]
-    calibration = [a for _t, _v, a in synthesize_many(sentences(8, seed=9), seed=9)]
+    gate = held_out_gate(24)
+    calibration = calibration_audio(8)
     # One engine, not `auto`: a timing probe must not decide which int8 arithmetic the test sees.
-    settings = Settings(max_wer_increase=0.02, engine="onednn" if "onednn" in available_engines() else "auto")
+    settings = Settings(max_wer_increase=0.02, engine=pinned_engine())
     return quantize_model(fastconformer_lean, calibration, [a for _, a in gate], [t for t, _ in gate], settings)
 
 
@@ -212,9 +208,8 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
     from runner.job.run_folder import read_rows
     from runner.job.spec import load_spec
 
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"audio_filepath": p, "duration": sf.info(p).duration, "text": t}) + "\n"
-                                for t, p in speech_files[:24]))
+    manifest = write_manifest(tmp_path / "manifest.jsonl", [
+        {"audio_filepath": p, "duration": sf.info(p).duration, "text": t} for t, p in speech_files[:24]])
     out = tmp_path / "run"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(f"model: {fastconformer_file}\nmanifest: {manifest}\noutput: {out}\nprecision: int8\n"

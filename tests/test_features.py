@@ -7,7 +7,8 @@ import torch
 from runner.model.arch import FeatureConfig
 from runner.model.features import MelFeatures, mel_filterbank
 from runner.model.transcribe import whole_file_features
-from tests.conftest import pad
+
+from .support import pad
 
 
 def nemo_features(nemo_model, audios):

@@ -25,6 +25,8 @@ from runner.sysinfo import cpu_info
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.job.worker import ShardWorker
 
+from .support import pinned_engine
+
 CLAIMS_VNNI = "avx2 fma avx512_vnni"  # what the override makes a worker believe
 HAS_VNNI = bool(VNNI_FLAGS & set(cpu_info()["flags"]))
 
@@ -40,8 +42,7 @@ def qn15():
     randomize_batchnorm(nemo)
     lean = build_model(*describe(nemo))
     audio = [a for _t, _v, a in synthesize_many(sentences(10, seed=21), seed=21)]
-    settings = Settings(observers=("minmax",), max_wer_increase=1.0, max_fp32_layers=0,
-                        engine="onednn" if "onednn" in available_engines() else "auto")
+    settings = Settings(observers=("minmax",), max_wer_increase=1.0, max_fp32_layers=0, engine=pinned_engine())
     art = quantize_model(lean, audio[:6], audio[6:], None, settings)  # random weights: no references
     return lean, art, audio
 

@@ -23,6 +23,8 @@ from runner.inputs.manifest import iter_manifest
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.job.worker import transcribe_items
 
+from .support import stamps, write_manifest, write_spec
+
 pytestmark = pytest.mark.slow
 
 N_SPEECH = 240
@@ -52,17 +54,13 @@ def corpus(tmp_path_factory):
               {"audio_filepath": "audio/corrupt.wav", "duration": 2.0, "text": "x"}]
     for pos, row in zip((17, 120, 200), broken):
         rows.insert(pos, row)
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_manifest(folder / "manifest.jsonl", rows)
     return folder, manifest, rows
 
 
 def make_spec(folder, manifest, model, out, **extra):
-    keys = {"model": model, "manifest": manifest, "output": out, "precision": "fp32", "workers": 2,
-            "shard_seconds": 60, "max_failed": 5, **extra}
-    path = folder / f"{out.name}.yaml"
-    path.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
-    return path
+    return write_spec(folder / f"{out.name}.yaml", model=model, manifest=manifest, output=out,
+                      **{"shard_seconds": 60, "max_failed": 5, **extra})
 
 
 def assert_worker_texts(out, manifest, model):
@@ -93,10 +91,6 @@ def check_stage_seconds(out, stats):
                                     "ray_overhead"}
     assert min(stats["stages"].values()) >= 0 and stats["stages"]["encoder"] > 0 and stats["stages"]["write"] > 0
     assert abs(sum(stats["stage_fractions"].values()) - 1) < 1e-3
-
-
-def part_stamps(out):
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob("*.parquet")}
 
 
 def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, tiny_nemo_file, tmp_path):
@@ -133,12 +127,12 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
 
     # Delete two parts: --resume recomputes exactly those, and leaves the others untouched.
     parts = sorted((out / "transcripts").glob("*.parquet"))
-    before = part_stamps(out)
+    before = stamps(out, "*.parquet")
     for p in (parts[2], parts[7]):
         p.unlink()
     resumed = run_job(spec, resume=True)
     assert resumed.ran_shards == [2, 7]
-    after = part_stamps(out)
+    after = stamps(out, "*.parquet")
     assert {k: v for k, v in after.items() if k not in (parts[2].name, parts[7].name)} == \
            {k: v for k, v in before.items() if k not in (parts[2].name, parts[7].name)}
     assert read_rows(out).sort_by("id").equals(table.sort_by("id"))
@@ -214,14 +208,14 @@ def test_retry_errors_reruns_only_error_rows_and_logs_progress(ray_local, corpus
     assert any("shard 0 done by" in r.getMessage() for r in caplog.records)  # plain log lines, no live display
     table = read_rows(out)
     error_shards = sorted({r["shard"] for r in table.to_pylist() if r["status"] == "error"})
-    before = part_stamps(out)
+    before = stamps(out, "*.parquet")
 
     # Repair the broken files, then --retry-errors: only their parts are rewritten.
     speech = next(synthesize_many(["the cat sees the red box"], seed=3))[2]
     for name in ("missing.wav", "empty.wav", "corrupt.wav"):
         sf.write(folder / "audio" / name, speech, 16000)
     assert main(["--quiet", "run", str(spec_path), "--retry-errors"]) == 0
-    after = part_stamps(out)
+    after = stamps(out, "*.parquet")
     changed = sorted(int(k[5:10]) for k in after if after[k] != before[k])
     assert changed == error_shards
     fixed = read_rows(out)

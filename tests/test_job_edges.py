@@ -17,7 +17,7 @@ from runner.cli.main import main
 from runner.job.run_folder import read_rows
 from runner.job.spec import DEMO_MODEL
 
-from .test_reliability import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
+from .support import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 

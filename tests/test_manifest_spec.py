@@ -12,18 +12,14 @@ from runner.inputs.manifest import check_unique_ids, iter_manifest
 from runner.job.shards import group_items, plan_shards
 from runner.job.spec import JobSpec, SpecError, load_spec
 
-
-def write_lines(path, lines, newline="\n", bom=False):
-    text = newline.join(lines) + newline
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
-    return path
+from .support import write_manifest
 
 
 def test_reads_nemo_jsonl_with_relative_paths_bom_crlf_blank_lines_and_gz(tmp_path):
     sf.write(tmp_path / "a.wav", np.zeros(8000, np.float32), 16000)
     lines = [json.dumps({"audio_filepath": "a.wav", "text": "hi"}), "",
              json.dumps({"audio_filepath": "a.wav", "duration": 0.25, "offset": 0.1, "id": 7})]
-    plain = write_lines(tmp_path / "m.jsonl", lines, newline="\r\n", bom=True)
+    plain = write_manifest(tmp_path / "m.jsonl", lines, newline="\r\n", bom=True)
     items = list(iter_manifest(plain))
     assert [i.line for i in items] == [1, 3]
     assert items[0].audio_filepath == str(tmp_path / "a.wav") and items[0].duration == pytest.approx(0.5)
@@ -43,21 +39,21 @@ def test_reads_nemo_jsonl_with_relative_paths_bom_crlf_blank_lines_and_gz(tmp_pa
     ('{"audio_filepath": "a.wav", "id": [1]}', "`id` must be a non-empty string or integer"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
-    path = write_lines(tmp_path / "bad.jsonl", ['{"audio_filepath": "a.wav", "duration": 1}', line])
+    path = write_manifest(tmp_path / "bad.jsonl", ['{"audio_filepath": "a.wav", "duration": 1}', line])
     with pytest.raises(ManifestError, match=rf"bad.jsonl:2: {message}"):
         list(iter_manifest(path))
 
 
 def test_duplicate_ids_name_both_lines(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"audio_filepath": f"{i}.wav", "duration": 1, "id": i % 2})
-                                             for i in range(3)])
+    path = write_manifest(tmp_path / "d.jsonl", [json.dumps({"audio_filepath": f"{i}.wav", "duration": 1,
+                                                             "id": i % 2}) for i in range(3)])
     with pytest.raises(ManifestError, match=r"d.jsonl:3: duplicate id '0' \(first on line 1\)"):
         list(check_unique_ids(iter_manifest(path), path))
 
 
 def test_shard_plan_is_duration_balanced_deterministic_and_groups_stream(tmp_path):
     rows = [json.dumps({"audio_filepath": f"{i}.wav", "duration": 1.0 + (i % 5)}) for i in range(100)]
-    path = write_lines(tmp_path / "m.jsonl", rows)
+    path = write_manifest(tmp_path / "m.jsonl", rows)
     plan = plan_shards(iter_manifest(path), 30)
     assert plan == plan_shards(iter_manifest(path), 30)
     assert sum(s.items for s in plan) == 100 and all(30 <= s.seconds < 35 for s in plan[:-1])

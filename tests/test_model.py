@@ -9,17 +9,8 @@ from runner.metrics import cer
 from runner.model.ctc import build_model, load_checkpoint, save_checkpoint
 from runner.model.nemo_loader import describe, load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from tests.conftest import pad
 
-
-def max_logit_diff(nemo_model, lean, audios) -> float:
-    assert not any(m.training for m in nemo_model.modules())
-    batch, lengths = pad(audios)
-    with torch.no_grad():
-        ref, ref_len, _ = nemo_model(input_signal=batch, input_signal_length=lengths)
-    got, got_len = lean(batch, lengths)
-    assert torch.equal(ref_len, got_len)
-    return max((ref[i, :n] - got[i, :n]).abs().max().item() for i, n in enumerate(got_len.tolist()))
+from .support import max_logit_diff, pad
 
 
 def test_tiny_logits_match_nemo_on_mixed_lengths(tiny_nemo, tiny_lean, speech):

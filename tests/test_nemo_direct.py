@@ -20,7 +20,8 @@ import yaml
 from runner.training.corpus import sentences
 from runner.errors import InputError, UnsupportedModelError
 from runner.model.nemo_loader import load_nemo, load_nemo_with_nemo
-from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES
+
+from .support import TRAIN_SEED, TRAIN_SENTENCES
 
 DEMO = str(Path(__file__).parent.parent / "runner" / "data" / "demo_quartznet.nemo")
 MEL = "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor"

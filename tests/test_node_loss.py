@@ -10,7 +10,6 @@ a node joins, `--resume` completes it without rewriting them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ from runner.job.run import run_job
 from runner.job.run_folder import read_rows
 from runner.job.spec import DEMO_MODEL, load_spec
 
-from .test_reliability import demo_rows, manifest_ids, stamps, write_manifest, write_spec
+from .support import demo_rows, manifest_ids, stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 

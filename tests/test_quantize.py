@@ -12,41 +12,34 @@ import torch
 from runner.int8.artifact import Artifact, build_int8_model, sha256
 from runner.int8.pipeline import GateFailed, Settings, quantize_model
 from runner.cli.main import main
-from runner.training.corpus import sentences, synthesize_many
 from runner.metrics import wer
-from runner.model.ctc import build_model
 from runner.int8.conv_family import fusion_groups, int8_structure
 from runner.int8.engines import (
     TIE_MARGIN, activation_bits, available_engines, candidate_engines, choose_engine, engine_scope
 )
 from runner.int8.model import with_activation_bits
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from tests.conftest import TRAIN_SEED, TRAIN_SENTENCES, pad
+
+from .support import calibration_audio, copy_model, held_out_gate, pad, pinned_engine, write_manifest
 
 
 @pytest.fixture(scope="module")
 def calibration():
     """Calibration audio kept apart from the held-out sets (other sentences, other seed)."""
-    return [a for _t, _v, a in synthesize_many(sentences(40, seed=9), seed=9)]
+    return calibration_audio(40)
 
 
 @pytest.fixture(scope="module")
 def gate_set():
     """Held-out utterances for the gate: neither training, calibration nor the `speech` test set."""
-    train = set(sentences(TRAIN_SENTENCES, TRAIN_SEED)) | set(sentences(80, 2))
-    texts = [t for t in sentences(400, seed=3) if t not in train][:60]
-    return [(t, a) for t, _v, a in synthesize_many(texts, seed=3)]
+    return held_out_gate(60)
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_lean, calibration, gate_set):
     """One engine, not `auto`: a timing probe must not decide which int8 arithmetic the tests see."""
-    settings = Settings(engine="onednn" if "onednn" in available_engines() else "auto")
+    settings = Settings(engine=pinned_engine())
     return quantize_model(tiny_lean, calibration, [a for _, a in gate_set], [t for t, _ in gate_set], settings)
-
-
-def copy_model(model):
-    return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
 
 
 def make_outlier_channels(model, block: int, channels: slice = slice(0, 4)) -> None:
@@ -241,10 +234,10 @@ def test_gate_falls_back_then_fails_with_a_report(tiny_lean, calibration, gate_s
 def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tiny_nemo_file, gate_set, tmp_path, capsys):
     folder = tmp_path / "cal"
     folder.mkdir()
-    with open(folder / "manifest.jsonl", "w") as f:
-        for i, (text, audio) in enumerate(gate_set):
-            sf.write(folder / f"u{i}.flac", audio, 16000)
-            f.write(json.dumps({"audio_filepath": f"u{i}.flac", "text": text}) + "\n")
+    for i, (_text, audio) in enumerate(gate_set):
+        sf.write(folder / f"u{i}.flac", audio, 16000)
+    write_manifest(folder / "manifest.jsonl", [{"audio_filepath": f"u{i}.flac", "text": text}
+                                               for i, (text, _audio) in enumerate(gate_set)])
     out = tmp_path / "model.int8"
     args = ["quantize", tiny_nemo_file, "--calibration", str(folder / "manifest.jsonl"), "--items", "30",
             "--gate-items", "30", "--out", str(out)]
@@ -257,8 +250,7 @@ def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tin
     assert report["calibration"]["utterances"] == 30 and report["gate"]["utterances"] == 30
     assert not set(report["calibration"]["ids"]) & set(report["gate"]["ids"])  # disjoint samples
     # An unreachable tolerance in "agreement" mode (no references) with no fp32 fallback allowed.
-    with open(folder / "no_text.jsonl", "w") as f:
-        f.writelines(json.dumps({"audio_filepath": f"u{i}.flac"}) + "\n" for i in range(len(gate_set)))
+    write_manifest(folder / "no_text.jsonl", [{"audio_filepath": f"u{i}.flac"} for i in range(len(gate_set))])
     failed = tmp_path / "failed.int8"
     assert main(["quantize", tiny_nemo_file, "--calibration", str(folder / "no_text.jsonl"), "--out", str(failed),
                  "--max-wer-increase", "0", "--max-fp32-layers", "0"]) == 1

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import os
-import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,37 +25,9 @@ from runner.job.run_folder import read_rows, write_part
 from runner.job.spec import DEMO_MODEL, load_spec
 
 from .badaudio import make_bad_audio
+from .support import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_spec(path: Path, **keys) -> Path:
-    keys = {"precision": "fp32", "workers": 2, "max_failed": 0, **keys}
-    path.write_text("".join(f"{k}: {json.dumps(str(v)) if isinstance(v, Path) else v}\n" for k, v in keys.items()))
-    return path
-
-
-def write_manifest(path: Path, rows: list[dict], newline: str = "\n", bom: bool = False) -> Path:
-    text = "".join(json.dumps(r, ensure_ascii=False) + newline for r in rows)
-    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
-    return path
-
-
-def stamps(out: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob("part-*.parquet")}
-
-
-def manifest_ids(manifest: Path) -> list[str]:
-    return [item.id for item in iter_manifest(manifest)]
-
-
-def demo_rows(repeats: int) -> list[dict]:
-    """The bundled demo test set (125 utterances), `repeats` times under distinct ids."""
-    base = [json.loads(line) for line in (ROOT / "manifests/demo/test.jsonl").read_text().splitlines()]
-    return [{**r, "id": f"r{k}-{n:03d}", "audio_filepath": str(ROOT / "manifests/demo" / r["audio_filepath"])}
-            for k in range(repeats) for n, r in enumerate(base)]
 
 
 # --- bad audio -----------------------------------------------------------------------------------
@@ -175,29 +142,6 @@ def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(ray_local, s
 
 
 # --- driver killed -------------------------------------------------------------------------------
-
-@contextmanager
-def running_driver(spec: Path, ready, what: str):
-    """`asr-runner run SPEC` in its own process, yielded once `ready()` holds (it must still be running
-    then), SIGKILLed on the way out with the Ray processes it started."""
-    driver = subprocess.Popen([sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while driver.poll() is None and time.monotonic() < deadline and not ready():
-            time.sleep(0.005)
-        assert driver.poll() is None, f"{what} ended before it was killed: {driver.stderr.read().decode()[-2000:]}"
-        yield driver
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        time.sleep(1)
-        try:  # the Ray processes the driver started: gone with it, or cleaned up here
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
 
 def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tmp_path, reliability):
     manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(4))  # 500 utterances, 18 minutes

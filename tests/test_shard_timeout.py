@@ -25,7 +25,7 @@ from runner.job.ray_pool import audio_seconds
 from runner.job.shards import Shard
 from runner.job.spec import DEMO_MODEL, SpecError, load_spec, time_limit
 
-from .test_reliability import write_manifest, write_spec
+from .support import write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,146 @@
+"""Plain helpers shared by the test modules: no tests and no fixtures here (fixtures live in conftest.py).
+
+Test modules import from here (`from .support import ...`), never from one another or from conftest.
+The bad-audio matrix stays in tests/badaudio.py (the README points to it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from runner.training.corpus import sentences, synthesize_many
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RATE = 16000
+TRAIN_SEED, TEST_SEED = 1, 2
+TRAIN_SENTENCES = 400
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def pad(audios):
+    from runner.model.transcribe import pad_batch
+
+    return pad_batch(audios)
+
+
+def max_logit_diff(nemo_model, lean, audios) -> float:
+    """The largest |logit| difference between a NeMo model (in eval mode) and its lean copy on `audios`."""
+    assert not any(m.training for m in nemo_model.modules())
+    batch, lengths = pad(audios)
+    with torch.no_grad():
+        ref, ref_len, _ = nemo_model(input_signal=batch, input_signal_length=lengths)
+    got, got_len = lean(batch, lengths)
+    assert torch.equal(ref_len, got_len)
+    return max((ref[i, :n] - got[i, :n]).abs().max().item() for i, n in enumerate(got_len.tolist()))
+
+
+def copy_model(model):
+    """A lean model with its own copy of `model`'s weights (edit it without touching the original)."""
+    from runner.model.ctc import build_model
+
+    return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def pinned_engine() -> str:
+    """One int8 engine, not `auto`: a timing probe must not decide which int8 arithmetic a test sees."""
+    from runner.int8.engines import available_engines
+
+    return "onednn" if "onednn" in available_engines() else "auto"
+
+
+# --- int8 calibration and gate audio ---------------------------------------------------------------
+
+
+def calibration_audio(count: int) -> list:
+    """`count` utterances of calibration audio (seed 9): sentences apart from training and `speech`."""
+    return [a for _t, _v, a in synthesize_many(sentences(count, seed=9), seed=9)]
+
+
+def held_out_gate(count: int) -> list[tuple[str, object]]:
+    """`count` held-out (text, audio) for the int8 gate (seed 3): neither training, calibration nor the
+    `speech` test set. The first `count` of a fixed pool: held_out_gate(24) is a prefix of held_out_gate(60)."""
+    train = set(sentences(TRAIN_SENTENCES, TRAIN_SEED)) | set(sentences(80, TEST_SEED))
+    texts = [t for t in sentences(400, seed=3) if t not in train][:count]
+    return [(t, a) for t, _v, a in synthesize_many(texts, seed=3)]
+
+
+# --- job specs and manifests -----------------------------------------------------------------------
+
+
+def write_spec(path: Path, **keys) -> Path:
+    """A job spec at `path`: fp32, 2 workers, no failed item allowed, unless `keys` say otherwise.
+    Path values are written quoted; anything else as it is (a YAML flow mapping for `quantization`)."""
+    keys = {"precision": "fp32", "workers": 2, "max_failed": 0, **keys}
+    path.write_text("".join(f"{k}: {json.dumps(str(v)) if isinstance(v, Path) else v}\n" for k, v in keys.items()))
+    return path
+
+
+def write_manifest(path: Path, rows: list, newline: str = "\n", bom: bool = False) -> Path:
+    """A JSON-lines manifest: a dict row is written as JSON, a string row as it is (a malformed line, a
+    blank one); each followed by `newline`, the whole after a UTF-8 BOM if `bom`."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + newline for r in rows)
+    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    return path
+
+
+def manifest_ids(manifest: Path) -> list[str]:
+    from runner.inputs.manifest import iter_manifest
+
+    return [item.id for item in iter_manifest(manifest)]
+
+
+def demo_rows(repeats: int) -> list[dict]:
+    """The bundled demo test set (125 utterances), `repeats` times under distinct ids."""
+    base = [json.loads(line) for line in (ROOT / "manifests/demo/test.jsonl").read_text().splitlines()]
+    return [
+        {**r, "id": f"r{k}-{n:03d}", "audio_filepath": str(ROOT / "manifests/demo" / r["audio_filepath"])}
+        for k in range(repeats)
+        for n, r in enumerate(base)
+    ]
+
+
+# --- run folders and drivers -----------------------------------------------------------------------
+
+
+def stamps(out: Path, pattern: str = "part-*.parquet") -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime) of the run's transcript files: a rewritten part gets a new stamp."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob(pattern)}
+
+
+@contextmanager
+def running_driver(spec: Path, ready, what: str):
+    """`asr-runner run SPEC` in its own process, yielded once `ready()` holds (it must still be running
+    then), SIGKILLed on the way out with the Ray processes it started."""
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.005)
+        assert driver.poll() is None, f"{what} ended before it was killed: {driver.stderr.read().decode()[-2000:]}"
+        yield driver
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        time.sleep(1)
+        try:  # the Ray processes the driver started: gone with it, or cleaned up here
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
