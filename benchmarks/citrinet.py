@@ -27,16 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
+
 from runner.int8.artifact import build_int8_model  # noqa: E402
 from runner.int8.pipeline import Settings, quantize_model  # noqa: E402
-from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.training.recipes import (
-    build_nemo_model, citrinet_256_config, randomize_batchnorm, train_tokenizer
-)  # noqa: E402
-from runner.sysinfo import cpu_info  # noqa: E402
 from runner.model.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
+from runner.sysinfo import cpu_info  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.training.recipes import build_nemo_model, citrinet_256_config, randomize_batchnorm, train_tokenizer  # noqa: E402
 
 
 def make_models(quick: bool):
@@ -49,8 +48,9 @@ def make_models(quick: bool):
     lean = build_model(*describe(nemo))
     calibration = [a for _t, _v, a in synthesize_many(sentences(8 if quick else 32, seed=9), seed=9)]
     gate = [a for _t, _v, a in synthesize_many(sentences(4 if quick else 16, seed=3), seed=3)]
-    settings = Settings(observers=("histogram",) if quick else Settings().observers, max_wer_increase=1.0,
-                        max_fp32_layers=0)  # random weights: the gate's figures are reported, not enforced
+    settings = Settings(
+        observers=("histogram",) if quick else Settings().observers, max_wer_increase=1.0, max_fp32_layers=0
+    )  # random weights: the gate's figures are reported, not enforced
     t0 = time.perf_counter()
     art = quantize_model(lean, calibration, gate, None, settings)
     quantize_seconds = time.perf_counter() - t0
@@ -77,20 +77,36 @@ def main() -> None:
         audio, lengths = pad_batch(batch)
         return nemo(input_signal=audio, input_signal_length=lengths)[0]
 
-    fns = {"nemo_fp32": nemo_fn, "lean_fp32": lambda b: transcribe_batch(lean, b, options),
-           "int8": lambda b: transcribe_batch(loaded.model, b, options)}
-    results = {"cpu": cpu_info(), "torch": torch.__version__, "threads": args.threads, "quick": args.quick,
-               "params": sum(p.numel() for p in lean.parameters()), "utterances": len(clips),
-               "engine": loaded.engine, "probe_seconds": loaded.engine_seconds,
-               "quantize_seconds": round(quantize_seconds, 1), "gate": art.report["gate"]["int8"],
-               "observer": art.report["observer"], "rtfx": {}}
+    fns = {
+        "nemo_fp32": nemo_fn,
+        "lean_fp32": lambda b: transcribe_batch(lean, b, options),
+        "int8": lambda b: transcribe_batch(loaded.model, b, options),
+    }
+    results = {
+        "cpu": cpu_info(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "quick": args.quick,
+        "params": sum(p.numel() for p in lean.parameters()),
+        "utterances": len(clips),
+        "engine": loaded.engine,
+        "probe_seconds": loaded.engine_seconds,
+        "quantize_seconds": round(quantize_seconds, 1),
+        "gate": art.report["gate"]["int8"],
+        "observer": art.report["observer"],
+        "rtfx": {},
+    }
     for batch in batches:
         results["rtfx"][f"b{batch}"] = rtfx_pair(fns, clips, min(batch, len(clips)), repeats=3, slow_seconds=30.0)
 
-    print(f"Citrinet-256 architecture ({results['params'] / 1e6:.1f} M parameters), torch {torch.__version__}, "
-          f"{args.threads} threads, {len(clips)} x 10 s utterances; CPU {results['cpu']['model']}")
-    print(f"int8: engine {loaded.engine} (auto), observer {art.report['observer']}, quantized in "
-          f"{quantize_seconds:.0f} s; int8 vs fp32 logit cosine {art.report['gate']['int8']['logit_cosine']:.4f}")
+    print(
+        f"Citrinet-256 architecture ({results['params'] / 1e6:.1f} M parameters), torch {torch.__version__}, "
+        f"{args.threads} threads, {len(clips)} x 10 s utterances; CPU {results['cpu']['model']}"
+    )
+    print(
+        f"int8: engine {loaded.engine} (auto), observer {art.report['observer']}, quantized in "
+        f"{quantize_seconds:.0f} s; int8 vs fp32 logit cosine {art.report['gate']['int8']['logit_cosine']:.4f}"
+    )
     for batch in batches:
         r = results["rtfx"][f"b{batch}"]
         cells = [f"{k} {v:6.1f}x RT ({v / r['nemo_fp32']:.2f}x NeMo)" for k, v in r.items()]

@@ -46,16 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import ten_second_utterances  # noqa: E402
 from vs_peers import onnx_sessions  # noqa: E402
+
 from runner.int8.artifact import build_int8_model  # noqa: E402
 from runner.int8.pipeline import GateFailed, Settings, quantize_model  # noqa: E402
-from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.training.recipes import (
-    build_nemo_model, citrinet_256_config, fastconformer_ctc_config, quartznet15x5_config,
-    randomize_batchnorm, train_tokenizer
-)
 from runner.sysinfo import cpu_info  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.training.recipes import (
+    build_nemo_model,
+    citrinet_256_config,
+    fastconformer_ctc_config,
+    quartznet15x5_config,
+    randomize_batchnorm,
+    train_tokenizer,
+)
 
 ARCHS = ("quartznet", "citrinet", "fastconformer")
 CLIP_SECONDS = 10.0
@@ -70,8 +75,9 @@ def build_nemo(arch: str, quick: bool):
             nemo = build_nemo_model(citrinet_256_config(tokenizer))
     else:
         torch.manual_seed(0)
-        config = quartznet15x5_config() if arch == "quartznet" else \
-            fastconformer_ctc_config("medium" if quick else "large")
+        config = (
+            quartznet15x5_config() if arch == "quartznet" else fastconformer_ctc_config("medium" if quick else "large")
+        )
         nemo = build_nemo_model(config)
     randomize_batchnorm(nemo)
     return nemo.eval()
@@ -97,8 +103,10 @@ def int8_facts(loaded) -> dict:
 
 def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
     """The int8 model a job's worker runs: calibrated, gated artifact -> bytes -> `build_int8_model(auto)`."""
-    settings = Settings(max_wer_increase=1.0,  # random weights: the gate's figures are reported, not enforced
-                        observers=("histogram",) if quick else Settings().observers)
+    settings = Settings(
+        max_wer_increase=1.0,  # random weights: the gate's figures are reported, not enforced
+        observers=("histogram",) if quick else Settings().observers,
+    )
     t0 = time.perf_counter()
     try:
         art = quantize_model(lean, calibration, gate, None, settings)
@@ -108,9 +116,14 @@ def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
         return None, {"error": f"GateFailed: {exc}", "report": exc.report}
     except Exception as exc:  # reported in the table; the peers are still measured
         return None, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
-    return loaded.model, {**int8_facts(loaded), "quantize_seconds": round(made, 1),
-                          "load_seconds": round(time.perf_counter() - t0, 2), "float_units": art.float_units,
-                          "observer": art.report.get("observer"), "gate_int8": art.report.get("gate", {}).get("int8")}
+    return loaded.model, {
+        **int8_facts(loaded),
+        "quantize_seconds": round(made, 1),
+        "load_seconds": round(time.perf_counter() - t0, 2),
+        "float_units": art.float_units,
+        "observer": art.report.get("observer"),
+        "gate_int8": art.report.get("gate", {}).get("int8"),
+    }
 
 
 @contextmanager
@@ -144,7 +157,7 @@ def equal_windows(feats: list[torch.Tensor]) -> list[torch.Tensor]:
     """The same features, concatenated and cut into windows of their median length: NNCF's Transformer
     preset stacks some per-sample statistics, which needs one shape for every sample."""
     whole, n = torch.cat(feats, dim=1), int(statistics.median(f.shape[1] for f in feats))
-    return [whole[:, i: i + n] for i in range(0, whole.shape[1] - n + 1, n)]
+    return [whole[:, i : i + n] for i in range(0, whole.shape[1] - n + 1, n)]
 
 
 def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: int, transformer: bool) -> dict:
@@ -163,8 +176,12 @@ def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: i
         # and OpenVINO then refuses any other length (nncf 3.4.0)
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
-        options = {"model_type": nncf.ModelType.TRANSFORMER, "advanced_parameters": AdvancedQuantizationParameters(
-            activations_quantization_params=QuantizationParameters(per_channel=False))}
+        options = {
+            "model_type": nncf.ModelType.TRANSFORMER,
+            "advanced_parameters": AdvancedQuantizationParameters(
+                activations_quantization_params=QuantizationParameters(per_channel=False)
+            ),
+        }
     qmodel = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows), **options)
     int8 = core.compile_model(qmodel, "CPU", config)  # default precision for what stays float: its best
     return {"ov_fp32": fp32, "ov_int8": int8}
@@ -172,6 +189,7 @@ def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: i
 
 def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
     """name -> fn(feats [B, F, T]) -> logits [B, C, T'] (NeMo: log-probabilities [B, T', C])."""
+
     def lens(x):
         return torch.full((x.shape[0],), x.shape[2], dtype=torch.long)
 
@@ -192,6 +210,7 @@ def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
         def run(x):
             request.infer({0: x.numpy()})
             return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
         return run
 
     fns = {"nemo_fp32": nemo_fn, "lean_fp32": torch_fn(lean)}
@@ -217,8 +236,11 @@ def accuracy(fns: dict, batches: list[torch.Tensor], lean) -> dict:
     with torch.inference_mode():
         ref = [lean.logits(x, torch.full((x.shape[0],), x.shape[2], dtype=torch.long)) for x in batches]
     logits, frames = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
-    return {name: logit_agreement(logits, torch.cat([fn(x) for x in batches]), frames)
-            for name, fn in fns.items() if name not in ("nemo_fp32", "lean_fp32")}
+    return {
+        name: logit_agreement(logits, torch.cat([fn(x) for x in batches]), frames)
+        for name, fn in fns.items()
+        if name not in ("nemo_fp32", "lean_fp32")
+    }
 
 
 def time_rounds(fns: dict, batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
@@ -228,7 +250,7 @@ def time_rounds(fns: dict, batches: list[torch.Tensor], rounds: int) -> dict[str
         fn(batches[0])
     names, seconds = list(fns), {name: [] for name in fns}
     for k in range(rounds):
-        for name in names[k % len(names):] + names[: k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             t0 = time.perf_counter()
             for x in batches:
                 fns[name](x)
@@ -238,9 +260,15 @@ def time_rounds(fns: dict, batches: list[torch.Tensor], rounds: int) -> dict[str
 
 def speed(seconds: dict[str, list[float]], audio_seconds: float) -> dict:
     """x real time per system: the median round (the statistic), min and max, and the raw rounds."""
-    return {name: {"median": round(audio_seconds / statistics.median(s), 2), "min": round(audio_seconds / max(s), 2),
-                   "max": round(audio_seconds / min(s), 2), "seconds": [round(t, 4) for t in s]}
-            for name, s in seconds.items()}
+    return {
+        name: {
+            "median": round(audio_seconds / statistics.median(s), 2),
+            "min": round(audio_seconds / max(s), 2),
+            "max": round(audio_seconds / min(s), 2),
+            "seconds": [round(t, 4) for t in s],
+        }
+        for name, s in seconds.items()
+    }
 
 
 def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
@@ -258,14 +286,22 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
     print(f"[{arch}] OpenVINO and NNCF int8 ...", flush=True)
     compiled = openvino_models(folder / "enc_fp32.onnx", calibration, args.threads, arch == "fastconformer")
     fns = system_fns(nemo, lean, int8, sessions, compiled)
-    by8 = [torch.stack(feats[i: i + 8]) for i in range(0, len(feats), 8)]
-    result = {"model": type(nemo).__name__, "size": "medium" if args.quick and arch == "fastconformer" else None,
-              "params": sum(p.numel() for p in lean.parameters()), "clips": len(feats), "rounds": args.rounds,
-              "quick": args.quick, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "load_before": [round(x, 2) for x in os.getloadavg()], "runner_int8": int8_info,
-              "accuracy": accuracy(fns, by8, lean), "speed": {}}
+    by8 = [torch.stack(feats[i : i + 8]) for i in range(0, len(feats), 8)]
+    result = {
+        "model": type(nemo).__name__,
+        "size": "medium" if args.quick and arch == "fastconformer" else None,
+        "params": sum(p.numel() for p in lean.parameters()),
+        "clips": len(feats),
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "runner_int8": int8_info,
+        "accuracy": accuracy(fns, by8, lean),
+        "speed": {},
+    }
     for b in (1, 8):
-        batches = [torch.stack(feats[i: i + b]) for i in range(0, len(feats), b)]
+        batches = [torch.stack(feats[i : i + b]) for i in range(0, len(feats), b)]
         print(f"[{arch}] timing batch {b} ({args.rounds} rounds) ...", flush=True)
         result["speed"][f"b{b}"] = speed(time_rounds(fns, batches, args.rounds), len(feats) * CLIP_SECONDS)
         result["speed"][f"b{b}"]["batch"] = min(b, len(feats))
@@ -275,27 +311,38 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
 
 def print_arch(arch: str, r: dict) -> None:
     info = r["runner_int8"]
-    print(f"\n== {arch}: {r['model']}{' ' + r['size'] if r['size'] else ''}, {r['params'] / 1e6:.1f} M parameters, "
-          f"{r['clips']} x 10 s clips, median of {r['rounds']} rounds; load {r['load_before']} -> {r['load_after']}")
+    print(
+        f"\n== {arch}: {r['model']}{' ' + r['size'] if r['size'] else ''}, {r['params'] / 1e6:.1f} M parameters, "
+        f"{r['clips']} x 10 s clips, median of {r['rounds']} rounds; load {r['load_before']} -> {r['load_after']}"
+    )
     if "error" in info:
         print(f"runner int8 FAILED: {info['error']}\n{info.get('traceback', '')}")
     else:
         extra = {k: info[k] for k in ("activation_bits", "bits") if k in info}
-        print(f"runner int8: engine {info['engine']} (probe {info['probe_seconds']}), {extra or 'bits: not reported'}, "
-              f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s")
+        print(
+            f"runner int8: engine {info['engine']} (probe {info['probe_seconds']}), {extra or 'bits: not reported'}, "
+            f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s"
+        )
         print(f"  int8_check: {json.dumps(info.get('int8_check'), default=str)}")
     if r["load_at_start"] > 0.3 * (os.cpu_count() or 1):  # later load averages include this benchmark's own
-        print(f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
-              "torch's OpenMP threads lose most when a core is taken (same call: 0.6 to 6.5 s here), so these "
-              "speeds are not figures to quote")
+        print(
+            f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
+            "torch's OpenMP threads lose most when a core is taken (same call: 0.6 to 6.5 s here), so these "
+            "speeds are not figures to quote"
+        )
     speed_b1, speed_b8 = r["speed"]["b1"], r["speed"]["b8"]
-    print(f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
-          f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}")
+    print(
+        f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
+        f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}"
+    )
     for name in (k for k in speed_b1 if k != "batch"):
         cells = [f"{s[name]['median']:8.1f} [{s[name]['min']:.1f}-{s[name]['max']:.1f}]" for s in (speed_b1, speed_b8)]
         acc = r["accuracy"].get(name, {})
-        figures = f"{acc['logit_cosine']:8.4f} {acc['argmax_agreement']:7.1%}" if "logit_cosine" in acc \
+        figures = (
+            f"{acc['logit_cosine']:8.4f} {acc['argmax_agreement']:7.1%}"
+            if "logit_cosine" in acc
             else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
+        )
         print(f"{name:12} {cells[0]:>32} {cells[1]:>32} {figures}")
 
 
@@ -311,8 +358,13 @@ def versions() -> dict:
     import onnxruntime
     import openvino
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "openvino": openvino.get_version(), "nncf": nncf.__version__, "nemo": nemo.__version__}
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.get_version(),
+        "nncf": nncf.__version__,
+        "nemo": nemo.__version__,
+    }
 
 
 def main() -> None:
@@ -338,9 +390,11 @@ def main() -> None:
     print(f"CPU {cpu['model']} ({cpu['logical_cpus']} logical, {cpu['machine']}), flags: {', '.join(cpu['flags'])}")
     ver = versions()
     print(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; {args.threads} threads each", flush=True)
-    audio = {"clips": ten_second_utterances(args.clips),
-             "calibration": [a for _t, _v, a in synthesize_many(sentences(8 if args.quick else 32, seed=9), seed=9)],
-             "gate": [a for _t, _v, a in synthesize_many(sentences(4 if args.quick else 16, seed=3), seed=3)]}
+    audio = {
+        "clips": ten_second_utterances(args.clips),
+        "calibration": [a for _t, _v, a in synthesize_many(sentences(8 if args.quick else 32, seed=9), seed=9)],
+        "gate": [a for _t, _v, a in synthesize_many(sentences(4 if args.quick else 16, seed=3), seed=3)],
+    }
     out = Path(args.out) / f"cpu_kinds-{cpu_tag(cpu)}{'-quick' if args.quick else ''}.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
     report = {"cpu": cpu, "versions": ver, "threads": args.threads, "archs": saved.get("archs", {})}

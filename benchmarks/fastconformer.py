@@ -26,15 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
+
 from runner.int8.artifact import build_int8_model  # noqa: E402
+from runner.int8.engines import candidate_engines  # noqa: E402
 from runner.int8.pipeline import Settings, quantize_model  # noqa: E402
-from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.int8.engines import candidate_engines  # noqa: E402
-from runner.training.recipes import build_nemo_model, fastconformer_ctc_config, randomize_batchnorm  # noqa: E402
-from runner.sysinfo import cpu_info  # noqa: E402
 from runner.model.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
+from runner.sysinfo import cpu_info  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.training.recipes import build_nemo_model, fastconformer_ctc_config, randomize_batchnorm  # noqa: E402
 
 
 def main() -> None:
@@ -76,17 +77,30 @@ def main() -> None:
         return nemo(input_signal=audio, input_signal_length=lengths)[0]
 
     fns = {"nemo_fp32": nemo_fn, "lean_fp32": lambda b: transcribe_batch(lean, b, options)}
-    fns.update({f"int8_{e}": (lambda m: lambda b: transcribe_batch(m, b, options))(m) for e, m in int8.items()})
+    fns.update({f"int8_{e}": (lambda m: lambda b: transcribe_batch(m, b, options))(m) for e, m in int8.items()})  # noqa: B023 - m is bound by the outer lambda
     batches = (1,) if args.quick else (1, 8)
-    results = {"model": f"FastConformer-CTC {args.size} (random weights)", "cpu": cpu_info(),
-               "torch": torch.__version__, "threads": args.threads, "quick": args.quick,
-               "params": sum(p.numel() for p in lean.parameters()), "utterances": len(clips),
-               "lean_vs_nemo_max_log_prob_diff": parity,
-               "artifact": {"mb": round(len(data) / 1e6, 1), "quantize_seconds": round(quantize_seconds, 1),
-                            "recipe": art.recipe, "gate_int8": art.report["gate"]["int8"]},
-               "auto": {"engine": auto.engine, "probe_seconds": auto.engine_seconds,
-                        "load_and_probe_seconds": round(auto_seconds, 3)},
-               "rtfx": {f"b{b}": rtfx_pair(fns, clips, b, repeats=3) for b in batches}}
+    results = {
+        "model": f"FastConformer-CTC {args.size} (random weights)",
+        "cpu": cpu_info(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "quick": args.quick,
+        "params": sum(p.numel() for p in lean.parameters()),
+        "utterances": len(clips),
+        "lean_vs_nemo_max_log_prob_diff": parity,
+        "artifact": {
+            "mb": round(len(data) / 1e6, 1),
+            "quantize_seconds": round(quantize_seconds, 1),
+            "recipe": art.recipe,
+            "gate_int8": art.report["gate"]["int8"],
+        },
+        "auto": {
+            "engine": auto.engine,
+            "probe_seconds": auto.engine_seconds,
+            "load_and_probe_seconds": round(auto_seconds, 3),
+        },
+        "rtfx": {f"b{b}": rtfx_pair(fns, clips, b, repeats=3) for b in batches},
+    }
     report(results, list(fns), batches)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"fastconformer{'_quick' if args.quick else ''}.json"
@@ -105,10 +119,14 @@ def max_log_prob_diff(nemo, lean, clips) -> float:
 
 
 def report(results: dict, names: list[str], batches: tuple[int, ...]) -> None:
-    print(f"{results['model']}: {results['params'] / 1e6:.1f} M parameters, torch {results['torch']}, "
-          f"{results['threads']} threads, {results['utterances']} x 10 s utterances; CPU {results['cpu']['model']}")
-    print(f"artifact {results['artifact']['mb']} MB, made in {results['artifact']['quantize_seconds']} s; "
-          f"gate (int8 vs fp32): {results['artifact']['gate_int8']}")
+    print(
+        f"{results['model']}: {results['params'] / 1e6:.1f} M parameters, torch {results['torch']}, "
+        f"{results['threads']} threads, {results['utterances']} x 10 s utterances; CPU {results['cpu']['model']}"
+    )
+    print(
+        f"artifact {results['artifact']['mb']} MB, made in {results['artifact']['quantize_seconds']} s; "
+        f"gate (int8 vs fp32): {results['artifact']['gate_int8']}"
+    )
     print(f"auto picked {results['auto']['engine']} (probe s per audio s: {results['auto']['probe_seconds']})")
     print(f"{'':16}" + "".join(f"{'batch ' + str(b):>26}" for b in batches))
     for name in names:
@@ -120,9 +138,15 @@ def report(results: dict, names: list[str], batches: tuple[int, ...]) -> None:
     for b in batches:
         r = results["rtfx"][f"b{b}"]
         picked = r[f"int8_{results['auto']['engine']}"]
-        results[f"auto_b{b}"] = {"rtfx": picked, "vs_nemo": picked / r["nemo_fp32"], "vs_lean_fp32": picked / r["lean_fp32"]}
-        print(f"batch {b}: int8 ({results['auto']['engine']}) = {picked / r['nemo_fp32']:.2f}x NeMo fp32 "
-              f"(target >= 2x), {picked / r['lean_fp32']:.2f}x lean fp32")
+        results[f"auto_b{b}"] = {
+            "rtfx": picked,
+            "vs_nemo": picked / r["nemo_fp32"],
+            "vs_lean_fp32": picked / r["lean_fp32"],
+        }
+        print(
+            f"batch {b}: int8 ({results['auto']['engine']}) = {picked / r['nemo_fp32']:.2f}x NeMo fp32 "
+            f"(target >= 2x), {picked / r['lean_fp32']:.2f}x lean fp32"
+        )
 
 
 if __name__ == "__main__":

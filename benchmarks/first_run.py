@@ -66,21 +66,40 @@ def write_manifest(path: Path, hours: float) -> float:
 
 def one_run(spec: Path, out: Path, precision: str, cache: Path, workers: int) -> dict:
     env = {**os.environ, "ASR_RUNNER_CACHE": str(cache)}
-    cmd = [str(ROOT / ".venv/bin/asr-runner"), "run", str(spec), "--out", str(out), "--precision", precision,
-           "--workers", str(workers), "--quiet"]
+    cmd = [
+        str(ROOT / ".venv/bin/asr-runner"),
+        "run",
+        str(spec),
+        "--out",
+        str(out),
+        "--precision",
+        precision,
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{precision} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"{precision} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     stats = json.loads((out / "stats.json").read_text())
     q = stats.get("quantization") or {}
-    return {"precision": precision, "wall_seconds": round(wall, 2), "total_seconds": stats.get("total_seconds"),
-            "quantize_seconds": stats.get("quantize_seconds"), "rtfx_dispatch": stats.get("rtfx"),
-            "rtfx_total": stats.get("rtfx_total"), "startup_seconds": stats.get("startup_seconds"),
-            "audio_seconds": stats.get("audio_seconds"), "wer": stats.get("wer"),
-            "fp32_units": q.get("fp32_units"), "engine": stats.get("engine")}
+    return {
+        "precision": precision,
+        "wall_seconds": round(wall, 2),
+        "total_seconds": stats.get("total_seconds"),
+        "quantize_seconds": stats.get("quantize_seconds"),
+        "rtfx_dispatch": stats.get("rtfx"),
+        "rtfx_total": stats.get("rtfx_total"),
+        "startup_seconds": stats.get("startup_seconds"),
+        "audio_seconds": stats.get("audio_seconds"),
+        "wer": stats.get("wer"),
+        "fp32_units": q.get("fp32_units"),
+        "engine": stats.get("engine"),
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -93,9 +112,12 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=0.25)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cached", action="store_true",
-                        help="int8 runs find the artifact in the cache (made once before the timed runs): what "
-                             "every run after the first costs")
+    parser.add_argument(
+        "--cached",
+        action="store_true",
+        help="int8 runs find the artifact in the cache (made once before the timed runs): what "
+        "every run after the first costs",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args()
 
@@ -120,9 +142,19 @@ def main() -> None:
             audio = sum(json.loads(line)["duration"] for line in open(manifest))
         spec = tmp / "job.yaml"
         quant = {"calibration_manifest": str(calibration)} if calibration else {}
-        spec.write_text(json.dumps({"model": str(model), "manifest": str(manifest), "output": str(tmp / "unused"),
-                                    "precision": "int8", "threads_per_worker": 1, "shard_seconds": 60,
-                                    "quantization": quant}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "manifest": str(manifest),
+                    "output": str(tmp / "unused"),
+                    "precision": "int8",
+                    "threads_per_worker": 1,
+                    "shard_seconds": 60,
+                    "quantization": quant,
+                }
+            )
+        )
         runs = []
         if args.cached:  # one untimed int8 run fills the cache every timed int8 run then uses
             one_run(spec, tmp / "warm-up", "int8", tmp / "cache-warm", args.workers)
@@ -132,27 +164,41 @@ def main() -> None:
                 cache = tmp / "cache-warm" if args.cached else tmp / f"cache-{precision}-{r}"
                 res = one_run(spec, tmp / f"{precision}-{r}", precision, cache, args.workers)
                 runs.append({"run": r, **res})
-                print(f"run {r} {precision}: wall {res['wall_seconds']:.1f} s (stats total {res['total_seconds']} s, "
-                      f"quantize {res['quantize_seconds']} s, dispatch RTFx {res['rtfx_dispatch']}, "
-                      f"fp32 units {res['fp32_units']})", flush=True)
+                print(
+                    f"run {r} {precision}: wall {res['wall_seconds']:.1f} s (stats total {res['total_seconds']} s, "
+                    f"quantize {res['quantize_seconds']} s, dispatch RTFx {res['rtfx_dispatch']}, "
+                    f"fp32 units {res['fp32_units']})",
+                    flush=True,
+                )
     walls = {p: [r["wall_seconds"] for r in runs if r["precision"] == p] for p in ("fp32", "int8")}
     quantize = [r["quantize_seconds"] for r in runs if r["precision"] == "int8"]
-    result = {"model": args.model, "audio_seconds": round(audio, 1), "workers": args.workers,
-              "cpu": {"model": cpu_info()["model"], "int8_flags": int8_flags(), "cores": os.cpu_count()},
-              "statistic": "median of runs, process wall clock, "
-                           + ("int8 artifact cached" if args.cached else "empty int8 cache each int8 run"),
-              "cached": args.cached,
-              "fp32": summary(walls["fp32"]), "int8": summary(walls["int8"]), "quantize_seconds": summary(quantize),
-              "int8_sooner": round(statistics.median(walls["fp32"]) / statistics.median(walls["int8"]), 2),
-              "runs": runs}
-    print(f"{args.model}, {audio / 3600:.2f} h of audio, {args.workers} workers x 1 thread, "
-          f"CPU {result['cpu']['model']} "
-          f"(int8 flags: {', '.join(result['cpu']['int8_flags']) or 'none'})")
+    result = {
+        "model": args.model,
+        "audio_seconds": round(audio, 1),
+        "workers": args.workers,
+        "cpu": {"model": cpu_info()["model"], "int8_flags": int8_flags(), "cores": os.cpu_count()},
+        "statistic": "median of runs, process wall clock, "
+        + ("int8 artifact cached" if args.cached else "empty int8 cache each int8 run"),
+        "cached": args.cached,
+        "fp32": summary(walls["fp32"]),
+        "int8": summary(walls["int8"]),
+        "quantize_seconds": summary(quantize),
+        "int8_sooner": round(statistics.median(walls["fp32"]) / statistics.median(walls["int8"]), 2),
+        "runs": runs,
+    }
+    print(
+        f"{args.model}, {audio / 3600:.2f} h of audio, {args.workers} workers x 1 thread, "
+        f"CPU {result['cpu']['model']} "
+        f"(int8 flags: {', '.join(result['cpu']['int8_flags']) or 'none'})"
+    )
     for p in ("fp32", "int8"):
         s = result[p]
         print(f"  {p} job, whole command: median {s['median']:.1f} s (min {s['min']:.1f}, max {s['max']:.1f})")
     q = result["quantize_seconds"]
-    print(f"  of which {'quantization (cached)' if args.cached else 'first-time quantization'}: median {q['median']:.1f} s (min {q['min']:.1f}, max {q['max']:.1f})")
+    print(
+        f"  of which {'quantization (cached)' if args.cached else 'first-time quantization'}: "
+        f"median {q['median']:.1f} s (min {q['min']:.1f}, max {q['max']:.1f})"
+    )
     print(f"  int8 finishes {result['int8_sooner']:.2f}x sooner (median / median)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = args.model if args.model in ("demo", "quartznet15x5") else Path(args.model).stem

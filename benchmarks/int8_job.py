@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.job.run import run_job  # noqa: E402
 from runner.inputs.manifest import iter_manifest  # noqa: E402
-from runner.model.nemo_loader import quiet_nemo_logging  # noqa: E402
+from runner.job.run import run_job  # noqa: E402
 from runner.job.spec import JobSpec  # noqa: E402
+from runner.model.nemo_loader import quiet_nemo_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +41,13 @@ def build_random_quartznet15x5(path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "runner/data/demo_quartznet.nemo"),
-                        help="a .nemo file, or `quartznet15x5`: NeMo's QuartzNet15x5 architecture with random "
-                             "weights (BN statistics randomized), built here; its transcripts are noise, so only "
-                             "its speed means something")
+    parser.add_argument(
+        "--model",
+        default=str(ROOT / "runner/data/demo_quartznet.nemo"),
+        help="a .nemo file, or `quartznet15x5`: NeMo's QuartzNet15x5 architecture with random "
+        "weights (BN statistics randomized), built here; its transcripts are noise, so only "
+        "its speed means something",
+    )
     parser.add_argument("--manifest", default=str(ROOT / "manifests/demo/test.jsonl"))
     parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
@@ -64,22 +67,43 @@ def main() -> None:
         with open(manifest, "w") as f:
             for r in range(args.repeat):
                 for item in items:
-                    f.write(json.dumps({"audio_filepath": item.audio_filepath, "duration": item.duration,
-                                        "text": item.text, "id": f"r{r}-{item.id}"}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "audio_filepath": item.audio_filepath,
+                                "duration": item.duration,
+                                "text": item.text,
+                                "id": f"r{r}-{item.id}",
+                            }
+                        )
+                        + "\n"
+                    )
         stats = {}
         for precision in ("fp32", "int8"):
-            spec = JobSpec.from_dict({"model": args.model, "manifest": str(manifest), "output": str(tmp / precision),
-                                      "precision": precision, "workers": args.workers, "shard_seconds": 120,
-                                      "quantization": {"max_wer_increase": args.max_wer_increase}})
+            spec = JobSpec.from_dict(
+                {
+                    "model": args.model,
+                    "manifest": str(manifest),
+                    "output": str(tmp / precision),
+                    "precision": precision,
+                    "workers": args.workers,
+                    "shard_seconds": 120,
+                    "quantization": {"max_wer_increase": args.max_wer_increase},
+                }
+            )
             stats[precision] = run_job(spec).stats
     fp32, int8 = stats["fp32"], stats["int8"]
     ratio = int8["rtfx"] / fp32["rtfx"]
-    print(f"model {args.model}; {int8['utterances']} utterances, {int8['audio_seconds'] / 3600:.2f} h of audio; "
-          f"{args.workers} workers x 1 thread; CPU {int8['cpu']['model']}")
+    print(
+        f"model {args.model}; {int8['utterances']} utterances, {int8['audio_seconds'] / 3600:.2f} h of audio; "
+        f"{args.workers} workers x 1 thread; CPU {int8['cpu']['model']}"
+    )
     for name, s in stats.items():
         wer = "-" if s["wer"] is None else f"{100 * s['wer']:.2f}%"
-        print(f"{name}: RTFx {s['rtfx']:8.1f}  wall {s['wall_seconds']:7.1f} s  startup {s['startup_seconds']:5.1f} s  "
-              f"WER {wer}  engine {s['engine']}")
+        print(
+            f"{name}: RTFx {s['rtfx']:8.1f}  wall {s['wall_seconds']:7.1f} s  startup {s['startup_seconds']:5.1f} s  "
+            f"WER {wer}  engine {s['engine']}"
+        )
     print(f"int8 job / fp32 job: {ratio:.2f}x (target >= 4x)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"int8_job_{Path(args.model).stem}.json"

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.model.ctc import build_model, save_checkpoint  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.training.recipes import build_nemo_model, quartznet15x5_config  # noqa: E402
 from runner.model.transcribe import pad_batch, transcribe_batch  # noqa: E402
+from runner.training.corpus import sentences, synthesize_many  # noqa: E402
+from runner.training.recipes import build_nemo_model, quartznet15x5_config  # noqa: E402
 
 COLD_START = r"""
 import json, sys, time
@@ -68,8 +68,9 @@ def cold_start(ckpt: Path) -> dict:
     return figures
 
 
-def rtfx_pair(fns: dict, clips: list[np.ndarray], batch: int, repeats: int = 5,
-              slow_seconds: float = float("inf")) -> dict[str, float]:
+def rtfx_pair(
+    fns: dict, clips: list[np.ndarray], batch: int, repeats: int = 5, slow_seconds: float = float("inf")
+) -> dict[str, float]:
     """Best-of-`repeats` RTFx for each function, runs interleaved so machine noise hits all alike;
     a function slower than `slow_seconds` per round is timed once (then a single measurement)."""
     for fn in fns.values():
@@ -82,7 +83,7 @@ def rtfx_pair(fns: dict, clips: list[np.ndarray], batch: int, repeats: int = 5,
                 continue
             t0 = time.perf_counter()
             for i in range(0, len(clips), batch):
-                fn(clips[i: i + batch])
+                fn(clips[i : i + batch])
             took = time.perf_counter() - t0
             best[name] = min(best[name], took)
             if took > slow_seconds:
@@ -119,22 +120,34 @@ def main() -> None:
     def lean_fn(batch):
         return transcribe_batch(lean, batch)
 
-    results = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": args.threads, "params": params, "cold_start": start, "rtfx": {}}
+    results = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "params": params,
+        "cold_start": start,
+        "rtfx": {},
+    }
     for batch in (1, 8):
         pair = rtfx_pair({"nemo": nemo_fn, "lean": lean_fn}, clips, batch)
         results["rtfx"][f"nemo_fp32_b{batch}"] = pair["nemo"]
         results["rtfx"][f"lean_fp32_b{batch}"] = pair["lean"]
 
-    print(f"QuartzNet15x5 architecture, {params / 1e6:.1f} M parameters, torch {torch.__version__}, "
-          f"{args.threads} threads")
-    print(f"worker cold start (fresh process, 1 thread): load {start['import_and_load_s']:.2f} s, "
-          f"first result {start['first_result_s']:.2f} s, process {start['process_wall_s']:.2f} s, "
-          f"peak RSS {start['rss_mb']:.0f} MB, nemo imported: {start['nemo_imported']}")
+    print(
+        f"QuartzNet15x5 architecture, {params / 1e6:.1f} M parameters, torch {torch.__version__}, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"worker cold start (fresh process, 1 thread): load {start['import_and_load_s']:.2f} s, "
+        f"first result {start['first_result_s']:.2f} s, process {start['process_wall_s']:.2f} s, "
+        f"peak RSS {start['rss_mb']:.0f} MB, nemo imported: {start['nemo_imported']}"
+    )
     for batch in (1, 8):
         n, le = results["rtfx"][f"nemo_fp32_b{batch}"], results["rtfx"][f"lean_fp32_b{batch}"]
-        print(f"batch {batch}: NeMo fp32 forward RTFx {n:6.1f} | lean fp32 transcribe RTFx {le:6.1f} "
-              f"| lean/NeMo {le / n:.2f}x")
+        print(
+            f"batch {batch}: NeMo fp32 forward RTFx {n:6.1f} | lean fp32 transcribe RTFx {le:6.1f} "
+            f"| lean/NeMo {le / n:.2f}x"
+        )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "lean_model.json"
     out.write_text(json.dumps(results, indent=2))

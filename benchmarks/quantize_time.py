@@ -57,8 +57,12 @@ def build(name: str, folder: Path) -> Path:
 
     from runner.model.nemo_loader import quiet_nemo_logging
     from runner.training.recipes import (
-        build_nemo_model, citrinet_256_config, fastconformer_ctc_config, quartznet15x5_config,
-        randomize_batchnorm, train_tokenizer
+        build_nemo_model,
+        citrinet_256_config,
+        fastconformer_ctc_config,
+        quartznet15x5_config,
+        randomize_batchnorm,
+        train_tokenizer,
     )
 
     if name == "demo":
@@ -86,13 +90,18 @@ def build(name: str, folder: Path) -> Path:
 
 def one(model: Path, manifest: Path, calibration: str, early: bool) -> dict:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", RUN, str(model), str(manifest), calibration, "1" if early else "0"],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, str(model), str(manifest), calibration, "1" if early else "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     wall = time.time() - t0
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{model}: run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return {"wall_seconds": round(wall, 2), **json.loads(line[len("RESULT "):])}
+    return {"wall_seconds": round(wall, 2), **json.loads(line[len("RESULT ") :])}
 
 
 def decisions(r: dict) -> dict:
@@ -108,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from first_run import write_manifest
+
     from runner.sysinfo import cpu_info, int8_flags
 
     cpu = {"model": cpu_info()["model"], "int8_flags": int8_flags(), "cores": os.cpu_count()}
@@ -127,24 +137,36 @@ def main() -> None:
             runs = []
             for r in range(args.runs):
                 runs.append(one(model, manifest, calibration, True))
-                print(f"{name} run {r}: {runs[-1]['wall_seconds']:.1f} s (quantize_model {runs[-1]['seconds']} s, "
-                      f"phases {runs[-1]['phases']}, gate chunks {runs[-1]['chunks_read']}/{runs[-1]['chunks']})",
-                      flush=True)
+                print(
+                    f"{name} run {r}: {runs[-1]['wall_seconds']:.1f} s (quantize_model {runs[-1]['seconds']} s, "
+                    f"phases {runs[-1]['phases']}, gate chunks {runs[-1]['chunks_read']}/{runs[-1]['chunks']})",
+                    flush=True,
+                )
             whole = one(model, manifest, calibration, False)
             print(f"{name} whole gate: {whole['wall_seconds']:.1f} s, {decisions(whole)}", flush=True)
             walls = [r["wall_seconds"] for r in runs]
             same = all(decisions(r) == decisions(whole) for r in runs)
-            results[name] = {"median": round(statistics.median(walls), 2), "min": min(walls), "max": max(walls),
-                             "decisions": decisions(runs[0]), "whole_gate_decisions": decisions(whole),
-                             "same_decisions": same, "runs": runs, "whole_gate": whole}
-            print(f"{name}: first-time quantization median {results[name]['median']:.1f} s (min {min(walls):.1f}, "
-                  f"max {max(walls):.1f}); decisions {decisions(runs[0])}; same as the whole gate's: {same}",
-                  flush=True)
+            results[name] = {
+                "median": round(statistics.median(walls), 2),
+                "min": min(walls),
+                "max": max(walls),
+                "decisions": decisions(runs[0]),
+                "whole_gate_decisions": decisions(whole),
+                "same_decisions": same,
+                "runs": runs,
+                "whole_gate": whole,
+            }
+            print(
+                f"{name}: first-time quantization median {results[name]['median']:.1f} s (min {min(walls):.1f}, "
+                f"max {max(walls):.1f}); decisions {decisions(runs[0])}; same as the whole gate's: {same}",
+                flush=True,
+            )
     print(f"CPU {cpu['model']} ({cpu['cores']} cores; int8 flags: {', '.join(cpu['int8_flags']) or 'none'})")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"quantize_time_{args.models.replace(',', '_')}.json"
-    path.write_text(json.dumps({"cpu": cpu, "statistic": "median of runs, process wall clock", "models": results},
-                               indent=2))
+    path.write_text(
+        json.dumps({"cpu": cpu, "statistic": "median of runs, process wall clock", "models": results}, indent=2)
+    )
     print(f"wrote {path}")
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.training.corpus import sentences  # noqa: E402
 from runner.metrics import cer, normalize_text, wer  # noqa: E402
 from runner.sysinfo import cpu_info, int8_flags  # noqa: E402
+from runner.training.corpus import sentences  # noqa: E402
 
 
 def texts(hours: float, seed: int = 0) -> tuple[str, str]:
@@ -52,10 +52,14 @@ def main() -> None:
         seconds.append(time.perf_counter() - t0)
     cpu = cpu_info()
     print(f"CPU: {cpu['model']}, flags {' '.join(int8_flags()) or '(no AVX-512/VNNI/AMX)'}")
-    print(f"one {args.hours:g} h recording: {len(ref.split())} reference words, {len(ref)} characters; "
-          f"WER {figures[0]:.4f}, CER {figures[1]:.4f}")
-    print(f"WER + CER scoring time, median of {args.rounds}: {statistics.median(seconds):.3f} s "
-          f"(min {min(seconds):.3f}, max {max(seconds):.3f})")
+    print(
+        f"one {args.hours:g} h recording: {len(ref.split())} reference words, {len(ref)} characters; "
+        f"WER {figures[0]:.4f}, CER {figures[1]:.4f}"
+    )
+    print(
+        f"WER + CER scoring time, median of {args.rounds}: {statistics.median(seconds):.3f} s "
+        f"(min {min(seconds):.3f}, max {max(seconds):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ pure-Python dynamic programme this replaced took ~100 s for one 16-minute record
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
 

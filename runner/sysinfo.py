@@ -5,8 +5,22 @@ from __future__ import annotations
 import os
 import platform
 
-FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                     "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
+FLAGS_THAT_MATTER = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+)
 
 
 CPU_FLAGS_OVERRIDE = "ASR_RUNNER_CPU_FLAGS"  # diagnostic: the flags int8 decisions use instead of /proc/cpuinfo's
@@ -27,8 +41,12 @@ def cpu_info() -> dict:
                     flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
-            "flags": [f for f in FLAGS_THAT_MATTER if f in flags]}
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "flags": [f for f in FLAGS_THAT_MATTER if f in flags],
+    }
 
 
 def int8_flags() -> list[str]:

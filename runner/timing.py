@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 WORKER_STAGES = ("read", "resample", "features", "encoder", "decode")
 
 
 @contextmanager
-def timed(timings: Optional[dict], stage: str) -> Iterator[None]:
+def timed(timings: dict | None, stage: str) -> Iterator[None]:
     """Add the seconds spent in the block to `timings[stage]`; a no-op when `timings` is None."""
     if timings is None:
         yield

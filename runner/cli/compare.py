@@ -10,18 +10,34 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import InputError
-from runner.metrics import normalize_text, wer
 from runner.job.run_folder import JOB_FILE, STATS_FILE, SUCCESS_FILE, read_rows, write_atomic, write_json
+from runner.metrics import normalize_text, wer
 
-RUN_KEYS = ("precision", "engine", "workers", "threads_per_worker", "utterances", "failed", "audio_seconds",
-            "total_seconds", "rtfx_total", "quantize_seconds",  # None for runs made before they were recorded
-            "rtfx", "wall_seconds", "startup_seconds", "wer", "cer", "scored_utterances", "cpu", "int8_check")
+RUN_KEYS = (
+    "precision",
+    "engine",
+    "workers",
+    "threads_per_worker",
+    "utterances",
+    "failed",
+    "audio_seconds",
+    "total_seconds",
+    "rtfx_total",
+    "quantize_seconds",  # None for runs made before they were recorded
+    "rtfx",
+    "wall_seconds",
+    "startup_seconds",
+    "wer",
+    "cer",
+    "scored_utterances",
+    "cpu",
+    "int8_check",
+)
 
 
 def compare_runs(a: Path, b: Path) -> dict:
@@ -30,10 +46,12 @@ def compare_runs(a: Path, b: Path) -> dict:
     label_a, label_b = _labels(a, b)
     run_a, run_b = _run_summary(a, label_a), _run_summary(b, label_b)
     return {
-        "a": run_a, "b": run_b,
+        "a": run_a,
+        "b": run_b,
         # end to end, the user's clock: for the same audio, how many times sooner A's command finished
         "speedup_total": round(run_a["rtfx_total"] / run_b["rtfx_total"], 2)
-        if run_a["rtfx_total"] and run_b["rtfx_total"] else None,
+        if run_a["rtfx_total"] and run_b["rtfx_total"]
+        else None,
         "speedup": round(run_a["rtfx"] / run_b["rtfx"], 2) if run_a["rtfx"] and run_b["rtfx"] else None,
         "wer_difference": _difference(run_a["wer"], run_b["wer"]),
         "cer_difference": _difference(run_a["cer"], run_b["cer"]),
@@ -45,7 +63,9 @@ def _run_summary(out: Path, label: str) -> dict:
     job, stats = _read_finished_run(out)
     rss = [w["peak_rss_mb"] for w in (stats.get("worker_info") or {}).values() if w.get("peak_rss_mb")]
     return {
-        "label": label, "path": str(out), **{k: stats.get(k) for k in RUN_KEYS},
+        "label": label,
+        "path": str(out),
+        **{k: stats.get(k) for k in RUN_KEYS},
         "manifest_sha256": job.get("fingerprint", {}).get("manifest_sha256"),
         "quantization": {k: v for k, v in (stats.get("quantization") or {}).items() if k != "gate"} or None,
         # None for runs made before workers reported their memory
@@ -56,16 +76,21 @@ def _run_summary(out: Path, label: str) -> dict:
 def _read_finished_run(out: Path) -> tuple[dict, dict]:
     """`job.json` and `stats.json` of a run folder that `asr-runner run` finished (it wrote `_SUCCESS`)."""
     if not (out / JOB_FILE).is_file():
-        raise InputError(f"{out}: not a run folder (no {JOB_FILE}); give the --out folder of an "
-                         "`asr-runner run` or `asr-runner demo` (e.g. runs/demo-DATE-TIME/int8)")
+        raise InputError(
+            f"{out}: not a run folder (no {JOB_FILE}); give the --out folder of an "
+            "`asr-runner run` or `asr-runner demo` (e.g. runs/demo-DATE-TIME/int8)"
+        )
     if not (out / SUCCESS_FILE).is_file() or not (out / STATS_FILE).is_file():
-        raise InputError(f"{out}: the run has not finished (no {SUCCESS_FILE} or {STATS_FILE}); "
-                         f"complete it with `asr-runner run JOB.yaml --out {out} --resume`")
+        raise InputError(
+            f"{out}: the run has not finished (no {SUCCESS_FILE} or {STATS_FILE}); "
+            f"complete it with `asr-runner run JOB.yaml --out {out} --resume`"
+        )
     try:
         return json.loads((out / JOB_FILE).read_text()), json.loads((out / STATS_FILE).read_text())
     except json.JSONDecodeError as exc:
-        raise InputError(f"{out}: {JOB_FILE} or {STATS_FILE} is not valid JSON ({exc}); "
-                         "re-run the job into a new --out") from None
+        raise InputError(
+            f"{out}: {JOB_FILE} or {STATS_FILE} is not valid JSON ({exc}); re-run the job into a new --out"
+        ) from None
 
 
 def _labels(a: Path, b: Path) -> tuple[str, str]:
@@ -75,7 +100,7 @@ def _labels(a: Path, b: Path) -> tuple[str, str]:
     return f"{a.parent.name}/{a.name}", f"{b.parent.name}/{b.name}"
 
 
-def _difference(x: Optional[float], y: Optional[float]) -> Optional[float]:
+def _difference(x: float | None, y: float | None) -> float | None:
     return None if x is None or y is None else round(x - y, 5)
 
 
@@ -98,8 +123,12 @@ def agreement(a: Path, b: Path, same_manifest: bool = True) -> dict:
         "wer_a_vs_b": round(wer(texts_b, texts_a), 5) if texts_a else None,  # B's text as the reference
         "same_manifest": same_manifest,
         "other_audio": other_audio,
-        "note": None if same_manifest else (f"the runs are over different manifests: agreement covers the "
-                                            f"{len(texts_a)} ids ok in both that name the same audio"),
+        "note": None
+        if same_manifest
+        else (
+            f"the runs are over different manifests: agreement covers the "
+            f"{len(texts_a)} ids ok in both that name the same audio"
+        ),
     }
 
 
@@ -135,11 +164,25 @@ def write_png(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     speed, errors, memory = fig.subplots(1, 3)
     _bars(speed, labels, {"RTFx": [a["rtfx"], b["rtfx"]]}, "speed", "x real time (higher is faster)", "{:,.0f}")
-    _bars(errors, labels, {"WER": [_pct(a["wer"]), _pct(b["wer"])], "CER": [_pct(a["cer"]), _pct(b["cer"])]},
-          "accuracy", "% (lower is better)", "{:.2f}%", empty="no references in the manifest")
+    _bars(
+        errors,
+        labels,
+        {"WER": [_pct(a["wer"]), _pct(b["wer"])], "CER": [_pct(a["cer"]), _pct(b["cer"])]},
+        "accuracy",
+        "% (lower is better)",
+        "{:.2f}%",
+        empty="no references in the manifest",
+    )
     rss = [r["peak_rss_mb"] or {} for r in (a, b)]
-    _bars(memory, labels, {"max": [r.get("max") for r in rss], "mean": [r.get("mean") for r in rss]},
-          "worker memory", "peak RSS per worker, MB", "{:,.0f}", empty="worker memory not recorded")
+    _bars(
+        memory,
+        labels,
+        {"max": [r.get("max") for r in rss], "mean": [r.get("mean") for r in rss]},
+        "worker memory",
+        "peak RSS per worker, MB",
+        "{:,.0f}",
+        empty="worker memory not recorded",
+    )
     speedup = f"{result['speedup']:.2f}x speedup (RTFx)" if result["speedup"] else "no RTFx to compare"
     identical = result["agreement"]["identical"]
     same = "" if identical is None else f", {100 * identical:.1f}% identical transcripts"
@@ -160,13 +203,18 @@ def _bars(ax, runs: list[str], series: dict[str, list], title: str, ylabel: str,
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         values = [series[name][i] for name in series]
-        bars = ax.bar([g + (i - (len(runs) - 1) / 2) * width for g in range(len(series))],
-                      [v or 0.0 for v in values], width, label=run, color=f"C{i}")
+        bars = ax.bar(
+            [g + (i - (len(runs) - 1) / 2) * width for g in range(len(series))],
+            [v or 0.0 for v in values],
+            width,
+            label=run,
+            color=f"C{i}",
+        )
         ax.bar_label(bars, labels=["-" if v is None else fmt.format(v) for v in values], padding=2, fontsize=9)
     ax.set_xticks(range(len(series)), list(series))
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
 
 
-def _pct(value: Optional[float]) -> Optional[float]:
+def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value

@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from runner import __version__
 from runner.cli import render
@@ -20,7 +20,7 @@ from runner.int8.config import ENGINE_CHOICES
 log = logging.getLogger("runner")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -38,11 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a flag given before or after the subcommand both count (argparse would
     # otherwise let the subcommand's default overwrite the top-level value).
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="log lines only, no live display")
+    common.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="log lines only, no live display"
+    )
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    parser = argparse.ArgumentParser(prog="asr-runner", parents=[common],
-                                     description="int8 batch transcription of NeMo CTC models on CPU")
+    parser = argparse.ArgumentParser(
+        prog="asr-runner", parents=[common], description="int8 batch transcription of NeMo CTC models on CPU"
+    )
     parser.set_defaults(quiet=False, verbose=False)
     parser.add_argument("--version", action="version", version=f"asr-runner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,39 +67,68 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp32"])
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", parents=[common],
-                       help="the bundled model and audio: int8 job, fp32 baseline job, comparison (offline)")
+    p = sub.add_parser(
+        "demo", parents=[common], help="the bundled model and audio: int8 job, fp32 baseline job, comparison (offline)"
+    )
     p.add_argument("--out", help="folder for the two runs (default: runs/demo-DATE-TIME)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("compare", parents=[common],
-                       help="two finished runs side by side: speed, accuracy, transcript agreement, worker memory")
+    p = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="two finished runs side by side: speed, accuracy, transcript agreement, worker memory",
+    )
     p.add_argument("run_a", metavar="RUN_A", help="a run folder (the --out of `asr-runner run`), e.g. the int8 run")
-    p.add_argument("run_b", metavar="RUN_B", help="the run to compare it with, e.g. the fp32 baseline; "
-                   "speedup = RTFx A / RTFx B, differences = A - B")
-    p.add_argument("--out", metavar="DIR", default=".",
-                   help="folder for compare-A-vs-B.json (the figures) and compare-A-vs-B.png (the chart), "
-                        "A and B being the run folders' names (with their parents' when the two are the same; "
-                        "default DIR: the current directory)")
+    p.add_argument(
+        "run_b",
+        metavar="RUN_B",
+        help="the run to compare it with, e.g. the fp32 baseline; speedup = RTFx A / RTFx B, differences = A - B",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=".",
+        help="folder for compare-A-vs-B.json (the figures) and compare-A-vs-B.png (the chart), "
+        "A and B being the run folders' names (with their parents' when the two are the same; "
+        "default DIR: the current directory)",
+    )
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("quantize", parents=[common],
-                       help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report")
+    p = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report",
+    )
     p.add_argument("model", help=".nemo file (or lean checkpoint)")
-    p.add_argument("--calibration", required=True, metavar="MANIFEST",
-                   help="NeMo manifest to sample calibration and held-out gate utterances from (disjoint samples)")
+    p.add_argument(
+        "--calibration",
+        required=True,
+        metavar="MANIFEST",
+        help="NeMo manifest to sample calibration and held-out gate utterances from (disjoint samples)",
+    )
     p.add_argument("--out", required=True, metavar="ARTIFACT", help="artifact file to write")
-    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
-                   help="engine the accuracy gate runs on (auto: onednn where it exists); workers choose their own")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINE_CHOICES,
+        help="engine the accuracy gate runs on (auto: onednn where it exists); workers choose their own",
+    )
     p.add_argument("--items", type=int, default=100, help="calibration utterances (default 100)")
     p.add_argument("--gate-items", type=int, default=100, help="held-out utterances for the accuracy gate")
-    p.add_argument("--max-wer-increase", type=float, default=0.005,
-                   help="accuracy gate, a fraction (default 0.005 = 0.5 WER points)")
-    p.add_argument("--max-fp32-layers", type=int, default=3,
-                   help="layers the gate may keep in fp32 before it fails (default 3)")
+    p.add_argument(
+        "--max-wer-increase",
+        type=float,
+        default=0.005,
+        help="accuracy gate, a fraction (default 0.005 = 0.5 WER points)",
+    )
+    p.add_argument(
+        "--max-fp32-layers", type=int, default=3, help="layers the gate may keep in fp32 before it fails (default 3)"
+    )
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("export", parents=[common], help="write a .nemo model as a lean checkpoint (no NeMo needed to load)")
+    p = sub.add_parser(
+        "export", parents=[common], help="write a .nemo model as a lean checkpoint (no NeMo needed to load)"
+    )
     p.add_argument("model", help=".nemo file")
     p.add_argument("--out", required=True, help="output file")
     p.set_defaults(func=_cmd_export)
@@ -159,8 +190,14 @@ def _cmd_run(args) -> int:
     spec = load_spec(args.spec, output=out, workers=args.workers, precision=args.precision)
     progress = _progress(args.quiet)
     try:
-        result = run_job(spec, resume=args.resume, retry_errors=args.retry_errors, address=args.address,
-                         on_event=progress, started=_process_started())
+        result = run_job(
+            spec,
+            resume=args.resume,
+            retry_errors=args.retry_errors,
+            address=args.address,
+            on_event=progress,
+            started=_process_started(),
+        )
     finally:
         progress.close()
     render.print_stats(result.stats, result.out)
@@ -188,9 +225,11 @@ def _cmd_demo(args) -> int:
     result = run_demo(Path(args.out) if args.out else None, progress=lambda: _progress(args.quiet))
     i8, f32 = result["a"], result["b"]
     render.print_comparison(result, f"demo: the bundled model on {i8['utterances']} held-out utterances")
-    print(f"runs: {i8['path']} and {f32['path']} "
-          f"(int8 artifact {'from the cache' if (i8['quantization'] or {}).get('from_cache') else 'made now'}); "
-          f"comparison.json and comparison.png in {Path(i8['path']).parent}")
+    print(
+        f"runs: {i8['path']} and {f32['path']} "
+        f"(int8 artifact {'from the cache' if (i8['quantization'] or {}).get('from_cache') else 'made now'}); "
+        f"comparison.json and comparison.png in {Path(i8['path']).parent}"
+    )
     return 0
 
 
@@ -205,18 +244,27 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
+    from runner.errors import InputError
     from runner.int8 import artifact
     from runner.int8.config import Settings
     from runner.int8.pipeline import GateFailed, make_artifact
-    from runner.errors import InputError
     from runner.model.nemo_loader import check_model_file
 
     check_model_file(args.model)
-    settings = Settings(calibration_items=args.items, gate_items=args.gate_items,
-                        max_wer_increase=args.max_wer_increase, max_fp32_layers=args.max_fp32_layers,
-                        engine=args.engine)
-    flags = {"calibration_items": "--items", "gate_items": "--gate-items", "max_wer_increase": "--max-wer-increase",
-             "max_fp32_layers": "--max-fp32-layers", "engine": "--engine"}
+    settings = Settings(
+        calibration_items=args.items,
+        gate_items=args.gate_items,
+        max_wer_increase=args.max_wer_increase,
+        max_fp32_layers=args.max_fp32_layers,
+        engine=args.engine,
+    )
+    flags = {
+        "calibration_items": "--items",
+        "gate_items": "--gate-items",
+        "max_wer_increase": "--max-wer-increase",
+        "max_fp32_layers": "--max-fp32-layers",
+        "engine": "--engine",
+    }
     if problems := settings.problems(flags):
         raise InputError("; ".join(problems))
     try:
@@ -237,8 +285,11 @@ def _cmd_export(args) -> int:
     spec, state_dict = load_nemo(args.model)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(spec, state_dict, args.out)
-    size = (f"{len(spec.encoder.blocks)} encoder blocks" if spec.family == "conv-ctc"
-            else f"{spec.encoder.n_layers} Conformer layers")
+    size = (
+        f"{len(spec.encoder.blocks)} encoder blocks"
+        if spec.family == "conv-ctc"
+        else f"{spec.encoder.n_layers} Conformer layers"
+    )
     print(f"wrote {args.out} ({size}, {len(spec.vocabulary)} labels)")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -38,8 +37,14 @@ def audio_info(path: str) -> AudioInfo:
     return AudioInfo(info.frames / info.samplerate, info.samplerate, info.channels, info.frames, info.format)
 
 
-def load_audio(path: str, sample_rate: int, offset: float = 0.0, duration: Optional[float] = None,
-               channel: Optional[int] = None, timings: Optional[dict] = None) -> np.ndarray:
+def load_audio(
+    path: str,
+    sample_rate: int,
+    offset: float = 0.0,
+    duration: float | None = None,
+    channel: int | None = None,
+    timings: dict | None = None,
+) -> np.ndarray:
     """Mono float32 samples of `path` (or of its `offset`..`offset+duration` segment) at `sample_rate`.
 
     With `timings`, adds the seconds spent decoding (`read`) and resampling (`resample`) to it."""
@@ -61,20 +66,21 @@ def load_audio(path: str, sample_rate: int, offset: float = 0.0, duration: Optio
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _read_segment(f: sf.SoundFile, path, offset: float, duration: Optional[float]):
+def _read_segment(f: sf.SoundFile, path, offset: float, duration: float | None):
     rate = f.samplerate
     start = int(round(max(offset, 0.0) * rate))
     if f.frames and start >= f.frames:
         raise AudioLoadError(
             f"{path}: offset {offset:.3f} s is past the end of the file ({f.frames / rate:.3f} s); "
-            "fix the manifest's offset")
+            "fix the manifest's offset"
+        )
     if start:
         f.seek(start)
     count = -1 if duration is None or duration <= 0 else int(round(duration * rate))
     return f.read(frames=count, dtype="float32", always_2d=True), rate
 
 
-def _to_mono(samples: np.ndarray, path, channel: Optional[int]) -> np.ndarray:
+def _to_mono(samples: np.ndarray, path, channel: int | None) -> np.ndarray:
     if channel is None:
         return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if not -samples.shape[1] <= channel < samples.shape[1]:

@@ -15,9 +15,10 @@ import io
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional
+from typing import IO
 
 from runner.errors import AudioLoadError, ManifestError
 
@@ -27,8 +28,8 @@ class ManifestItem:
     id: str  # the manifest's `id`, else "L" + the line number: unique and stable per line
     audio_filepath: str  # absolute
     offset: float
-    duration: Optional[float]  # seconds; None when neither the manifest nor the header tells
-    text: Optional[str]  # reference transcript, when the manifest has one
+    duration: float | None  # seconds; None when neither the manifest nor the header tells
+    text: str | None  # reference transcript, when the manifest has one
     line: int
 
 
@@ -61,8 +62,9 @@ def _parse(line: str, number: int, path: Path, base: Path, read_duration: bool) 
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
-                            "each line must be one JSON object") from None
+        raise ManifestError(
+            f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+        ) from None
     if not isinstance(row, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
     audio = row.get("audio_filepath")
@@ -91,7 +93,7 @@ def _number(row: dict, key: str, where: str, default):
     return float(value)
 
 
-def _header_duration(path: str, offset: float) -> Optional[float]:
+def _header_duration(path: str, offset: float) -> float | None:
     """The duration the audio header tells, or None. A path that is not a regular file (a named pipe, a
     device, a socket) is not opened: opening a pipe without a writer would block the driver for ever; the
     worker meets it instead, under the shard's time limit."""
@@ -122,6 +124,7 @@ def check_unique_ids(items: Iterator[ManifestItem], path) -> Iterator[ManifestIt
     for item in items:
         first = seen.setdefault(item.id, item.line)
         if first != item.line:
-            raise ManifestError(f"{path}:{item.line}: duplicate id {item.id!r} (first on line {first}); "
-                                "ids must be unique")
+            raise ManifestError(
+                f"{path}:{item.line}: duplicate id {item.id!r} (first on line {first}); ids must be unique"
+            )
         yield item

@@ -26,7 +26,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -55,25 +55,44 @@ class Artifact:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         with _no_storage_warnings():
-            torch.save({"format": FORMAT, "spec": self.spec.to_dict(), "features": self.features, "int8": self.int8,
-                        "float_units": list(self.float_units), "recipe": self.recipe, "report": self.report,
-                        "reference": self.reference},
-                       buf)
+            torch.save(
+                {
+                    "format": FORMAT,
+                    "spec": self.spec.to_dict(),
+                    "features": self.features,
+                    "int8": self.int8,
+                    "float_units": list(self.float_units),
+                    "recipe": self.recipe,
+                    "report": self.report,
+                    "reference": self.reference,
+                },
+                buf,
+            )
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "artifact") -> "Artifact":
+    def from_bytes(cls, data: bytes, where: str = "artifact") -> Artifact:
         try:
             with _no_storage_warnings():
                 raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise InputError(f"{where}: not an asr-runner int8 artifact ({type(exc).__name__}: {exc}); "
-                             "make one with `asr-runner quantize`") from None
+            raise InputError(
+                f"{where}: not an asr-runner int8 artifact ({type(exc).__name__}: {exc}); "
+                "make one with `asr-runner quantize`"
+            ) from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise InputError(f"{where}: not an asr-runner int8 artifact (format {FORMAT}); "
-                             "make one with `asr-runner quantize`")
-        return cls(ModelSpec.from_dict(raw["spec"]), raw["features"], raw["int8"], list(raw["float_units"]),
-                   raw["recipe"], raw["report"], raw["reference"])
+            raise InputError(
+                f"{where}: not an asr-runner int8 artifact (format {FORMAT}); make one with `asr-runner quantize`"
+            )
+        return cls(
+            ModelSpec.from_dict(raw["spec"]),
+            raw["features"],
+            raw["int8"],
+            list(raw["float_units"]),
+            raw["recipe"],
+            raw["report"],
+            raw["reference"],
+        )
 
 
 @contextmanager
@@ -89,7 +108,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save(data: bytes, path: Union[str, os.PathLike]) -> None:
+def save(data: bytes, path: str | os.PathLike) -> None:
     """Write artifact bytes atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +120,7 @@ def save(data: bytes, path: Union[str, os.PathLike]) -> None:
     os.replace(tmp, path)
 
 
-def read(path: Union[str, os.PathLike]) -> bytes:
+def read(path: str | os.PathLike) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -125,7 +144,7 @@ class LoadedModel:
     int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8.self_check.check`) of `model`
 
 
-def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> LoadedModel:
+def build_int8_model(data: bytes | Artifact, engine: str = "auto") -> LoadedModel:
     """The int8 model for this process's CPU, self-checked: `engine="auto"` times the candidates and keeps
     the fastest; activation bits follow the CPU, then 7 bits if the check fails. Raises `Int8CheckFailed`."""
     t0 = time.perf_counter()
@@ -135,8 +154,9 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
     features.load_state_dict(art.features, strict=True, assign=True)
     features.eval()
     # `auto`: each candidate is built, probed and released in turn; the winner is built again.
-    engine, timings = resolve_engine(engine, lambda name: load_int8(art.spec, art.int8, name, art.float_units),
-                                     art.spec)
+    engine, timings = resolve_engine(
+        engine, lambda name: load_int8(art.spec, art.int8, name, art.float_units), art.spec
+    )
     bits = activation_bits(engine)
     attempts: list[dict] = []
     for width in [bits] + ([7] if bits == 8 else []):
@@ -145,14 +165,26 @@ def build_int8_model(data: Union[bytes, Artifact], engine: str = "auto") -> Load
         attempts.append(int8_check.check(model, art.reference))
         if attempts[-1]["passed"]:
             break
-        log.warning("int8 self-check failed on %s with %d-bit activations (logit cosine %.4f, frame agreement "
-                    "%.3f; expected %s)", engine, width, attempts[-1]["logit_cosine"],
-                    attempts[-1]["frame_agreement"], attempts[-1]["expected"])
-    result = {**attempts[-1], "fallback": f"{attempts[-1]['activation_bits']}-bit activations" if len(attempts) > 1
-              else None, "attempts": attempts}
+        log.warning(
+            "int8 self-check failed on %s with %d-bit activations (logit cosine %.4f, frame agreement "
+            "%.3f; expected %s)",
+            engine,
+            width,
+            attempts[-1]["logit_cosine"],
+            attempts[-1]["frame_agreement"],
+            attempts[-1]["expected"],
+        )
+    result = {
+        **attempts[-1],
+        "fallback": f"{attempts[-1]['activation_bits']}-bit activations" if len(attempts) > 1 else None,
+        "attempts": attempts,
+    }
     if not result["passed"]:
         widths = " or ".join(str(a["activation_bits"]) for a in attempts)
-        raise Int8CheckFailed(f"int8 on this CPU ({engine} engine) does not match fp32 at {widths}-bit activations "
-                              f"(logit cosine {result['logit_cosine']:.4f}, frame agreement "
-                              f"{result['frame_agreement']:.3f}; expected {result['expected']})", result)
+        raise Int8CheckFailed(
+            f"int8 on this CPU ({engine} engine) does not match fp32 at {widths}-bit activations "
+            f"(logit cosine {result['logit_cosine']:.4f}, frame agreement "
+            f"{result['frame_agreement']:.3f}; expected {result['expected']})",
+            result,
+        )
     return LoadedModel(model, engine, {k: round(v, 5) for k, v in timings.items()}, time.perf_counter() - t0, result)

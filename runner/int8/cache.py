@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from runner.errors import InputError
 from runner.inputs.manifest import ManifestItem, file_sha256
@@ -50,7 +50,7 @@ def code_version() -> str:
     return _code_version(str(SOURCE_DIR))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_version(folder: str) -> str:
     digest = hashlib.sha256()
     root = Path(folder)
@@ -76,30 +76,50 @@ def audio_entry(item: ManifestItem) -> list:
     return head + [st.st_size, st.st_mtime_ns]
 
 
-def inputs_record(model_sha256: str, manifests: dict, settings: dict, recipe_version: int,
-                  calibration: Sequence[ManifestItem], gate: Sequence[ManifestItem]) -> dict:
+def inputs_record(
+    model_sha256: str,
+    manifests: dict,
+    settings: dict,
+    recipe_version: int,
+    calibration: Sequence[ManifestItem],
+    gate: Sequence[ManifestItem],
+) -> dict:
     """What an artifact is made from, with its cache key: `report["inputs"]` of the artifact."""
     import torch
 
     audio = {"calibration": [audio_entry(i) for i in calibration], "gate": [audio_entry(i) for i in gate]}
     audio_sha256 = hashlib.sha256(json.dumps(audio).encode()).hexdigest()
-    parts = {"recipe": recipe_version, "model": model_sha256, "manifests": manifests, "settings": settings,
-             "torch": str(torch.__version__), "code": code_version(), "audio": audio_sha256}
+    parts = {
+        "recipe": recipe_version,
+        "model": model_sha256,
+        "manifests": manifests,
+        "settings": settings,
+        "torch": str(torch.__version__),
+        "code": code_version(),
+        "audio": audio_sha256,
+    }
     files: dict[str, list] = {}
     for entry in audio["calibration"] + audio["gate"]:
         if len(files) < RECORDED_FILES:
             files.setdefault(entry[0], [entry[0], *entry[3:]])
-    return {"cache_key": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(),
-            "model_sha256": model_sha256, "code_version": parts["code"], "recipe_version": recipe_version,
-            "torch": parts["torch"], "manifests": manifests, "audio_sha256": audio_sha256,
-            "audio_items": len(audio["calibration"]) + len(audio["gate"]), "audio": list(files.values())}
+    return {
+        "cache_key": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(),
+        "model_sha256": model_sha256,
+        "code_version": parts["code"],
+        "recipe_version": recipe_version,
+        "torch": parts["torch"],
+        "manifests": manifests,
+        "audio_sha256": audio_sha256,
+        "audio_items": len(audio["calibration"]) + len(audio["gate"]),
+        "audio": list(files.values()),
+    }
 
 
 def artifact_path(key: str) -> Path:
     return cache_dir() / f"int8-{key[:32]}.pt"
 
 
-def cached_artifact(inputs: dict) -> Optional[bytes]:
+def cached_artifact(inputs: dict) -> bytes | None:
     """The cached artifact made from `inputs`, checked against its own record; None when there is none,
     it is damaged, or it was made from other inputs."""
     path = artifact_path(inputs["cache_key"])
@@ -112,9 +132,13 @@ def cached_artifact(inputs: dict) -> Optional[bytes]:
         log.warning("ignoring a damaged cached artifact %s", path)
         return None
     if any(made_from.get(k) != inputs[k] for k in ("cache_key", "model_sha256")):
-        log.warning("ignoring the cached artifact %s: its record says it was made from other inputs "
-                    "(key %s, model %s); quantizing again", path, str(made_from.get("cache_key"))[:12],
-                    str(made_from.get("model_sha256"))[:12])
+        log.warning(
+            "ignoring the cached artifact %s: its record says it was made from other inputs "
+            "(key %s, model %s); quantizing again",
+            path,
+            str(made_from.get("cache_key"))[:12],
+            str(made_from.get("model_sha256"))[:12],
+        )
         return None
     log.info("int8 artifact from the cache: %s", path)
     return data
@@ -125,7 +149,7 @@ def store_artifact(data: bytes, inputs: dict) -> None:
 
 
 # --------------------------------------------------------------------------- lean fp32 checkpoints
-def fp32_cache_path(model_path: str, model_sha256: Optional[str] = None) -> Path:
+def fp32_cache_path(model_path: str, model_sha256: str | None = None) -> Path:
     return cache_dir() / f"fp32-{(model_sha256 or file_sha256(model_path))[:32]}.pt"
 
 

@@ -7,9 +7,10 @@ names each bad value by the key the user wrote (`key_names` maps a setting to a 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # Torch-free: the job spec imports this module.
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional
 
 ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # also `auto`'s preference order on near-ties
 ENGINE_CHOICES = ("auto", *ENGINES)  # what a spec or `--engine` may name
@@ -29,23 +30,45 @@ class Settings:
     max_seconds: float = 30.0  # items longer than this take part as consecutive windows of this length
     early_stop: bool = True  # the gate may stop reading once its decision is clear (`runner.int8.gate`)
 
-    def problems(self, key_names: Optional[Mapping[str, str]] = None) -> list[str]:
+    def problems(self, key_names: Mapping[str, str] | None = None) -> list[str]:
         """One message per invalid value, naming it by `key_names[field]` (default: the field's name)."""
         names = key_names or {}
         checks = [
-            ("engine", self.engine in ENGINE_CHOICES, f"must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}"),
-            ("calibration_items", _whole(self.calibration_items) and self.calibration_items >= 1,
-             f"must be a positive integer, got {self.calibration_items!r}"),
-            ("gate_items", _whole(self.gate_items) and self.gate_items >= 1,
-             f"must be a positive integer, got {self.gate_items!r}"),
-            ("max_fp32_layers", _whole(self.max_fp32_layers) and self.max_fp32_layers >= 0,
-             f"must be an integer >= 0, got {self.max_fp32_layers!r}"),
-            ("max_wer_increase", _number(self.max_wer_increase) and 0 <= self.max_wer_increase < 1,
-             f"is a fraction in [0, 1) (0.005 = 0.5 WER points), got {self.max_wer_increase!r}"),
-            ("observers", bool(self.observers) and all(o in OBSERVERS for o in self.observers),
-             f"must name some of {', '.join(OBSERVERS)}, got {self.observers!r}"),
-            ("max_seconds", _number(self.max_seconds) and self.max_seconds > 0,
-             f"must be a positive number, got {self.max_seconds!r}"),
+            (
+                "engine",
+                self.engine in ENGINE_CHOICES,
+                f"must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}",
+            ),
+            (
+                "calibration_items",
+                _whole(self.calibration_items) and self.calibration_items >= 1,
+                f"must be a positive integer, got {self.calibration_items!r}",
+            ),
+            (
+                "gate_items",
+                _whole(self.gate_items) and self.gate_items >= 1,
+                f"must be a positive integer, got {self.gate_items!r}",
+            ),
+            (
+                "max_fp32_layers",
+                _whole(self.max_fp32_layers) and self.max_fp32_layers >= 0,
+                f"must be an integer >= 0, got {self.max_fp32_layers!r}",
+            ),
+            (
+                "max_wer_increase",
+                _number(self.max_wer_increase) and 0 <= self.max_wer_increase < 1,
+                f"is a fraction in [0, 1) (0.005 = 0.5 WER points), got {self.max_wer_increase!r}",
+            ),
+            (
+                "observers",
+                bool(self.observers) and all(o in OBSERVERS for o in self.observers),
+                f"must name some of {', '.join(OBSERVERS)}, got {self.observers!r}",
+            ),
+            (
+                "max_seconds",
+                _number(self.max_seconds) and self.max_seconds > 0,
+                f"must be a positive number, got {self.max_seconds!r}",
+            ),
         ]
         return [f"{names.get(key, key)} {message}" for key, ok, message in checks if not ok]
 

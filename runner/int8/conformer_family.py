@@ -27,7 +27,7 @@ through `runner.int8.model`, which keeps every `torch.ao.quantization` use behin
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,9 +36,11 @@ from runner.model.arch import ModelSpec
 from runner.model.conformer import ConvSubsampling, as_image, frames_of, subsampled_length
 from runner.model.ctc import LeanCTCModel
 
-RECIPE = {"weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
-          "activations": "static quint8, calibrated: the input and output of each int8 Linear and of the "
-                         "subsampling convs; fp32 elsewhere"}
+RECIPE = {
+    "weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
+    "activations": "static quint8, calibrated: the input and output of each int8 Linear and of the "
+    "subsampling convs; fp32 elsewhere",
+}
 
 
 class Int8Subsampling(nn.Module):
@@ -68,7 +70,7 @@ class Int8Subsampling(nn.Module):
         for i, n in enumerate(lens.tolist()):
             if n <= 0:
                 continue
-            y = frames_of(self.dequant(self.conv(self.quant(as_image(feats[i: i + 1, :, :n])))))  # [1, t_i, C*F']
+            y = frames_of(self.dequant(self.conv(self.quant(as_image(feats[i : i + 1, :, :n])))))  # [1, t_i, C*F']
             x[i, : y.shape[1]] = y[0]
         return self.out(x), frames
 
@@ -76,8 +78,11 @@ class Int8Subsampling(nn.Module):
 def _conv_relu_pairs(seq: nn.Sequential, prefix: str = "conv") -> list[list[str]]:
     """[conv, relu] names to fuse in the subsampling Sequential."""
     layers = list(seq)
-    return [[f"{prefix}.{i}", f"{prefix}.{i + 1}"] for i in range(len(layers) - 1)
-            if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.ReLU)]
+    return [
+        [f"{prefix}.{i}", f"{prefix}.{i + 1}"]
+        for i in range(len(layers) - 1)
+        if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.ReLU)
+    ]
 
 
 class QLinear(nn.Module):
@@ -178,8 +183,9 @@ def with_float_units(qenc: QuantizedConformer, model: LeanCTCModel, units: Itera
 def _int8_qlinear(linear: nn.Linear) -> QLinear:
     import torch.ao.nn.quantized as nnq
 
-    wrapper = QLinear(nnq.Linear(linear.in_features, linear.out_features, bias_=linear.bias is not None,
-                                 dtype=torch.qint8))
+    wrapper = QLinear(
+        nnq.Linear(linear.in_features, linear.out_features, bias_=linear.bias is not None, dtype=torch.qint8)
+    )
     wrapper.quant, wrapper.dequant = nnq.Quantize(1.0, 0, torch.quint8), nnq.DeQuantize()
     return wrapper
 
@@ -209,8 +215,15 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
         for i, layer in enumerate(list(sub.conv)):
             if isinstance(layer, nn.Conv2d):
                 cls = nniq.ConvReLU2d if f"conv.{i}" in fused else nnq.Conv2d
-                sub.conv[i] = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                  padding=layer.padding, groups=layer.groups, bias=layer.bias is not None)
+                sub.conv[i] = cls(
+                    layer.in_channels,
+                    layer.out_channels,
+                    layer.kernel_size,
+                    stride=layer.stride,
+                    padding=layer.padding,
+                    groups=layer.groups,
+                    bias=layer.bias is not None,
+                )
             elif isinstance(layer, nn.ReLU):
                 sub.conv[i] = nn.Identity()
         sub.quant = nnq.Quantize(1.0, 0, torch.quint8)

@@ -15,7 +15,7 @@ any engine without fp32 weights. Called only through `runner.int8.model` (which 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -60,8 +60,11 @@ class QuantizedEncoder(nn.Module):
                 if quantized:
                     x, quantized = x.dequantize(), False
             elif not quantized:
-                x = self.quant(x) if k == 0 else torch.quantize_per_tensor(
-                    x, float(self.in_scale[k]), int(self.in_zero_point[k]), torch.quint8)
+                x = (
+                    self.quant(x)
+                    if k == 0
+                    else torch.quantize_per_tensor(x, float(self.in_scale[k]), int(self.in_zero_point[k]), torch.quint8)
+                )
                 quantized = True
             if isinstance(unit, ConvBlock):
                 xs, lens = unit([x], lens)
@@ -153,6 +156,7 @@ def _record_unit_inputs(converted: QuantizedEncoder, observed: QuantizedEncoder)
         def record(_module, args):
             x = args[0][-1] if isinstance(args[0], list) else args[0]
             seen[k] = (x.q_scale(), x.q_zero_point())
+
         return record
 
     handles = [u.register_forward_pre_hook(hook(k)) for k, u in enumerate(converted.units())]
@@ -229,8 +233,9 @@ def eight_bit_outputs(spec: ModelSpec, state_dict: dict, engine: str) -> set[str
     keys, out = set(state_dict), {"decoder.scale"}
     for b, block in enumerate(spec.encoder.blocks):
         prefix = f"encoder.blocks.{b}."
-        convs = sorted(int(k.split(".")[4]) for k in keys
-                       if k.startswith(prefix + "mconv.") and k.endswith(".conv.scale"))
+        convs = sorted(
+            int(k.split(".")[4]) for k in keys if k.startswith(prefix + "mconv.") and k.endswith(".conv.scale")
+        )
         if convs and (block.residual or block.se):
             out.add(f"{prefix}mconv.{convs[-1]}.conv.scale")
         if engine == "onednn" and block.separable:  # [dw, pw] x repeat: pw i feeds dw i + 1 alone
@@ -242,8 +247,16 @@ def eight_bit_outputs(spec: ModelSpec, state_dict: dict, engine: str) -> set[str
 
 
 def _qconv(cls, conv: nn.Conv1d, bias: bool):
-    return cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
-               padding=conv.padding[0], dilation=conv.dilation[0], groups=conv.groups, bias=bias)
+    return cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size[0],
+        stride=conv.stride[0],
+        padding=conv.padding[0],
+        dilation=conv.dilation[0],
+        groups=conv.groups,
+        bias=bias,
+    )
 
 
 def _get(root: nn.Module, name: str) -> nn.Module:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -50,8 +50,9 @@ def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of auto, {', '.join(ENGINES)}; got {engine!r}")
     if engine not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"engine {engine!r} is not available in this torch build "
-                         f"(available: {', '.join(available_engines())})")
+        raise ValueError(
+            f"engine {engine!r} is not available in this torch build (available: {', '.join(available_engines())})"
+        )
 
 
 def probe_frames(spec: ModelSpec) -> int:
@@ -67,12 +68,14 @@ X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
 
 
 # What `activation_bits` gives each kind of CPU (printed by `asr-runner quantize`).
-BITS_BY_CPU_KIND = (("x86 with AVX-512 VNNI, AVX-VNNI or AMX: onednn, x86, fbgemm", 8),
-                    ("x86 without VNNI (AVX2; AVX-512 without VNNI): onednn, x86, fbgemm", 7),
-                    ("qnnpack (ARM; x86 only when no other engine exists)", 8))
+BITS_BY_CPU_KIND = (
+    ("x86 with AVX-512 VNNI, AVX-VNNI or AMX: onednn, x86, fbgemm", 8),
+    ("x86 without VNNI (AVX2; AVX-512 without VNNI): onednn, x86, fbgemm", 7),
+    ("qnnpack (ARM; x86 only when no other engine exists)", 8),
+)
 
 
-def activation_bits(engine: str, cpu_flags: Optional[Sequence[str]] = None) -> int:
+def activation_bits(engine: str, cpu_flags: Sequence[str] | None = None) -> int:
     """Activation bits for `engine` on this CPU: 7 where its int8 products can saturate, else 8.
 
     onednn, x86 and fbgemm on an x86 CPU without VNNI/AMX add pairs of u8 x s8 products into int16
@@ -88,9 +91,15 @@ def activation_bits(engine: str, cpu_flags: Optional[Sequence[str]] = None) -> i
 
 
 @torch.inference_mode()
-def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]], feat_in: int,
-                 engines: Sequence[str], frames_per_second: float = 100.0, frames: int = 50, rounds: int = 3,
-                 budget_seconds: float = 0.3) -> dict[str, float]:
+def time_engines(
+    build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], object]],
+    feat_in: int,
+    engines: Sequence[str],
+    frames_per_second: float = 100.0,
+    frames: int = 50,
+    rounds: int = 3,
+    budget_seconds: float = 0.3,
+) -> dict[str, float]:
     """Seconds each engine needs per second of audio, probed on `frames` feature frames (0.5 s).
 
     `build(engine)` returns a callable(feats, lens). Engines are tried one at a time in preference
@@ -99,8 +108,9 @@ def time_engines(build: Callable[[str], Callable[[torch.Tensor, torch.Tensor], o
     that absorbs first-call set-up; one whose short pass takes over 10x the fastest short pass so
     far is recorded at that time, scaled to `frames` (an estimate), and dropped: a slow engine costs
     one short pass. (Comparing it with the others' full probes instead made a long probe drop fast
-    engines: a few ms of set-up x frames / 16.) The others run one untimed pass at the probe's shape (kernels are set up per shape), then
-    up to `rounds` timed passes within their share of `budget_seconds`; the best pass counts.
+    engines: a few ms of set-up x frames / 16.) The others run one untimed pass at the probe's shape (kernels
+    are set up per shape), then up to `rounds` timed passes within their share of `budget_seconds`; the best
+    pass counts.
     """
     torch.manual_seed(0)
     feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
@@ -152,8 +162,9 @@ def candidate_engines() -> list[str]:
     return [e for e in engines if e != "qnnpack"] or engines
 
 
-def resolve_engine(engine: str, build: Optional[Callable[[str], Callable]] = None,
-                   spec: Optional[ModelSpec] = None) -> tuple[str, dict[str, float]]:
+def resolve_engine(
+    engine: str, build: Callable[[str], Callable] | None = None, spec: ModelSpec | None = None
+) -> tuple[str, dict[str, float]]:
     """The engine that `engine` (a spec's or a flag's value) means on this CPU, with the probe timings
     behind an `auto` choice ({} otherwise). The one place engines are resolved, driver and workers alike.
 
@@ -174,6 +185,11 @@ def resolve_engine(engine: str, build: Optional[Callable[[str], Callable]] = Non
     candidates = candidate_engines()
     if build is None or spec is None or len(candidates) == 1:
         return candidates[0], {}
-    timings = time_engines(build, spec.encoder.feat_in, candidates,
-                           spec.features.sample_rate / spec.features.hop_length, frames=probe_frames(spec))
+    timings = time_engines(
+        build,
+        spec.encoder.feat_in,
+        candidates,
+        spec.features.sample_rate / spec.features.hop_length,
+        frames=probe_frames(spec),
+    )
     return choose_engine(timings), timings

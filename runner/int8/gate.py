@@ -15,7 +15,7 @@ early stopping does. No Ray, no NeMo: torch and the lean model.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,14 +32,15 @@ CONFIDENCE_Z = 1.645  # one-sided 95%: the bound `clear_pass` compares with the 
 MIN_CHUNKS = 2  # chunks a decision must hold over before the gate may stop
 
 
-def feature_batches(model: LeanCTCModel, audios: Sequence[np.ndarray], batch_size: int = 8,
-                    ids: Optional[Sequence[int]] = None) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+def feature_batches(
+    model: LeanCTCModel, audios: Sequence[np.ndarray], batch_size: int = 8, ids: Sequence[int] | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
     """(features, frames, indices) batches of `audios[ids]` (default: all), sorted by length: the workers' batching."""
     order = sorted(range(len(audios)) if ids is None else ids, key=lambda i: len(audios[i]))
     out = []
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            picked = order[start: start + batch_size]
+            picked = order[start : start + batch_size]
             feats, frames = model.features(*pad_batch([audios[i] for i in picked]))
             out.append((feats, frames, picked))
     return out
@@ -58,8 +59,9 @@ def wilson_upper(errors: int, trials: int, z: float = CONFIDENCE_Z) -> float:
 class GateSet:
     """Held-out utterances with the fp32 model's logits and transcripts, to score int8 variants against."""
 
-    def __init__(self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: Optional[list[str]],
-                 chunks: int = CHUNKS):
+    def __init__(
+        self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: list[str] | None, chunks: int = CHUNKS
+    ):
         self.model = model
         self.text_decoder = model.text_decoder
         self.rate = model.spec.features.sample_rate
@@ -130,18 +132,23 @@ class GateSet:
             total += length
         rows = torch.tensor(sorted(rows))
         frames, lens = frames[rows], lens[rows]
-        return {"features": feats[rows][:, :, : int(frames.max())].contiguous(), "frames": frames,
-                "logits": logits[rows][:, :, : int(lens.max())].contiguous(), "lengths": lens,
-                "seconds": round(total, 2), "expected": {}}
+        return {
+            "features": feats[rows][:, :, : int(frames.max())].contiguous(),
+            "frames": frames,
+            "logits": logits[rows][:, :, : int(lens.max())].contiguous(),
+            "lengths": lens,
+            "seconds": round(total, 2),
+            "expected": {},
+        }
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def score(self, run: Run, key: Optional[str] = None) -> dict:
+    def score(self, run: Run, key: str | None = None) -> dict:
         """Figures of a model variant over the chunks read: agreement with fp32 transcripts (`wer_vs_fp32`),
         logit similarity, WER/CER with references. `key` names a variant whose per-batch results are kept,
         so scoring it again after `read_more` runs only the new batches."""
         done = self._cache.setdefault(key, []) if key is not None else []
-        for (feats, frames, ids), (ref_logits, _) in zip(self.batches[len(done):], self.fp32[len(done):]):
+        for (feats, frames, ids), (ref_logits, _) in zip(self.batches[len(done) :], self.fp32[len(done) :]):
             logits, lens = run(feats, frames)
             found = dict(zip(ids, texts(logits, lens, self.text_decoder)))
             done.append((logit_figures(logits, ref_logits, lens), found))

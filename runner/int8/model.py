@@ -21,7 +21,7 @@ and loading the state dict under an engine packs the weights for it (`load_int8`
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from runner.model.decoding import TextDecoder
 
 
 def _conformer(spec: ModelSpec) -> bool:
-    """The Conformer family is quantized by `runner.int8.conformer_family` (int8 subsampling convs and Linear layers)."""
+    """The Conformer family is quantized by `runner.int8.conformer_family` (int8 subsampling convs and Linears)."""
     return spec.family == "conformer-ctc"
 
 
@@ -79,8 +79,9 @@ def with_float_units(qenc: nn.Module, model: LeanCTCModel, units: Iterable[int],
         return _family(model.spec).with_float_units(qenc, model, units)
 
 
-def load_int8(spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = (),
-              bits: Optional[int] = None) -> nn.Module:
+def load_int8(
+    spec: ModelSpec, state_dict: dict, engine: str, float_units: Sequence[int] = (), bits: int | None = None
+) -> nn.Module:
     """Rebuild the int8 encoder for `engine` from an engine-neutral state dict, with `bits`-bit
     activations (default: what this CPU needs on `engine`, `activation_bits`)."""
     bits = activation_bits(engine) if bits is None else bits
@@ -108,7 +109,7 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
     int8 Linear's output, what only a quantized add reads) keep their 8 bits."""
     if bits == 8:
         return state_dict
-    levels, keep = 2 ** bits - 1, set(keep)
+    levels, keep = 2**bits - 1, set(keep)
     out = state_dict.copy()
     if hasattr(state_dict, "_metadata"):  # module versions: quantized Linear reads its keys by them
         out._metadata = state_dict._metadata
@@ -117,8 +118,12 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
             continue
         zp_key = key[: -len("scale")] + "zero_point"
         zero_point = state_dict.get(zp_key)
-        if not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor)) or scale.is_quantized \
-                or not scale.is_floating_point() or zero_point.is_floating_point():
+        if (
+            not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor))
+            or scale.is_quantized
+            or not scale.is_floating_point()
+            or zero_point.is_floating_point()
+        ):
             continue
         out[key] = scale * (255 / levels)
         out[zp_key] = torch.round(zero_point.double() * levels / 255).clamp(0, levels).to(zero_point.dtype)
@@ -148,5 +153,3 @@ class Int8CTCModel(nn.Module):
         """Decoder output [B, C, T'] before log-softmax (what the accuracy gate compares), and lengths."""
         with quiet(), engine_scope(self.engine):
             return self.qencoder(feats, frames)
-
-

@@ -65,8 +65,7 @@ class FastHistogramObserver(HistogramObserver):
             if new_min == current_min and new_max == current_max:
                 histogram = self.histogram + update
             else:
-                histogram = self._combine_histograms(self.histogram, current_min, current_max, update, new_min,
-                                                     new_max)
+                histogram = self._combine_histograms(self.histogram, current_min, current_max, update, new_min, new_max)
                 for buf, value in ((self.min_val, new_min), (self.max_val, new_max)):
                     buf.detach_().resize_(value.shape)
                     buf.copy_(value)
@@ -91,8 +90,9 @@ class FastHistogramObserver(HistogramObserver):
             # torch's walks: the first bin from start_bin with csum >= next_alpha * total (else end_bin), and
             # the last bin down from end_bin with csum <= next_beta * total (else start_bin), in float32
             left = min(max(int(np.searchsorted(csum, np.float32(next_alpha * total), side="left")), start_bin), end_bin)
-            right = min(max(int(np.searchsorted(csum, np.float32(next_beta * total), side="right")) - 1, start_bin),
-                        end_bin)
+            right = min(
+                max(int(np.searchsorted(csum, np.float32(next_beta * total), side="right")) - 1, start_bin), end_bin
+            )
             next_start_bin, next_end_bin = start_bin, end_bin
             if (left - start_bin) > (end_bin - right):
                 next_start_bin, alpha = left, next_alpha

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,10 +59,16 @@ class GateFailed(QuantizationError):
 
 
 # --------------------------------------------------------------------------- quantizing
-def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
-                   references: Optional[list[str]], settings: Settings = Settings(),
-                   info: Optional[dict] = None) -> Artifact:
-    """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate enough."""
+def quantize_model(
+    model: LeanCTCModel,
+    calibration: Sequence[np.ndarray],
+    gate_audio: Sequence[np.ndarray],
+    references: list[str] | None,
+    settings: Settings = Settings(),
+    info: dict | None = None,
+) -> Artifact:
+    """Calibrated, gated int8 artifact of `model`; raises `GateFailed` (with the report) if int8 is not accurate
+    enough."""
     clock = _Phases()
     report = _start_report(model, calibration, gate_audio, settings, info)
     with clock("calibrate"):  # one pass over the calibration audio calibrates every candidate observer
@@ -86,10 +92,17 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     passed = gate.increase(figures) <= settings.max_wer_increase
     with clock("fallback"):
         if not passed:
-            qenc, figures, kept, passed = _keep_units_in_fp32(model, qenc, figures, gate, settings, report,
-                                                              lambda q: _runner(q, engine, bits), engine)
-    report["gate"].update(utterances=len(gate.ids), seconds=round(gate.seconds, 2), fp32=gate.fp32_figures,
-                          int8=public(figures), increase=round(gate.increase(figures), 6), passed=passed)
+            qenc, figures, kept, passed = _keep_units_in_fp32(
+                model, qenc, figures, gate, settings, report, lambda q: _runner(q, engine, bits), engine
+            )
+    report["gate"].update(
+        utterances=len(gate.ids),
+        seconds=round(gate.seconds, 2),
+        fp32=gate.fp32_figures,
+        int8=public(figures),
+        increase=round(gate.increase(figures), 6),
+        passed=passed,
+    )
     report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
     if not passed:
         report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
@@ -97,21 +110,35 @@ def quantize_model(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_
     with clock("self_check"):
         art = _artifact(model, qenc, kept, chosen, engine, bits, gate, report)
         _check_reproduced(art, engine, bits)
-    report["size_mb"] = {"fp32": round(_nbytes(model.state_dict()) / 1e6, 2),
-                         "int8": round((_nbytes(art.int8) + _nbytes(art.features)) / 1e6, 2)}
+    report["size_mb"] = {
+        "fp32": round(_nbytes(model.state_dict()) / 1e6, 2),
+        "int8": round((_nbytes(art.int8) + _nbytes(art.features)) / 1e6, 2),
+    }
     report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
     return art
 
 
-def _start_report(model: LeanCTCModel, calibration: Sequence[np.ndarray], gate_audio: Sequence[np.ndarray],
-                  settings: Settings, info: Optional[dict]) -> dict:
+def _start_report(
+    model: LeanCTCModel,
+    calibration: Sequence[np.ndarray],
+    gate_audio: Sequence[np.ndarray],
+    settings: Settings,
+    info: dict | None,
+) -> dict:
     rate = model.spec.features.sample_rate
     report: dict = {"recipe_version": RECIPE_VERSION, **(info or {}), "settings": asdict(settings)}
-    report["calibration"] = {**report.get("calibration", {}), "utterances": len(calibration),
-                             "seconds": round(sum(len(a) for a in calibration) / rate, 2)}
-    log.info("calibrating on %d utterances (%.0f s), gate on up to %d held-out utterances (%.0f s)",
-             len(calibration), report["calibration"]["seconds"], len(gate_audio),
-             sum(len(a) for a in gate_audio) / rate)
+    report["calibration"] = {
+        **report.get("calibration", {}),
+        "utterances": len(calibration),
+        "seconds": round(sum(len(a) for a in calibration) / rate, 2),
+    }
+    log.info(
+        "calibrating on %d utterances (%.0f s), gate on up to %d held-out utterances (%.0f s)",
+        len(calibration),
+        report["calibration"]["seconds"],
+        len(gate_audio),
+        sum(len(a) for a in gate_audio) / rate,
+    )
     return report
 
 
@@ -139,45 +166,75 @@ def _runner(qenc, engine: str, bits: int):
     def run(feats, frames):
         with engine_scope(engine):
             return variant(feats, frames)
+
     return run
 
 
 def _record_gate(report: dict, gate: GateSet, scores: dict, leaders: list[str], settings: Settings) -> None:
     report["observers"] = {name: public(fig) for name, fig in scores.items()}
     report["observer"] = leaders[-1]
-    report["gate"] = {**report.get("gate", {}), "mode": "references" if gate.references else "agreement with fp32",
-                      "max_wer_increase": settings.max_wer_increase, "planned_utterances": len(gate.audios),
-                      "planned_seconds": round(gate.planned_seconds, 2),
-                      "chunks_read": gate.read, "chunks": len(gate.chunks), "leaders": leaders}
+    report["gate"] = {
+        **report.get("gate", {}),
+        "mode": "references" if gate.references else "agreement with fp32",
+        "max_wer_increase": settings.max_wer_increase,
+        "planned_utterances": len(gate.audios),
+        "planned_seconds": round(gate.planned_seconds, 2),
+        "chunks_read": gate.read,
+        "chunks": len(gate.chunks),
+        "leaders": leaders,
+    }
 
 
 def _failure_message(report: dict, settings: Settings) -> str:
-    return (f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
-            f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
-            "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
-            "or run with precision fp32")
+    return (
+        f"int8 accuracy is outside the tolerance: {gate_description(report['gate'])}; tried keeping "
+        f"{min(settings.max_fp32_layers, len(report['sensitivity']))} most sensitive layer(s) in fp32. "
+        "Raise quantization.max_wer_increase or max_fp32_layers, calibrate on more or more typical audio, "
+        "or run with precision fp32"
+    )
 
 
-def _artifact(model: LeanCTCModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet,
-              report: dict) -> Artifact:
+def _artifact(
+    model: LeanCTCModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet, report: dict
+) -> Artifact:
     """The artifact workers load: int8 weights, the fp32 front end, the units kept in fp32, the recipe, the
     report (shared: later figures land in it too) and the self-check reference."""
     reference = _self_check_reference(model, qenc, engine, bits, gate)
-    report["self_check"] = {"utterances": len(reference["frames"]), "seconds": reference["seconds"],
-                            "expected": reference["expected"]}
-    recipe = {"observer": observer, "weights": "qint8 per-channel symmetric",
-              "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
-                             "ranges on CPUs whose int8 kernels saturate",
-              **getattr(qenc, "recipe", {}), "version": RECIPE_VERSION}
-    return Artifact(model.spec, model.features.state_dict(), qenc.state_dict(), sorted(kept), recipe=recipe,
-                    report=report, reference=reference)
+    report["self_check"] = {
+        "utterances": len(reference["frames"]),
+        "seconds": reference["seconds"],
+        "expected": reference["expected"],
+    }
+    recipe = {
+        "observer": observer,
+        "weights": "qint8 per-channel symmetric",
+        "activations": "quint8 per-tensor affine, calibrated on 8 bits; 7 bits over the same "
+        "ranges on CPUs whose int8 kernels saturate",
+        **getattr(qenc, "recipe", {}),
+        "version": RECIPE_VERSION,
+    }
+    return Artifact(
+        model.spec,
+        model.features.state_dict(),
+        qenc.state_dict(),
+        sorted(kept),
+        recipe=recipe,
+        report=report,
+        reference=reference,
+    )
 
 
 def _best(scores: dict, gate: GateSet, settings: Settings) -> str:
     """Best = passes the gate, then closest to fp32 (agreement of transcripts, then logits): with a few
     hundred held-out words, a WER *below* fp32's is luck, not a better observer."""
-    return min(scores, key=lambda n: (gate.increase(scores[n]) > settings.max_wer_increase,
-                                      scores[n]["wer_vs_fp32"], scores[n]["logit_error"]))
+    return min(
+        scores,
+        key=lambda n: (
+            gate.increase(scores[n]) > settings.max_wer_increase,
+            scores[n]["wer_vs_fp32"],
+            scores[n]["logit_error"],
+        ),
+    )
 
 
 def _gate_observers(gate: GateSet, runs: dict, settings: Settings) -> tuple[dict, list[str]]:
@@ -190,8 +247,11 @@ def _gate_observers(gate: GateSet, runs: dict, settings: Settings) -> tuple[dict
         leaders.append(_best(scores, gate, settings))
         if gate.complete:
             return scores, leaders
-        if gate.read >= MIN_CHUNKS and len(set(leaders)) == 1 and \
-                gate.clear_pass(scores[leaders[-1]], settings.max_wer_increase):
+        if (
+            gate.read >= MIN_CHUNKS
+            and len(set(leaders)) == 1
+            and gate.clear_pass(scores[leaders[-1]], settings.max_wer_increase)
+        ):
             return scores, leaders
         if gate.increase(scores[leaders[-1]]) > settings.max_wer_increase:
             gate.read_all()  # a failing gate goes on to keep units in fp32: that decision reads every chunk
@@ -199,8 +259,9 @@ def _gate_observers(gate: GateSet, runs: dict, settings: Settings) -> tuple[dict
             gate.read_more()
 
 
-def _keep_units_in_fp32(model, qenc, figures, gate: GateSet, settings: Settings, report: dict, run_on_engine,
-                        engine: str):
+def _keep_units_in_fp32(
+    model, qenc, figures, gate: GateSet, settings: Settings, report: dict, run_on_engine, engine: str
+):
     """Per-unit sensitivity (logit error with that unit alone in fp32), then the most sensitive units go
     back to fp32 one by one until the gate passes or `max_fp32_layers` is reached."""
     units, steps = qenc.unit_names(), report["steps"]
@@ -208,17 +269,26 @@ def _keep_units_in_fp32(model, qenc, figures, gate: GateSet, settings: Settings,
     if settings.max_fp32_layers <= 0 or not fallback_possible(model.spec):
         return qenc, figures, kept, False
     gate.read_all()
-    sensitivity = {k: gate.score(run_on_engine(with_float_units(qenc, model, [k], engine)))["logit_error"]
-                   for k in range(len(units))}
+    sensitivity = {
+        k: gate.score(run_on_engine(with_float_units(qenc, model, [k], engine)))["logit_error"]
+        for k in range(len(units))
+    }
     ranked = sorted(sensitivity, key=sensitivity.get)  # lowest error with k in fp32 = most sensitive
-    report["sensitivity"] = [{"unit": units[k], "logit_error_with_unit_in_fp32": sensitivity[k],
-                              "logit_error_all_int8": figures["logit_error"]} for k in ranked]
+    report["sensitivity"] = [
+        {
+            "unit": units[k],
+            "logit_error_with_unit_in_fp32": sensitivity[k],
+            "logit_error_all_int8": figures["logit_error"],
+        }
+        for k in ranked
+    ]
     for k in ranked[: settings.max_fp32_layers]:
         kept.append(k)
         hybrid = with_float_units(qenc, model, kept, engine)
         figures = gate.score(run_on_engine(hybrid))
-        steps.append({"fp32_units": [units[u] for u in kept], "increase": round(gate.increase(figures), 6),
-                      **public(figures)})
+        steps.append(
+            {"fp32_units": [units[u] for u in kept], "increase": round(gate.increase(figures), 6), **public(figures)}
+        )
         log.info("keeping %s in fp32: %s", ", ".join(units[u] for u in kept), _summary(gate, figures))
         if gate.increase(figures) <= settings.max_wer_increase:
             return hybrid, figures, kept, True
@@ -242,10 +312,15 @@ def _check_reproduced(art: Artifact, engine: str, bits: int) -> None:
     model reached on the reference."""
     loaded = build_int8_model(art, engine)
     got, want = loaded.int8_check, art.reference["expected"][bits]
-    if got["fallback"] or got["wer_vs_fp32"] != want["wer_vs_fp32"] or \
-            abs(got["logit_error"] - want["logit_error"]) > 1e-5 + 0.01 * want["logit_error"]:
-        raise QuantizationError(f"the int8 artifact does not reproduce the gated model (logit error "
-                                f"{got['logit_error']} vs {want['logit_error']}, self-check {got}); please report this")
+    if (
+        got["fallback"]
+        or got["wer_vs_fp32"] != want["wer_vs_fp32"]
+        or abs(got["logit_error"] - want["logit_error"]) > 1e-5 + 0.01 * want["logit_error"]
+    ):
+        raise QuantizationError(
+            f"the int8 artifact does not reproduce the gated model (logit error "
+            f"{got['logit_error']} vs {want['logit_error']}, self-check {got}); please report this"
+        )
 
 
 class _Phases:
@@ -289,24 +364,44 @@ def gate_description(gate: dict) -> str:
 
 
 # --------------------------------------------------------------------------- from files, with a cache
-def cache_key(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
-              samples: Optional[Samples] = None) -> str:
+def cache_key(
+    model_path: str, manifest: str, calibration_manifest: str | None, settings: Settings, samples: Samples | None = None
+) -> str:
     """The key of the artifact these inputs make (draws the samples when not given)."""
     return artifact_inputs(model_path, manifest, calibration_manifest, settings, samples)["cache_key"]
 
 
-def artifact_inputs(model_path: str, manifest: str, calibration_manifest: Optional[str], settings: Settings,
-                    samples: Optional[Samples] = None, model_sha256: Optional[str] = None) -> dict:
+def artifact_inputs(
+    model_path: str,
+    manifest: str,
+    calibration_manifest: str | None,
+    settings: Settings,
+    samples: Samples | None = None,
+    model_sha256: str | None = None,
+) -> dict:
     """What the artifact is made from, with its cache key (`runner.int8.cache.inputs_record`)."""
     samples = samples or draw_samples(manifest, calibration_manifest, settings)
-    manifests = {"manifest": file_sha256(manifest),
-                 "calibration": file_sha256(calibration_manifest) if calibration_manifest else None}
-    return int8_cache.inputs_record(model_sha256 or file_sha256(model_path), manifests, asdict(settings),
-                                    RECIPE_VERSION, samples.calibration, samples.gate)
+    manifests = {
+        "manifest": file_sha256(manifest),
+        "calibration": file_sha256(calibration_manifest) if calibration_manifest else None,
+    }
+    return int8_cache.inputs_record(
+        model_sha256 or file_sha256(model_path),
+        manifests,
+        asdict(settings),
+        RECIPE_VERSION,
+        samples.calibration,
+        samples.gate,
+    )
 
 
-def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional[str] = None,
-                  settings: Settings = Settings(), use_cache: bool = True) -> tuple[bytes, bool]:
+def make_artifact(
+    model_path: str,
+    manifest: str,
+    calibration_manifest: str | None = None,
+    settings: Settings = Settings(),
+    use_cache: bool = True,
+) -> tuple[bytes, bool]:
     """Artifact bytes for a model and manifest, from the cache when the same inputs made one before.
 
     The samples are drawn first: the key covers the audio they read. A cached artifact is used only if
@@ -323,19 +418,28 @@ def make_artifact(model_path: str, manifest: str, calibration_manifest: Optional
     if use_cache:
         int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256))
     rate = model.spec.features.sample_rate
-    cal_audio, cal_items, cal_skipped = read_items(samples.calibration, rate, settings.max_seconds,
-                                                   samples.calibration_items)
+    cal_audio, cal_items, cal_skipped = read_items(
+        samples.calibration, rate, settings.max_seconds, samples.calibration_items
+    )
     gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds, samples.gate_items)
     if not cal_audio or not gate_audio:
-        raise InputError(f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
-                         f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})")
+        raise InputError(
+            f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
+            f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})"
+        )
     # References only when every gate item is a whole manifest item (windows have none) and none was cut.
     whole = all(len(a) < settings.max_seconds * rate for a in gate_audio)
     references = [i.text for i in gate_items] if whole and all(i.text is not None for i in gate_items) else None
-    info = {"model": {"file": str(model_path), "sha256": model_sha256}, "inputs": inputs,
-            "calibration": {"manifest": str(calibration_manifest or manifest), "skipped": cal_skipped[:20],
-                            "ids": [i.id for i in cal_items][:1000]},
-            "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]}}
+    info = {
+        "model": {"file": str(model_path), "sha256": model_sha256},
+        "inputs": inputs,
+        "calibration": {
+            "manifest": str(calibration_manifest or manifest),
+            "skipped": cal_skipped[:20],
+            "ids": [i.id for i in cal_items][:1000],
+        },
+        "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]},
+    }
     art = quantize_model(model, cal_audio, gate_audio, references, settings, info)
     data = art.to_bytes()
     if use_cache:

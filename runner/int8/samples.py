@@ -11,8 +11,8 @@ import math
 import os
 import random
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def _with_spares(k: int) -> int:
     return k + k // 10 + 5
 
 
-def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: Settings) -> Samples:
+def draw_samples(manifest: str, calibration_manifest: str | None, settings: Settings) -> Samples:
     """Reproducible samples (seeded reservoir, one streaming pass): calibration and gate never share audio.
 
     Without a separate calibration manifest both come from `manifest`, disjoint. An item longer than
@@ -49,14 +49,18 @@ def draw_samples(manifest: str, calibration_manifest: Optional[str], settings: S
     if calibration_manifest is None:
         both = _reservoir(manifest, _with_spares(want_cal + want_gate), settings)
         if len(both) < 2:
-            raise InputError(f"{manifest}: int8 calibration needs at least 2 readable items (one to calibrate, "
-                             "one to check accuracy); the manifest has fewer")
+            raise InputError(
+                f"{manifest}: int8 calibration needs at least 2 readable items (one to calibrate, "
+                "one to check accuracy); the manifest has fewer"
+            )
         # Gate candidates first, the rest calibrate; spares (and a small manifest) split in proportion.
         n_gate = min(len(both) - 1, max(1, len(both) * want_gate // (want_cal + want_gate)))
         calibration, gate = _apart(both[n_gate:], both[:n_gate], settings.max_seconds), both[:n_gate]
         if not calibration:
-            raise InputError(f"{manifest}: every item to calibrate on has audio the accuracy check also uses "
-                             "(the same file listed more than once?)")
+            raise InputError(
+                f"{manifest}: every item to calibrate on has audio the accuracy check also uses "
+                "(the same file listed more than once?)"
+            )
         return Samples(calibration, gate, want_cal, want_gate)
     calibration = _reservoir(calibration_manifest, _with_spares(want_cal), settings)
     gate = _apart(_reservoir(manifest, _with_spares(want_gate), settings, salt=1), calibration, settings.max_seconds)
@@ -108,8 +112,13 @@ def _apart(items: Sequence[ManifestItem], taken: Sequence[ManifestItem], max_sec
     spans: dict[str, list[tuple[float, float]]] = {}
     for i in taken:
         spans.setdefault(i.audio_filepath, []).append(_span(i, max_seconds))
-    return [i for i in items if not any(a < end and start < b for start, end in spans.get(i.audio_filepath, ())
-                                        for a, b in [_span(i, max_seconds)])]
+    return [
+        i
+        for i in items
+        if not any(
+            a < end and start < b for start, end in spans.get(i.audio_filepath, ()) for a, b in [_span(i, max_seconds)]
+        )
+    ]
 
 
 def _span(item: ManifestItem, max_seconds: float) -> tuple[float, float]:
@@ -117,8 +126,9 @@ def _span(item: ManifestItem, max_seconds: float) -> tuple[float, float]:
     return item.offset, item.offset + min(length, max_seconds)
 
 
-def read_items(items: Sequence[ManifestItem], rate: int, max_seconds: float,
-               limit: Optional[int] = None) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
+def read_items(
+    items: Sequence[ManifestItem], rate: int, max_seconds: float, limit: int | None = None
+) -> tuple[list[np.ndarray], list[ManifestItem], list[str]]:
     """Audio of the first `limit` readable items (cut to `max_seconds`); the items kept; reasons for the skipped ones.
 
     A path that is not a regular file (a FIFO, a device, a folder) is skipped without being opened."""

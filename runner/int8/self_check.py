@@ -17,7 +17,7 @@ and `runner.job.worker.ShardWorker`'s (the fp32 model, or stop the job) business
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,17 +36,24 @@ def logit_figures(a: torch.Tensor, b: torch.Tensor, lens: torch.Tensor) -> dict:
     """Sums over the valid frames of two [B, C, T] logit tensors: squared error and reference energy,
     per-frame cosine, argmax agreement, and the frame count (`summarize` turns them into figures)."""
     valid = torch.arange(a.shape[-1]).unsqueeze(0) < lens.unsqueeze(1)  # [B, T]
-    return {"error": float((a - b).pow(2).sum(1)[valid].sum()), "energy": float(b.pow(2).sum(1)[valid].sum()),
-            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1)[valid].sum()),
-            "agree": int((a.argmax(1) == b.argmax(1))[valid].sum()), "frames": int(valid.sum())}
+    return {
+        "error": float((a - b).pow(2).sum(1)[valid].sum()),
+        "energy": float(b.pow(2).sum(1)[valid].sum()),
+        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1)[valid].sum()),
+        "agree": int((a.argmax(1) == b.argmax(1))[valid].sum()),
+        "frames": int(valid.sum()),
+    }
 
 
 def summarize(sums: Sequence[dict]) -> dict:
     """`logit_error` (relative squared error), `logit_cosine` and `frame_agreement` (fractions)."""
     total = {k: sum(s[k] for s in sums) for k in ("error", "energy", "cosine", "agree", "frames")}
     frames = max(total["frames"], 1)
-    return {"logit_error": total["error"] / max(total["energy"], 1e-12), "logit_cosine": total["cosine"] / frames,
-            "frame_agreement": total["agree"] / frames}
+    return {
+        "logit_error": total["error"] / max(total["energy"], 1e-12),
+        "logit_cosine": total["cosine"] / frames,
+        "frame_agreement": total["agree"] / frames,
+    }
 
 
 def texts(logits: torch.Tensor, lens: torch.Tensor, text_decoder) -> list[str]:
@@ -59,22 +66,25 @@ def measure(run: Logits, reference: dict, text_decoder) -> dict:
     """Figures of an int8 model's logits (`run(feats, frames)`) against the reference's fp32 logits."""
     out, lens = run(reference["features"], reference["frames"])
     figures = summarize([logit_figures(out, reference["logits"], reference["lengths"])])
-    figures["wer_vs_fp32"] = wer(texts(reference["logits"], reference["lengths"], text_decoder),
-                                 texts(out, lens, text_decoder))
+    figures["wer_vs_fp32"] = wer(
+        texts(reference["logits"], reference["lengths"], text_decoder), texts(out, lens, text_decoder)
+    )
     return {k: round(v, 6) for k, v in figures.items()}
 
 
-def expected(reference: dict, bits: int) -> Optional[dict]:
+def expected(reference: dict, bits: int) -> dict | None:
     """What the driver's int8 model reached at `bits` (else at the other width it measured)."""
     known = reference.get("expected", {})
     return known.get(bits) or next(iter(known.values()), None)
 
 
-def passes(figures: dict, target: Optional[dict]) -> bool:
+def passes(figures: dict, target: dict | None) -> bool:
     if target is None:  # nothing measured on the driver: hold the worker to the gate's usual quality
         target = {"logit_cosine": 0.999, "frame_agreement": 0.99}
-    return (figures["logit_cosine"] >= target["logit_cosine"] - COSINE_MARGIN
-            and figures["frame_agreement"] >= target["frame_agreement"] - AGREEMENT_MARGIN)
+    return (
+        figures["logit_cosine"] >= target["logit_cosine"] - COSINE_MARGIN
+        and figures["frame_agreement"] >= target["frame_agreement"] - AGREEMENT_MARGIN
+    )
 
 
 def check(model, reference: dict) -> dict:
@@ -82,5 +92,10 @@ def check(model, reference: dict) -> dict:
     bits = model.qencoder.activation_bits
     figures = measure(model.logits, reference, model.text_decoder)
     target = expected(reference, bits)
-    return {"engine": model.engine, "activation_bits": bits, **figures, "passed": passes(figures, target),
-            "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")}}
+    return {
+        "engine": model.engine,
+        "activation_bits": bits,
+        **figures,
+        "passed": passes(figures, target),
+        "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")},
+    }

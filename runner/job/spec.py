@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -32,7 +32,7 @@ class SpecError(InputError):
 @dataclass(frozen=True)
 class QuantizationSpec:
     engine: str = "auto"  # auto | onednn | x86 | fbgemm | qnnpack
-    calibration_manifest: Optional[str] = None  # default: a reproducible sample of the job's manifest
+    calibration_manifest: str | None = None  # default: a reproducible sample of the job's manifest
     calibration_items: int = 100
     gate_items: int = 100  # held-out utterances the accuracy gate compares int8 with fp32 on
     max_wer_increase: float = 0.005  # accuracy gate, a fraction (0.005 = 0.5 WER points)
@@ -43,9 +43,13 @@ class QuantizationSpec:
 
     def settings(self) -> Settings:
         """What the int8 pipeline runs with (`runner.int8.config`, which also validates these keys)."""
-        return Settings(calibration_items=self.calibration_items, gate_items=self.gate_items,
-                        max_wer_increase=self.max_wer_increase, max_fp32_layers=self.max_fp32_layers,
-                        engine=self.engine)
+        return Settings(
+            calibration_items=self.calibration_items,
+            gate_items=self.gate_items,
+            max_wer_increase=self.max_wer_increase,
+            max_fp32_layers=self.max_fp32_layers,
+            engine=self.engine,
+        )
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class JobSpec:
     manifest: str  # NeMo JSONL, optionally .gz
     output: str  # run directory
     precision: str = "int8"
-    workers: Optional[int] = None  # Ray actors; default: one per CPU of the cluster
+    workers: int | None = None  # Ray actors; default: one per CPU of the cluster
     threads_per_worker: int = 1  # torch threads in each actor (measured: 1 per CPU is fastest)
     shard_seconds: float = 600.0  # target audio seconds per shard
     max_failed: float = 0.01  # error budget: a fraction of items, or a count if >= 1
@@ -62,14 +66,14 @@ class JobSpec:
     window_seconds: float = 40.0  # longer files are encoded in windows
     # A shard (or, once its shard timed out, one item) that runs longer is stopped: its worker is replaced, and
     # an item that hangs alone becomes an error row. auto | seconds | null (no limit). See `time_limit`.
-    shard_timeout_seconds: Union[str, float, None] = "auto"
+    shard_timeout_seconds: str | float | None = "auto"
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "job spec") -> "JobSpec":
+    def from_dict(cls, data: dict[str, Any], where: str = "job spec") -> JobSpec:
         data = dict(data)
         _check_keys(data, cls, where)
         quant = data.pop("quantization", None) or {}
@@ -88,7 +92,7 @@ class JobSpec:
         return int(self.max_failed) if self.max_failed >= 1 else int(self.max_failed * total)
 
 
-def time_limit(setting: Union[str, float, None], audio_seconds: float) -> Optional[float]:
+def time_limit(setting: str | float | None, audio_seconds: float) -> float | None:
     """The wall-clock limit of one worker call (a shard, or one item), from `shard_timeout_seconds`.
 
     `auto`: SHARD_TIMEOUT_BASE_SECONDS (120) + SHARD_TIMEOUT_PER_AUDIO_SECOND (2.0) x the call's audio
@@ -118,23 +122,42 @@ def verify(spec: JobSpec, where: str) -> None:
     q = spec.quantization
     checks = [
         (spec.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}"),
-        (spec.workers is None or (isinstance(spec.workers, int) and spec.workers >= 1),
-         f"workers must be a positive integer, got {spec.workers!r}"),
-        (isinstance(spec.threads_per_worker, int) and spec.threads_per_worker >= 1,
-         f"threads_per_worker must be a positive integer, got {spec.threads_per_worker!r}"),
-        (_number(spec.shard_seconds) and spec.shard_seconds > 0,
-         f"shard_seconds must be a positive number, got {spec.shard_seconds!r}"),
-        (_number(spec.max_failed) and spec.max_failed >= 0 and (spec.max_failed < 1 or float(spec.max_failed).is_integer()),
-         f"max_failed must be a fraction in [0, 1) or a whole count >= 1, got {spec.max_failed!r}"),
-        (isinstance(spec.batch_size, int) and spec.batch_size >= 1, f"batch_size must be >= 1, got {spec.batch_size!r}"),
-        (_number(spec.window_seconds) and spec.window_seconds >= 5,
-         f"window_seconds must be a number >= 5, got {spec.window_seconds!r}"),
-        (spec.shard_timeout_seconds in (None, "auto")
-         or (_number(spec.shard_timeout_seconds) and 0 < spec.shard_timeout_seconds < float("inf")),
-         f"shard_timeout_seconds must be auto, a positive number of seconds or null (no limit), "
-         f"got {spec.shard_timeout_seconds!r}"),
-        (q.on_check_failure in ON_CHECK_FAILURE,
-         f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}"),
+        (
+            spec.workers is None or (isinstance(spec.workers, int) and spec.workers >= 1),
+            f"workers must be a positive integer, got {spec.workers!r}",
+        ),
+        (
+            isinstance(spec.threads_per_worker, int) and spec.threads_per_worker >= 1,
+            f"threads_per_worker must be a positive integer, got {spec.threads_per_worker!r}",
+        ),
+        (
+            _number(spec.shard_seconds) and spec.shard_seconds > 0,
+            f"shard_seconds must be a positive number, got {spec.shard_seconds!r}",
+        ),
+        (
+            _number(spec.max_failed)
+            and spec.max_failed >= 0
+            and (spec.max_failed < 1 or float(spec.max_failed).is_integer()),
+            f"max_failed must be a fraction in [0, 1) or a whole count >= 1, got {spec.max_failed!r}",
+        ),
+        (
+            isinstance(spec.batch_size, int) and spec.batch_size >= 1,
+            f"batch_size must be >= 1, got {spec.batch_size!r}",
+        ),
+        (
+            _number(spec.window_seconds) and spec.window_seconds >= 5,
+            f"window_seconds must be a number >= 5, got {spec.window_seconds!r}",
+        ),
+        (
+            spec.shard_timeout_seconds in (None, "auto")
+            or (_number(spec.shard_timeout_seconds) and 0 < spec.shard_timeout_seconds < float("inf")),
+            f"shard_timeout_seconds must be auto, a positive number of seconds or null (no limit), "
+            f"got {spec.shard_timeout_seconds!r}",
+        ),
+        (
+            q.on_check_failure in ON_CHECK_FAILURE,
+            f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}",
+        ),
     ]
     prefixed = {name: f"quantization.{name}" for name in Settings.field_names()}
     checks += [(False, message) for message in q.settings().problems(prefixed)]
@@ -147,7 +170,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_spec(path: Union[str, os.PathLike], **overrides: Any) -> JobSpec:
+def load_spec(path: str | os.PathLike, **overrides: Any) -> JobSpec:
     """Read a YAML spec; `overrides` (CLI flags, None = not given) replace its keys before validation."""
     path = Path(path)
     try:

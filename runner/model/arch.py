@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 ACTIVATIONS = ("relu", "hardtanh", "selu", "swish", "silu", "gelu", "identity")
 NORMALIZE_TYPES = ("per_feature", "all_features", None)
@@ -25,18 +25,18 @@ class FeatureConfig:
     hop_length: int = 160
     n_fft: int = 512
     window: str = "hann"  # hann | hamming | blackman | bartlett | none
-    preemph: Optional[float] = 0.97
+    preemph: float | None = 0.97
     n_mels: int = 64
     lowfreq: float = 0.0
-    highfreq: Optional[float] = None
+    highfreq: float | None = None
     log: bool = True
     log_zero_guard_type: str = "add"  # add | clamp
-    log_zero_guard_value: Union[float, str] = 2**-24  # a number, "tiny" or "eps"
+    log_zero_guard_value: float | str = 2**-24  # a number, "tiny" or "eps"
     mag_power: float = 2.0
-    normalize: Optional[str] = "per_feature"
+    normalize: str | None = "per_feature"
     exact_pad: bool = False
     pad_value: float = 0.0
-    mel_norm: Optional[str] = "slaney"
+    mel_norm: str | None = "slaney"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class TokenizerSpec:
         return base64.b64decode(self.model_b64)
 
     @classmethod
-    def sentencepiece(cls, model_proto: bytes) -> "TokenizerSpec":
+    def sentencepiece(cls, model_proto: bytes) -> TokenizerSpec:
         return cls("sentencepiece", base64.b64encode(model_proto).decode("ascii"))
 
 
@@ -130,11 +130,11 @@ class ModelSpec:
     """Everything needed to rebuild a CTC model without NeMo, except its weights."""
 
     features: FeatureConfig
-    encoder: Union[EncoderSpec, ConformerSpec]  # which one: `family`
+    encoder: EncoderSpec | ConformerSpec  # which one: `family`
     vocabulary: tuple[str, ...]  # characters, or the tokenizer's pieces (id order)
     family: str = "conv-ctc"
     source: dict = field(default_factory=dict)  # NeMo class names, for messages and reports
-    tokenizer: Optional[TokenizerSpec] = None  # None: character vocabulary, tokens joined as they are
+    tokenizer: TokenizerSpec | None = None  # None: character vocabulary, tokens joined as they are
 
     @property
     def num_classes(self) -> int:
@@ -149,7 +149,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         family = data.get("family", "conv-ctc")
         if family not in ENCODER_SPECS:
             raise ValueError(f"unknown model family {family!r} (known: {', '.join(ENCODER_SPECS)})")

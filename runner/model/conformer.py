@@ -14,7 +14,6 @@ padded frames. An utterance's fp32 output therefore does not depend on its batch
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -113,8 +112,9 @@ class RelPositionAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, key_bias: Optional[torch.Tensor],
-                pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos_emb: torch.Tensor, key_bias: torch.Tensor | None, pad_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [B, T, D], pos_emb [1, 2T-1, D]; key_bias [1, B, 1, T] (-10000 on padded keys) and
         pad_mask [B, T, 1] (True on padded frames), both None without padding.
 
@@ -163,14 +163,13 @@ class ConformerConvolution(nn.Module):
     def __init__(self, d_model: int, kernel: int, bias: bool):
         super().__init__()
         self.pointwise_conv1 = nn.Linear(d_model, 2 * d_model, bias=bias)
-        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model,
-                                        bias=bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model, bias=bias)
         self.batch_norm = nn.BatchNorm1d(d_model)
         self.activation = nn.SiLU()
         self.pointwise_conv2 = nn.Linear(d_model, d_model, bias=bias)
         self.register_load_state_dict_pre_hook(_squeeze_pointwise)
 
-    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, D]; pad_mask [B, T, 1] (True = padding) or None."""
         x = nn.functional.glu(self.pointwise_conv1(x), dim=-1)
         if pad_mask is not None:
@@ -180,8 +179,13 @@ class ConformerConvolution(nn.Module):
         # large conv module: 12.2-12.6 -> 9.4-10.3 ms at batch 8 x 10 s, 1.8 -> 1.6-1.7 ms at batch 1).
         b, t, c = x.shape
         dw, bn = self.depthwise_conv, self.batch_norm
-        y = nn.functional.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), dw.weight.unsqueeze(2), dw.bias,
-                                 padding=(0, dw.padding[0]), groups=dw.groups)
+        y = nn.functional.conv2d(
+            x.unsqueeze(1).permute(0, 3, 1, 2),
+            dw.weight.unsqueeze(2),
+            dw.bias,
+            padding=(0, dw.padding[0]),
+            groups=dw.groups,
+        )
         y = nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return self.pointwise_conv2(self.activation(y).permute(0, 2, 3, 1).reshape(b, t, c))
 
@@ -229,7 +233,7 @@ class ConformerEncoder(nn.Module):
         self.out_proj = nn.Linear(spec.d_model, spec.feat_out) if spec.out_channels != spec.d_model else None
         self.out_channels = spec.out_channels
         self.xscale = math.sqrt(spec.d_model) if spec.xscaling else None
-        self._pe: Optional[torch.Tensor] = None  # sinusoids for positions L-1 .. -(L-1), grown on demand
+        self._pe: torch.Tensor | None = None  # sinusoids for positions L-1 .. -(L-1), grown on demand
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, lens = self.subsample(feats, lens)
@@ -269,4 +273,4 @@ class ConformerEncoder(nn.Module):
             pe[:, 1::2] = torch.cos(positions * div_term)
             self._pe = pe.unsqueeze(0)
         center = self._pe.shape[1] // 2
-        return self._pe[:, center - t + 1: center + t]
+        return self._pe[:, center - t + 1 : center + t]

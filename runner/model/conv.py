@@ -35,13 +35,30 @@ def make_activation(name: str) -> nn.Module:
 class MaskedConv(nn.Module):
     """Conv1d that zeroes frames past each length first (when it mixes frames) and tracks lengths."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1,
-                 padding: tuple[int, int] = (0, 0), groups: int = 1, use_mask: bool = True):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        stride: int = 1,
+        dilation: int = 1,
+        padding: tuple[int, int] = (0, 0),
+        groups: int = 1,
+        use_mask: bool = True,
+    ):
         super().__init__()
         left, right = padding
         self.pad = None if left == right else (left, right)
-        self.conv = nn.Conv1d(in_ch, out_ch, kernel, stride=stride, dilation=dilation,
-                              padding=left if left == right else 0, groups=groups, bias=False)
+        self.conv = nn.Conv1d(
+            in_ch,
+            out_ch,
+            kernel,
+            stride=stride,
+            dilation=dilation,
+            padding=left if left == right else 0,
+            groups=groups,
+            bias=False,
+        )
         # A 1x1 stride-1 conv never mixes frames: masking would change only padded outputs.
         self.use_mask = use_mask and (kernel > 1 or stride > 1)
         self.keeps_length = stride == 1 and left + right == dilation * (kernel - 1)
@@ -96,8 +113,11 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction_ratio: int, activation: str):
         super().__init__()
         hidden = channels // reduction_ratio
-        self.fc = nn.Sequential(nn.Linear(channels, hidden, bias=False), make_activation(activation),
-                                nn.Linear(hidden, channels, bias=False))
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            make_activation(activation),
+            nn.Linear(hidden, channels, bias=False),
+        )
         self.requant = None  # set by runner.int8.model: QuantStub (observed), then Quantize (int8)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -122,8 +142,7 @@ class SqueezeExcite(nn.Module):
 class ConvBlock(nn.Module):
     """One Jasper/QuartzNet block, with NeMo JasperBlock's module layout."""
 
-    def __init__(self, spec: BlockSpec, in_ch: int, activation: str, res_panes: list[int],
-                 use_mask: bool = True):
+    def __init__(self, spec: BlockSpec, in_ch: int, activation: str, res_panes: list[int], use_mask: bool = True):
         super().__init__()
         self.spec = spec
         self.dense = spec.residual and spec.residual_dense and bool(res_panes)
@@ -144,8 +163,7 @@ class ConvBlock(nn.Module):
             panes = res_panes if self.dense else [in_ch]
             res_stride = spec.stride if spec.residual_mode == "stride_add" else 1
             self.res = nn.ModuleList(
-                nn.ModuleList(self._conv_bn(p, spec.filters, 1, res_stride, 1, (0, 0), use_mask, False))
-                for p in panes
+                nn.ModuleList(self._conv_bn(p, spec.filters, 1, res_stride, 1, (0, 0), use_mask, False)) for p in panes
             )
         self.mout = nn.Sequential(make_activation(activation), nn.Identity())
         self.skip = None  # set by runner.int8.model: a FloatFunctional for the int8 residual add
@@ -154,8 +172,10 @@ class ConvBlock(nn.Module):
     def _conv_bn(self, cin, cout, kernel, stride, dilation, pad, use_mask, separable=None):
         separable = self.spec.separable if separable is None else separable
         if separable:
-            convs = [MaskedConv(cin, cin, kernel, stride, dilation, pad, groups=cin, use_mask=use_mask),
-                     MaskedConv(cin, cout, 1, use_mask=use_mask)]
+            convs = [
+                MaskedConv(cin, cin, kernel, stride, dilation, pad, groups=cin, use_mask=use_mask),
+                MaskedConv(cin, cout, 1, use_mask=use_mask),
+            ]
         else:
             convs = [MaskedConv(cin, cout, kernel, stride, dilation, pad, use_mask=use_mask)]
         return convs + [nn.BatchNorm1d(cout, eps=1e-3)]

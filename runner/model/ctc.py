@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ class LeanCTCModel(nn.Module):
         return torch.log_softmax(self.decoder(encoded).transpose(1, 2), dim=-1)
 
 
-def save_checkpoint(spec: ModelSpec, state_dict: dict, path: Union[str, os.PathLike, io.BytesIO]) -> None:
+def save_checkpoint(spec: ModelSpec, state_dict: dict, path: str | os.PathLike | io.BytesIO) -> None:
     """Write spec + fp32 weights in a file that `load_model` reads without NeMo."""
     torch.save({"format": CHECKPOINT_FORMAT, "spec": spec.to_dict(), "state_dict": state_dict}, path)
 
@@ -72,7 +71,7 @@ def load_checkpoint(path) -> tuple[ModelSpec, dict]:
     return ModelSpec.from_dict(data["spec"]), data["state_dict"]
 
 
-def build_model(spec: ModelSpec, state_dict: Optional[dict] = None) -> LeanCTCModel:
+def build_model(spec: ModelSpec, state_dict: dict | None = None) -> LeanCTCModel:
     """The lean model in eval mode, with `state_dict` loaded strictly when given.
 
     With weights, the modules are built on the meta device and take the given tensors as they

@@ -8,7 +8,8 @@ does. A model builds its `TextDecoder` once (`model.text_decoder`), not per utte
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,14 +41,14 @@ class TextDecoder:
     """Token ids -> text for one model: its vocabulary (blank = its length) and, for subword models,
     its SentencePiece model (loaded on first use; pickles and copies without the loaded processor)."""
 
-    def __init__(self, vocabulary: Sequence[str], sentencepiece_model: Optional[bytes] = None):
+    def __init__(self, vocabulary: Sequence[str], sentencepiece_model: bytes | None = None):
         self.vocabulary = tuple(vocabulary)
         self.blank_id = len(self.vocabulary)
         self._model = sentencepiece_model
         self._processor = None
 
     @classmethod
-    def from_spec(cls, spec: "ModelSpec") -> "TextDecoder":
+    def from_spec(cls, spec: ModelSpec) -> TextDecoder:
         tok = spec.tokenizer
         if tok is not None and tok.kind != "sentencepiece":
             raise ValueError(f"tokenizer kind {tok.kind!r} is not supported (supported: sentencepiece)")
@@ -66,16 +67,17 @@ class TextDecoder:
 
             self._processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
             if self._processor.get_piece_size() != len(self.vocabulary):
-                raise ValueError(f"the tokenizer has {self._processor.get_piece_size()} pieces but the model "
-                                 f"{len(self.vocabulary)} output classes (+ blank); the spec is inconsistent")
+                raise ValueError(
+                    f"the tokenizer has {self._processor.get_piece_size()} pieces but the model "
+                    f"{len(self.vocabulary)} output classes (+ blank); the spec is inconsistent"
+                )
         return self._processor
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_processor": None}
 
 
-def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor,
-                  text: Union[TextDecoder, Sequence[str]]) -> list[str]:
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, text: TextDecoder | Sequence[str]) -> list[str]:
     """Transcripts of a batch; `text` is the model's `TextDecoder` (or a character vocabulary)."""
     if not isinstance(text, TextDecoder):
         text = TextDecoder(text)

@@ -47,15 +47,16 @@ def mel_filterbank(cfg: FeatureConfig) -> np.ndarray:
     """Triangular mel filters [n_mels, n_fft//2+1], as `librosa.filters.mel(htk=False)`."""
     fmax = cfg.highfreq or cfg.sample_rate / 2
     fftfreqs = np.fft.rfftfreq(cfg.n_fft, d=1.0 / cfg.sample_rate)
-    mel_pts = _mel_to_hz(np.linspace(_hz_to_mel(np.array([cfg.lowfreq]))[0],
-                                     _hz_to_mel(np.array([fmax]))[0], cfg.n_mels + 2))
+    mel_pts = _mel_to_hz(
+        np.linspace(_hz_to_mel(np.array([cfg.lowfreq]))[0], _hz_to_mel(np.array([fmax]))[0], cfg.n_mels + 2)
+    )
     fdiff = np.diff(mel_pts)
     ramps = mel_pts[:, None] - fftfreqs[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0.0, np.minimum(lower, upper))
     if cfg.mel_norm == "slaney":
-        weights *= (2.0 / (mel_pts[2: cfg.n_mels + 2] - mel_pts[: cfg.n_mels]))[:, None]
+        weights *= (2.0 / (mel_pts[2 : cfg.n_mels + 2] - mel_pts[: cfg.n_mels]))[:, None]
     return weights.astype(np.float32)
 
 
@@ -100,8 +101,16 @@ class MelFeatures(nn.Module):
 
     def stft(self, x: torch.Tensor, center: bool) -> torch.Tensor:
         cfg = self.cfg
-        return torch.stft(x, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
-                          center=center, window=self.window, return_complex=True, pad_mode="constant")
+        return torch.stft(
+            x,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            win_length=cfg.win_length,
+            center=center,
+            window=self.window,
+            return_complex=True,
+            pad_mode="constant",
+        )
 
     def spectrum_to_log_mel(self, spec: torch.Tensor) -> torch.Tensor:
         """Complex STFT [B, n_fft//2+1, F] -> log-mel [B, n_mels, F]."""

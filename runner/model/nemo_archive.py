@@ -35,7 +35,7 @@ class NemoArchive:
             self.tar.close()
             raise InputError(f"{path}: a damaged or truncated .nemo archive ({exc})") from None
 
-    def __enter__(self) -> "NemoArchive":
+    def __enter__(self) -> NemoArchive:
         return self
 
     def __exit__(self, *exc) -> None:

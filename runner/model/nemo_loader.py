@@ -13,13 +13,13 @@ import posixpath
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from runner.errors import InputError, UnsupportedModelError
 from runner.model.arch import BlockSpec, ConformerSpec, EncoderSpec, FeatureConfig, ModelSpec, TokenizerSpec
 from runner.model.decoding import TextDecoder
-from runner.errors import InputError, UnsupportedModelError
 from runner.model.nemo_archive import WEIGHTS, NemoArchive
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,16 @@ SUPPORTED = {
     "encoder": ("ConvASREncoder", "ConformerEncoder"),
     "decoder": ("ConvASRDecoder",),
 }
-SUPPORTED_TEXT = ("EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
-                  "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
-                  "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)")
+SUPPORTED_TEXT = (
+    "EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
+    "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
+    "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)"
+)
 TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
-_LEGACY = ("tokenizer SentencePieceTokenizer (legacy, with special tokens) is not supported; only NeMo's "
-           "SentencePieceTokenizer (tokenizer.type: bpe, not legacy) can be shipped to the workers")
+_LEGACY = (
+    "tokenizer SentencePieceTokenizer (legacy, with special tokens) is not supported; only NeMo's "
+    "SentencePieceTokenizer (tokenizer.type: bpe, not legacy) can be shipped to the workers"
+)
 
 
 def read_nemo_config(path: str | Path) -> dict[str, Any]:
@@ -69,8 +73,10 @@ def _check_tokenizer_config(model: str, tokenizer: Any, where: str) -> None:
     kind = tokenizer.get("type")
     if str(kind).lower() not in TOKENIZER_TYPES or tokenizer.get("custom_tokenizer"):  # NeMo lower()s the type
         found = "custom_tokenizer" if tokenizer.get("custom_tokenizer") else f"tokenizer.type={kind!r}"
-        raise UnsupportedModelError(f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
-                                    "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers")
+        raise UnsupportedModelError(
+            f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
+            "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers"
+        )
     if tokenizer.get("special_tokens") is not None:  # NeMo's ASR mixin builds SentencePieceTokenizer(model_path)
         raise UnsupportedModelError(f"{where}: {_LEGACY}")  # alone; special tokens were the legacy form
 
@@ -86,8 +92,7 @@ def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         conformer = names["encoder"] == "ConformerEncoder"
         dcfg = config["decoder"]
         if model == "EncDecCTCModelBPE":
-            tokenizer, vocabulary = _tokenizer_from_archive(config["tokenizer"], dcfg.get("vocabulary"), archive,
-                                                            where)
+            tokenizer, vocabulary = _tokenizer_from_archive(config["tokenizer"], dcfg.get("vocabulary"), archive, where)
         else:
             tokenizer, vocabulary = None, dcfg.get("vocabulary")
             if not vocabulary:
@@ -95,8 +100,10 @@ def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         spec = ModelSpec(
             features=_features_from_config(config["preprocessor"], where),
             encoder=_conformer_encoder(config["encoder"], where) if conformer else _encoder(config["encoder"], where),
-            vocabulary=tuple(vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
-            source={"model": model, **names, "file": where}, tokenizer=tokenizer,
+            vocabulary=tuple(vocabulary),
+            family="conformer-ctc" if conformer else "conv-ctc",
+            source={"model": model, **names, "file": where},
+            tokenizer=tokenizer,
         )
         weights = archive.open(WEIGHTS, "not a NeMo checkpoint saved by save_to()", seekable=True)
         try:
@@ -121,8 +128,9 @@ def load_nemo_with_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Te
     return describe(model, str(path))
 
 
-def _tokenizer_from_archive(tcfg: dict, labels: Any, archive: NemoArchive,
-                            where: str) -> tuple[TokenizerSpec, tuple[str, ...]]:
+def _tokenizer_from_archive(
+    tcfg: dict, labels: Any, archive: NemoArchive, where: str
+) -> tuple[TokenizerSpec, tuple[str, ...]]:
     """The SentencePiece model the config names (NeMo's register_artifact: `nemo:<member>`, else the file's
     base name inside the archive; no model_path: <dir>/tokenizer.model) and its pieces in id order."""
     import sentencepiece
@@ -130,7 +138,7 @@ def _tokenizer_from_archive(tcfg: dict, labels: Any, archive: NemoArchive,
     src = tcfg["model_path"] if "model_path" in tcfg else posixpath.join(str(tcfg.get("dir")), "tokenizer.model")
     if not src:
         raise InputError(f"{where}: tokenizer.model_path is empty; the SentencePiece model cannot be found")
-    name = src[len("nemo:"):] if src.startswith("nemo:") else posixpath.basename(src)
+    name = src[len("nemo:") :] if src.startswith("nemo:") else posixpath.basename(src)
     data = archive.open(name, f"the tokenizer model named by tokenizer.model_path ({src}) is not in the archive")
     try:
         proc = sentencepiece.SentencePieceProcessor()
@@ -139,8 +147,10 @@ def _tokenizer_from_archive(tcfg: dict, labels: Any, archive: NemoArchive,
         raise InputError(f"{where}: {name} unreadable: not a SentencePiece model ({exc})") from None
     pieces = tuple(proc.id_to_piece(i) for i in range(proc.get_piece_size()))
     if labels and list(pieces) != list(labels):  # NeMo sets decoder.vocabulary to these pieces when it builds
-        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(labels)} labels) is not the "
-                                    f"tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+        raise UnsupportedModelError(
+            f"{where}: the decoder's vocabulary ({len(labels)} labels) is not the "
+            f"tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs"
+        )
     return TokenizerSpec.sentencepiece(proc.serialized_model_proto()), pieces
 
 
@@ -152,15 +162,20 @@ def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Te
     spec = ModelSpec(
         features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
         encoder=_conformer_encoder(cfg["encoder"], where) if conformer else _encoder(cfg["encoder"], where),
-        vocabulary=tuple(model.decoder.vocabulary), family="conformer-ctc" if conformer else "conv-ctc",
-        source={"model": type(model).__name__, "encoder": type(model.encoder).__name__,
-                "decoder": type(model.decoder).__name__, "file": where},
+        vocabulary=tuple(model.decoder.vocabulary),
+        family="conformer-ctc" if conformer else "conv-ctc",
+        source={
+            "model": type(model).__name__,
+            "encoder": type(model.encoder).__name__,
+            "decoder": type(model.decoder).__name__,
+            "file": where,
+        },
         tokenizer=_tokenizer(model, where),
     )
     return spec, lean_state_dict(model.state_dict(), where)
 
 
-def _tokenizer(model, where: str) -> Optional[TokenizerSpec]:
+def _tokenizer(model, where: str) -> TokenizerSpec | None:
     """The SentencePiece model of a subword model, as bytes in the spec; None for character models."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -170,13 +185,17 @@ def _tokenizer(model, where: str) -> Optional[TokenizerSpec]:
     legacy = getattr(tokenizer, "legacy", False)
     if type(tokenizer) is not SentencePieceTokenizer or legacy:
         kind = type(tokenizer).__name__ + (" (legacy, with special tokens)" if legacy else "")
-        raise UnsupportedModelError(f"{where}: tokenizer {kind} is not supported; only NeMo's SentencePieceTokenizer "
-                                    "(tokenizer.type: bpe, not legacy) can be shipped to the workers")
+        raise UnsupportedModelError(
+            f"{where}: tokenizer {kind} is not supported; only NeMo's SentencePieceTokenizer "
+            "(tokenizer.type: bpe, not legacy) can be shipped to the workers"
+        )
     proto = tokenizer.tokenizer.serialized_model_proto()
     pieces = [tokenizer.tokenizer.id_to_piece(i) for i in range(tokenizer.tokenizer.get_piece_size())]
     if pieces != list(model.decoder.vocabulary):
-        raise UnsupportedModelError(f"{where}: the decoder's vocabulary ({len(model.decoder.vocabulary)} labels) is "
-                                    f"not the tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs")
+        raise UnsupportedModelError(
+            f"{where}: the decoder's vocabulary ({len(model.decoder.vocabulary)} labels) is "
+            f"not the tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs"
+        )
     return TokenizerSpec.sentencepiece(proto)
 
 
@@ -197,12 +216,23 @@ def _features(fe, pcfg: dict, where: str) -> FeatureConfig:
         raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={fe.frame_splicing} is not supported")
     window = pcfg.get("window", "hann")
     return FeatureConfig(
-        sample_rate=int(fe.sample_rate), win_length=int(fe.win_length), hop_length=int(fe.hop_length),
-        n_fft=int(fe.n_fft), window=window, preemph=fe.preemph, n_mels=int(fe.nfilt),
-        lowfreq=float(pcfg.get("lowfreq", 0) or 0), highfreq=pcfg.get("highfreq"), log=bool(fe.log),
-        log_zero_guard_type=fe.log_zero_guard_type, log_zero_guard_value=fe.log_zero_guard_value,
-        mag_power=float(fe.mag_power), normalize=fe.normalize or None, exact_pad=bool(fe.exact_pad),
-        pad_value=float(fe.pad_value), mel_norm=pcfg.get("mel_norm", "slaney"),
+        sample_rate=int(fe.sample_rate),
+        win_length=int(fe.win_length),
+        hop_length=int(fe.hop_length),
+        n_fft=int(fe.n_fft),
+        window=window,
+        preemph=fe.preemph,
+        n_mels=int(fe.nfilt),
+        lowfreq=float(pcfg.get("lowfreq", 0) or 0),
+        highfreq=pcfg.get("highfreq"),
+        log=bool(fe.log),
+        log_zero_guard_type=fe.log_zero_guard_type,
+        log_zero_guard_value=fe.log_zero_guard_value,
+        mag_power=float(fe.mag_power),
+        normalize=fe.normalize or None,
+        exact_pad=bool(fe.exact_pad),
+        pad_value=float(fe.pad_value),
+        mel_norm=pcfg.get("mel_norm", "slaney"),
     )
 
 
@@ -232,13 +262,23 @@ def _features_from_config(pcfg: dict, where: str) -> FeatureConfig:
     if get("frame_splicing", 1) != 1:
         raise UnsupportedModelError(f"{where}: preprocessor frame_splicing={get('frame_splicing')} is not supported")
     return FeatureConfig(
-        sample_rate=int(rate), win_length=win, hop_length=hop,
-        n_fft=int(get("n_fft") or 2 ** math.ceil(math.log2(win))), window=get("window", "hann"),
-        preemph=get("preemph", 0.97), n_mels=int(get("features", 64)), lowfreq=float(get("lowfreq", 0) or 0),
-        highfreq=get("highfreq"), log=bool(get("log", True)), log_zero_guard_type=guard,
-        log_zero_guard_value=get("log_zero_guard_value", 2**-24), mag_power=float(get("mag_power", 2.0)),
-        normalize=get("normalize", "per_feature") or None, exact_pad=bool(exact_pad),
-        pad_value=float(get("pad_value", 0)), mel_norm=get("mel_norm", "slaney"),
+        sample_rate=int(rate),
+        win_length=win,
+        hop_length=hop,
+        n_fft=int(get("n_fft") or 2 ** math.ceil(math.log2(win))),
+        window=get("window", "hann"),
+        preemph=get("preemph", 0.97),
+        n_mels=int(get("features", 64)),
+        lowfreq=float(get("lowfreq", 0) or 0),
+        highfreq=get("highfreq"),
+        log=bool(get("log", True)),
+        log_zero_guard_type=guard,
+        log_zero_guard_value=get("log_zero_guard_value", 2**-24),
+        mag_power=float(get("mag_power", 2.0)),
+        normalize=get("normalize", "per_feature") or None,
+        exact_pad=bool(exact_pad),
+        pad_value=float(get("pad_value", 0)),
+        mel_norm=get("mel_norm", "slaney"),
     )
 
 
@@ -250,15 +290,20 @@ def _encoder(ecfg: dict, where: str) -> EncoderSpec:
         raise UnsupportedModelError(f"{where}: encoder frame_splicing is not supported")
     default_mode = ecfg.get("residual_mode", "add")
     blocks = tuple(_block(i, b, default_mode, where) for i, b in enumerate(ecfg["jasper"]))
-    return EncoderSpec(feat_in=int(ecfg["feat_in"]), activation=ecfg["activation"], blocks=blocks,
-                       conv_mask=bool(ecfg.get("conv_mask", True)))
+    return EncoderSpec(
+        feat_in=int(ecfg["feat_in"]),
+        activation=ecfg["activation"],
+        blocks=blocks,
+        conv_mask=bool(ecfg.get("conv_mask", True)),
+    )
 
 
 def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
     for key, ok in (("groups", 1), ("heads", -1)):
         if b.get(key, ok) != ok:
             raise UnsupportedModelError(
-                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support")
+                f"{where}: encoder block {i} uses {key}={b[key]!r}, which the lean model does not support"
+            )
     mode = b.get("residual_mode", default_mode)
     if mode not in ("add", "stride_add"):
         raise UnsupportedModelError(f"{where}: encoder block {i} residual_mode={mode!r} is not supported")
@@ -266,11 +311,19 @@ def _block(i: int, b: dict, default_mode: str, where: str) -> BlockSpec:
     kernel = max(int(first(b["kernel"]) * float(b.get("kernel_size_factor", 1.0))), 1)
     kernel += 1 - kernel % 2  # NeMo rounds even kernels up to odd
     return BlockSpec(
-        filters=int(b["filters"]), repeat=int(b["repeat"]), kernel=kernel, stride=first(b["stride"]),
-        dilation=first(b["dilation"]), separable=bool(b.get("separable", False)),
-        residual=bool(b["residual"]), residual_mode=mode, residual_dense=bool(b.get("residual_dense", False)),
-        stride_last=bool(b.get("stride_last", False)), future_context=int(b.get("future_context", -1)),
-        se=bool(b.get("se", False)), se_reduction_ratio=int(b.get("se_reduction_ratio", 8)),  # ConvASREncoder's default
+        filters=int(b["filters"]),
+        repeat=int(b["repeat"]),
+        kernel=kernel,
+        stride=first(b["stride"]),
+        dilation=first(b["dilation"]),
+        separable=bool(b.get("separable", False)),
+        residual=bool(b["residual"]),
+        residual_mode=mode,
+        residual_dense=bool(b.get("residual_dense", False)),
+        stride_last=bool(b.get("stride_last", False)),
+        future_context=int(b.get("future_context", -1)),
+        se=bool(b.get("se", False)),
+        se_reduction_ratio=int(b.get("se_reduction_ratio", 8)),  # ConvASREncoder's default
         se_context_window=int(b.get("se_context_size", -1)),
     )
 
@@ -299,23 +352,32 @@ def check_conformer_options(ecfg: dict, where: str) -> None:
         if value not in accepted:
             raise UnsupportedModelError(
                 f"{where}: encoder {key}={value!r} is not supported (supported: {', '.join(map(repr, accepted))}); "
-                "the lean Conformer runs full-context rel_pos attention with batch-norm conv modules")
+                "the lean Conformer runs full-context rel_pos attention with batch-norm conv modules"
+            )
     kernel = ecfg.get("conv_kernel_size", 31)
     context = ecfg.get("conv_context_size")
     if context is not None and not (isinstance(kernel, int) and list(context) == [(kernel - 1) // 2] * 2):
-        raise UnsupportedModelError(f"{where}: encoder conv_context_size={context!r} is not supported "
-                                    "(only null: symmetric, non-causal depthwise convolutions)")
+        raise UnsupportedModelError(
+            f"{where}: encoder conv_context_size={context!r} is not supported "
+            "(only null: symmetric, non-causal depthwise convolutions)"
+        )
 
 
 def _conformer_encoder(ecfg: dict, where: str) -> ConformerSpec:
     check_conformer_options(ecfg, where)
     return ConformerSpec(
-        feat_in=int(ecfg["feat_in"]), n_layers=int(ecfg["n_layers"]), d_model=int(ecfg["d_model"]),
-        n_heads=int(ecfg.get("n_heads", 4)), ff_expansion_factor=int(ecfg.get("ff_expansion_factor", 4)),
-        subsampling_mode=ecfg.get("subsampling", "striding"), subsampling_factor=int(ecfg.get("subsampling_factor", 4)),
+        feat_in=int(ecfg["feat_in"]),
+        n_layers=int(ecfg["n_layers"]),
+        d_model=int(ecfg["d_model"]),
+        n_heads=int(ecfg.get("n_heads", 4)),
+        ff_expansion_factor=int(ecfg.get("ff_expansion_factor", 4)),
+        subsampling_mode=ecfg.get("subsampling", "striding"),
+        subsampling_factor=int(ecfg.get("subsampling_factor", 4)),
         subsampling_conv_channels=int(ecfg.get("subsampling_conv_channels", -1)),
-        conv_kernel_size=int(ecfg.get("conv_kernel_size", 31)), xscaling=bool(ecfg.get("xscaling", True)),
-        use_bias=bool(ecfg.get("use_bias", True)), feat_out=int(ecfg.get("feat_out", -1)),
+        conv_kernel_size=int(ecfg.get("conv_kernel_size", 31)),
+        xscaling=bool(ecfg.get("xscaling", True)),
+        use_bias=bool(ecfg.get("use_bias", True)),
+        feat_out=int(ecfg.get("feat_out", -1)),
     )
 
 

@@ -15,15 +15,15 @@ Given a `timings` dict, both add the seconds they spend per stage: `features` (p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from runner.model.ctc import LeanCTCModel
 from runner.model.decoding import greedy_decode
 from runner.model.features import feature_lengths, mask_frames, normalize
-from runner.model.ctc import LeanCTCModel
 from runner.timing import timed
 
 
@@ -44,8 +44,12 @@ def pad_batch(audios: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.inference_mode()
-def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
-                     options: DecodeOptions = DecodeOptions(), timings: Optional[dict] = None) -> list[str]:
+def transcribe_batch(
+    model: LeanCTCModel,
+    audios: Sequence[np.ndarray],
+    options: DecodeOptions = DecodeOptions(),
+    timings: dict | None = None,
+) -> list[str]:
     """Transcripts of mono float32 arrays at the model's rate, in input order."""
     rate = model.spec.features.sample_rate
     texts: list[str] = [""] * len(audios)
@@ -56,7 +60,7 @@ def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
             texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.text_decoder)[0]
     short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
-        ids = short[start: start + options.batch_size]
+        ids = short[start : start + options.batch_size]
         with timed(timings, "features"):  # model(batch, lengths) in two steps, to time them apart
             batch, lengths = pad_batch([audios[i] for i in ids])
             feats, frames = model.features(batch, lengths)
@@ -69,8 +73,9 @@ def transcribe_batch(model: LeanCTCModel, audios: Sequence[np.ndarray],
 
 
 @torch.inference_mode()
-def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions,
-                   timings: Optional[dict] = None) -> torch.Tensor:
+def long_log_probs(
+    model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions, timings: dict | None = None
+) -> torch.Tensor:
     """[T', C] log-probabilities of one long file, computed in bounded-memory windows."""
     with timed(timings, "features"):
         feats = whole_file_features(model, audio, chunk_frames=6000)
@@ -83,7 +88,7 @@ def long_log_probs(model: LeanCTCModel, audio: np.ndarray, options: DecodeOption
     pieces = []
     with timed(timings, "encoder"):
         for group in range(0, len(spans), options.window_batch):
-            pieces += _encode_windows(model, feats, spans[group: group + options.window_batch], context, sub)
+            pieces += _encode_windows(model, feats, spans[group : group + options.window_batch], context, sub)
         return torch.cat(pieces, dim=0)
 
 
@@ -122,7 +127,7 @@ def whole_file_features(model: LeanCTCModel, audio: np.ndarray, chunk_frames: in
         seg = _padded_slice(signal, lo - 1, hi)
         seg = seg[1:] - cfg.preemph * seg[:-1] if cfg.preemph is not None else seg[1:]
         if hi > signal.numel():
-            seg[max(0, signal.numel() - lo):] = 0.0
+            seg[max(0, signal.numel() - lo) :] = 0.0
         chunks.append(mel.spectrum_to_log_mel(mel.stft(seg.unsqueeze(0), center=False))[0])
     x = torch.cat(chunks, dim=1).unsqueeze(0)
     frames_t = torch.tensor([frames])
@@ -136,5 +141,5 @@ def _padded_slice(signal: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     out = torch.zeros(hi - lo)
     a, b = max(lo, 0), min(hi, signal.numel())
     if b > a:
-        out[a - lo: b - lo] = signal[a:b]
+        out[a - lo : b - lo] = signal[a:b]
     return out

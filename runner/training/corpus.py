@@ -10,8 +10,8 @@ import io
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -19,15 +19,66 @@ import soxr
 
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-us+m3", "en-gb+f2", "en+m1", "en-us+f4", "en-029")
 
-_SUBJECTS = ("the cat", "a small dog", "my brother", "the old man", "her friend", "the teacher",
-             "a young girl", "the driver", "our neighbor", "the farmer", "his mother", "the doctor")
-_VERBS = ("sees", "finds", "likes", "takes", "brings", "wants", "opens", "paints", "cleans",
-          "moves", "holds", "buys", "reads", "needs", "sells", "draws")
-_OBJECTS = ("the red box", "a green apple", "the big house", "a long letter", "the blue car",
-            "some fresh bread", "the heavy door", "a warm coat", "the white horse", "a new book",
-            "the black chair", "a little boat", "the yellow kite", "some cold water")
-_PLACES = ("in the garden", "near the river", "at the market", "after dinner", "before noon",
-           "on the hill", "by the window", "in the morning", "under the bridge", "at school")
+_SUBJECTS = (
+    "the cat",
+    "a small dog",
+    "my brother",
+    "the old man",
+    "her friend",
+    "the teacher",
+    "a young girl",
+    "the driver",
+    "our neighbor",
+    "the farmer",
+    "his mother",
+    "the doctor",
+)
+_VERBS = (
+    "sees",
+    "finds",
+    "likes",
+    "takes",
+    "brings",
+    "wants",
+    "opens",
+    "paints",
+    "cleans",
+    "moves",
+    "holds",
+    "buys",
+    "reads",
+    "needs",
+    "sells",
+    "draws",
+)
+_OBJECTS = (
+    "the red box",
+    "a green apple",
+    "the big house",
+    "a long letter",
+    "the blue car",
+    "some fresh bread",
+    "the heavy door",
+    "a warm coat",
+    "the white horse",
+    "a new book",
+    "the black chair",
+    "a little boat",
+    "the yellow kite",
+    "some cold water",
+)
+_PLACES = (
+    "in the garden",
+    "near the river",
+    "at the market",
+    "after dinner",
+    "before noon",
+    "on the hill",
+    "by the window",
+    "in the morning",
+    "under the bridge",
+    "at school",
+)
 
 
 def sentences(count: int, seed: int) -> list[str]:
@@ -70,8 +121,9 @@ def synthesize(text: str, voice: Voice = Voice(), sample_rate: int = 16000) -> n
     return audio
 
 
-def synthesize_many(texts: list[str], seed: int, sample_rate: int = 16000,
-                    noise: float = 0.0) -> Iterator[tuple[str, Voice, np.ndarray]]:
+def synthesize_many(
+    texts: list[str], seed: int, sample_rate: int = 16000, noise: float = 0.0
+) -> Iterator[tuple[str, Voice, np.ndarray]]:
     """(text, voice, audio) for each text, voices drawn reproducibly from `seed`."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
@@ -89,98 +141,514 @@ def synthesize_many(texts: list[str], seed: int, sample_rate: int = 16000,
 # templates. Homophone pairs are mostly avoided (no "their", "knew", "sea", "ate", "won", "hour"...),
 # since a character CTC model without a language model cannot tell them apart.
 
-DEMO_VOICES = VOICES + tuple(f"en-us+f{i}" for i in range(1, 6)) + tuple(f"en-us+m{i}" for i in range(1, 8)) + (
-    "en-gb+f1", "en-gb+m2", "en-gb+m4", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-    "en-us-nyc", "en-029+f2", "en-029+m5", "en-us+klatt", "en-gb+klatt2",
+DEMO_VOICES = (
+    VOICES
+    + tuple(f"en-us+f{i}" for i in range(1, 6))
+    + tuple(f"en-us+m{i}" for i in range(1, 8))
+    + (
+        "en-gb+f1",
+        "en-gb+m2",
+        "en-gb+m4",
+        "en-gb-scotland",
+        "en-gb-x-rp",
+        "en-gb-x-gbclan",
+        "en-gb-x-gbcwmd",
+        "en-us-nyc",
+        "en-029+f2",
+        "en-029+m5",
+        "en-us+klatt",
+        "en-gb+klatt2",
+    )
 )
 
-_DEMO_NAMES = ("anna", "ben", "lucy", "tom", "sarah", "david", "emma", "jack", "maria", "peter", "kate",
-               "sam", "linda", "james", "alice", "robert", "nina", "oscar", "julia", "frank")
+_DEMO_NAMES = (
+    "anna",
+    "ben",
+    "lucy",
+    "tom",
+    "sarah",
+    "david",
+    "emma",
+    "jack",
+    "maria",
+    "peter",
+    "kate",
+    "sam",
+    "linda",
+    "james",
+    "alice",
+    "robert",
+    "nina",
+    "oscar",
+    "julia",
+    "frank",
+)
 # (singular, plural)
-_DEMO_PEOPLE = tuple((w, {"man": "men", "woman": "women", "child": "children"}.get(w, w + "s")) for w in (
-    "man", "woman", "boy", "girl", "teacher", "doctor", "farmer", "driver", "child", "student", "nurse",
-    "king", "queen", "cook", "friend", "brother", "sister", "mother", "father", "neighbor", "pilot", "singer",
-    "worker", "baker", "painter", "officer", "captain", "visitor", "player", "uncle", "aunt"))
-_DEMO_ANIMALS = (("cat", "cats"), ("dog", "dogs"), ("horse", "horses"), ("bird", "birds"), ("fish", "fish"),
-                 ("cow", "cows"), ("sheep", "sheep"), ("duck", "ducks"), ("mouse", "mice"),
-                 ("rabbit", "rabbits"), ("fox", "foxes"), ("bear", "bears"), ("lion", "lions"),
-                 ("frog", "frogs"), ("goat", "goats"), ("pig", "pigs"), ("monkey", "monkeys"),
-                 ("chicken", "chickens"), ("puppy", "puppies"), ("kitten", "kittens"))
-_DEMO_THINGS = tuple((w, {"box": "boxes", "bus": "buses", "knife": "knives", "glass": "glasses",
-                          "watch": "watches", "dress": "dresses", "dish": "dishes", "cherry": "cherries",
-                          "strawberry": "strawberries", "candy": "candies", "brush": "brushes"}.get(w, w + "s"))
-                     for w in (
-    "box", "apple", "house", "letter", "car", "door", "coat", "book", "chair", "boat", "kite", "cup", "table",
-    "bag", "hat", "shoe", "ball", "key", "phone", "lamp", "clock", "bottle", "window", "picture", "bed",
-    "bike", "train", "bus", "tree", "flower", "egg", "cake", "shirt", "pen", "map", "ring", "basket", "rope",
-    "stone", "orange", "banana", "ticket", "radio", "computer", "camera", "blanket", "pillow", "umbrella",
-    "wallet", "candle", "mirror", "plate", "spoon", "knife", "fork", "bucket", "ladder", "hammer", "guitar",
-    "piano", "glass", "watch", "dress", "dish", "jacket", "sandwich", "pencil", "envelope", "newspaper",
-    "backpack", "tomato", "potato", "cherry", "strawberry", "cookie", "candy", "brush", "towel", "button",
-    "sock", "glove", "scarf", "helmet", "wheel", "bridge", "tower", "castle", "island", "ship", "truck",
-    "plane", "rocket", "drum", "violin", "desk", "shelf", "sofa", "carpet", "fence", "gate", "roof",
-    "garden", "kitchen"))
-_DEMO_MASS = ("bread", "water", "milk", "tea", "coffee", "soup", "rice", "cheese", "butter", "sugar",
-              "juice", "paper", "money", "music", "snow", "sand", "wood", "salt", "honey", "chocolate")
-_DEMO_COLORS = ("red", "green", "blue", "yellow", "black", "white", "brown", "pink", "purple", "gray",
-                "orange", "golden", "silver")
+_DEMO_PEOPLE = tuple(
+    (w, {"man": "men", "woman": "women", "child": "children"}.get(w, w + "s"))
+    for w in (
+        "man",
+        "woman",
+        "boy",
+        "girl",
+        "teacher",
+        "doctor",
+        "farmer",
+        "driver",
+        "child",
+        "student",
+        "nurse",
+        "king",
+        "queen",
+        "cook",
+        "friend",
+        "brother",
+        "sister",
+        "mother",
+        "father",
+        "neighbor",
+        "pilot",
+        "singer",
+        "worker",
+        "baker",
+        "painter",
+        "officer",
+        "captain",
+        "visitor",
+        "player",
+        "uncle",
+        "aunt",
+    )
+)
+_DEMO_ANIMALS = (
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("horse", "horses"),
+    ("bird", "birds"),
+    ("fish", "fish"),
+    ("cow", "cows"),
+    ("sheep", "sheep"),
+    ("duck", "ducks"),
+    ("mouse", "mice"),
+    ("rabbit", "rabbits"),
+    ("fox", "foxes"),
+    ("bear", "bears"),
+    ("lion", "lions"),
+    ("frog", "frogs"),
+    ("goat", "goats"),
+    ("pig", "pigs"),
+    ("monkey", "monkeys"),
+    ("chicken", "chickens"),
+    ("puppy", "puppies"),
+    ("kitten", "kittens"),
+)
+_DEMO_THINGS = tuple(
+    (
+        w,
+        {
+            "box": "boxes",
+            "bus": "buses",
+            "knife": "knives",
+            "glass": "glasses",
+            "watch": "watches",
+            "dress": "dresses",
+            "dish": "dishes",
+            "cherry": "cherries",
+            "strawberry": "strawberries",
+            "candy": "candies",
+            "brush": "brushes",
+        }.get(w, w + "s"),
+    )
+    for w in (
+        "box",
+        "apple",
+        "house",
+        "letter",
+        "car",
+        "door",
+        "coat",
+        "book",
+        "chair",
+        "boat",
+        "kite",
+        "cup",
+        "table",
+        "bag",
+        "hat",
+        "shoe",
+        "ball",
+        "key",
+        "phone",
+        "lamp",
+        "clock",
+        "bottle",
+        "window",
+        "picture",
+        "bed",
+        "bike",
+        "train",
+        "bus",
+        "tree",
+        "flower",
+        "egg",
+        "cake",
+        "shirt",
+        "pen",
+        "map",
+        "ring",
+        "basket",
+        "rope",
+        "stone",
+        "orange",
+        "banana",
+        "ticket",
+        "radio",
+        "computer",
+        "camera",
+        "blanket",
+        "pillow",
+        "umbrella",
+        "wallet",
+        "candle",
+        "mirror",
+        "plate",
+        "spoon",
+        "knife",
+        "fork",
+        "bucket",
+        "ladder",
+        "hammer",
+        "guitar",
+        "piano",
+        "glass",
+        "watch",
+        "dress",
+        "dish",
+        "jacket",
+        "sandwich",
+        "pencil",
+        "envelope",
+        "newspaper",
+        "backpack",
+        "tomato",
+        "potato",
+        "cherry",
+        "strawberry",
+        "cookie",
+        "candy",
+        "brush",
+        "towel",
+        "button",
+        "sock",
+        "glove",
+        "scarf",
+        "helmet",
+        "wheel",
+        "bridge",
+        "tower",
+        "castle",
+        "island",
+        "ship",
+        "truck",
+        "plane",
+        "rocket",
+        "drum",
+        "violin",
+        "desk",
+        "shelf",
+        "sofa",
+        "carpet",
+        "fence",
+        "gate",
+        "roof",
+        "garden",
+        "kitchen",
+    )
+)
+_DEMO_MASS = (
+    "bread",
+    "water",
+    "milk",
+    "tea",
+    "coffee",
+    "soup",
+    "rice",
+    "cheese",
+    "butter",
+    "sugar",
+    "juice",
+    "paper",
+    "money",
+    "music",
+    "snow",
+    "sand",
+    "wood",
+    "salt",
+    "honey",
+    "chocolate",
+)
+_DEMO_COLORS = (
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "brown",
+    "pink",
+    "purple",
+    "gray",
+    "orange",
+    "golden",
+    "silver",
+)
 _DEMO_ADJS = _DEMO_COLORS + (
-    "big", "small", "old", "new", "long", "short", "heavy", "light", "warm", "cold", "hot", "clean",
-    "dirty", "soft", "hard", "tall", "little", "young", "happy", "sad", "quiet", "loud", "dark", "bright",
-    "empty", "full", "round", "broken", "fresh", "sweet", "strange", "lovely", "tiny", "huge", "wet", "dry",
-    "cheap", "expensive", "beautiful", "ugly", "famous", "funny", "wooden", "plastic", "shiny", "lazy",
-    "clever", "friendly", "hungry", "sleepy", "careful", "noisy", "gentle", "wild", "favorite", "special")
-_DEMO_STATES = ("happy", "sad", "tired", "busy", "hungry", "sleepy", "angry", "ready", "late", "early",
-                "sick", "bored", "excited", "nervous", "lucky", "afraid", "thirsty", "cold", "worried", "proud")
+    "big",
+    "small",
+    "old",
+    "new",
+    "long",
+    "short",
+    "heavy",
+    "light",
+    "warm",
+    "cold",
+    "hot",
+    "clean",
+    "dirty",
+    "soft",
+    "hard",
+    "tall",
+    "little",
+    "young",
+    "happy",
+    "sad",
+    "quiet",
+    "loud",
+    "dark",
+    "bright",
+    "empty",
+    "full",
+    "round",
+    "broken",
+    "fresh",
+    "sweet",
+    "strange",
+    "lovely",
+    "tiny",
+    "huge",
+    "wet",
+    "dry",
+    "cheap",
+    "expensive",
+    "beautiful",
+    "ugly",
+    "famous",
+    "funny",
+    "wooden",
+    "plastic",
+    "shiny",
+    "lazy",
+    "clever",
+    "friendly",
+    "hungry",
+    "sleepy",
+    "careful",
+    "noisy",
+    "gentle",
+    "wild",
+    "favorite",
+    "special",
+)
+_DEMO_STATES = (
+    "happy",
+    "sad",
+    "tired",
+    "busy",
+    "hungry",
+    "sleepy",
+    "angry",
+    "ready",
+    "late",
+    "early",
+    "sick",
+    "bored",
+    "excited",
+    "nervous",
+    "lucky",
+    "afraid",
+    "thirsty",
+    "cold",
+    "worried",
+    "proud",
+)
 # (base, third person, past, -ing), transitive, taking a noun phrase
 _DEMO_VERBS = (
-    ("see", "sees", "saw", "seeing"), ("find", "finds", "found", "finding"), ("like", "likes", "liked", "liking"),
-    ("take", "takes", "took", "taking"), ("bring", "brings", "brought", "bringing"),
-    ("want", "wants", "wanted", "wanting"), ("open", "opens", "opened", "opening"),
-    ("paint", "paints", "painted", "painting"), ("clean", "cleans", "cleaned", "cleaning"),
-    ("move", "moves", "moved", "moving"), ("hold", "holds", "held", "holding"),
-    ("need", "needs", "needed", "needing"), ("sell", "sells", "sold", "selling"),
-    ("draw", "draws", "drew", "drawing"), ("carry", "carries", "carried", "carrying"),
-    ("drop", "drops", "dropped", "dropping"), ("wash", "washes", "washed", "washing"),
-    ("fix", "fixes", "fixed", "fixing"), ("love", "loves", "loved", "loving"),
-    ("watch", "watches", "watched", "watching"), ("catch", "catches", "caught", "catching"),
-    ("throw", "throws", "threw", "throwing"), ("push", "pushes", "pushed", "pushing"),
-    ("pull", "pulls", "pulled", "pulling"), ("keep", "keeps", "kept", "keeping"),
-    ("leave", "leaves", "left", "leaving"), ("make", "makes", "made", "making"),
-    ("show", "shows", "showed", "showing"), ("hide", "hides", "hid", "hiding"),
-    ("follow", "follows", "followed", "following"), ("count", "counts", "counted", "counting"),
-    ("check", "checks", "checked", "checking"), ("visit", "visits", "visited", "visiting"),
-    ("lift", "lifts", "lifted", "lifting"), ("kick", "kicks", "kicked", "kicking"),
-    ("touch", "touches", "touched", "touching"), ("build", "builds", "built", "building"),
-    ("cook", "cooks", "cooked", "cooking"), ("share", "shares", "shared", "sharing"),
-    ("borrow", "borrows", "borrowed", "borrowing"), ("return", "returns", "returned", "returning"),
-    ("forget", "forgets", "forgot", "forgetting"), ("remember", "remembers", "remembered", "remembering"),
-    ("lose", "loses", "lost", "losing"), ("sell", "sells", "sold", "selling"),
-    ("hate", "hates", "hated", "hating"), ("enjoy", "enjoys", "enjoyed", "enjoying"),
-    ("close", "closes", "closed", "closing"), ("fill", "fills", "filled", "filling"),
-    ("look at", "looks at", "looked at", "looking at"), ("wait for", "waits for", "waited for", "waiting for"),
-    ("ask for", "asks for", "asked for", "asking for"), ("pick up", "picks up", "picked up", "picking up"),
-    ("put down", "puts down", "put down", "putting down"), ("talk about", "talks about", "talked about",
-                                                                "talking about"),
+    ("see", "sees", "saw", "seeing"),
+    ("find", "finds", "found", "finding"),
+    ("like", "likes", "liked", "liking"),
+    ("take", "takes", "took", "taking"),
+    ("bring", "brings", "brought", "bringing"),
+    ("want", "wants", "wanted", "wanting"),
+    ("open", "opens", "opened", "opening"),
+    ("paint", "paints", "painted", "painting"),
+    ("clean", "cleans", "cleaned", "cleaning"),
+    ("move", "moves", "moved", "moving"),
+    ("hold", "holds", "held", "holding"),
+    ("need", "needs", "needed", "needing"),
+    ("sell", "sells", "sold", "selling"),
+    ("draw", "draws", "drew", "drawing"),
+    ("carry", "carries", "carried", "carrying"),
+    ("drop", "drops", "dropped", "dropping"),
+    ("wash", "washes", "washed", "washing"),
+    ("fix", "fixes", "fixed", "fixing"),
+    ("love", "loves", "loved", "loving"),
+    ("watch", "watches", "watched", "watching"),
+    ("catch", "catches", "caught", "catching"),
+    ("throw", "throws", "threw", "throwing"),
+    ("push", "pushes", "pushed", "pushing"),
+    ("pull", "pulls", "pulled", "pulling"),
+    ("keep", "keeps", "kept", "keeping"),
+    ("leave", "leaves", "left", "leaving"),
+    ("make", "makes", "made", "making"),
+    ("show", "shows", "showed", "showing"),
+    ("hide", "hides", "hid", "hiding"),
+    ("follow", "follows", "followed", "following"),
+    ("count", "counts", "counted", "counting"),
+    ("check", "checks", "checked", "checking"),
+    ("visit", "visits", "visited", "visiting"),
+    ("lift", "lifts", "lifted", "lifting"),
+    ("kick", "kicks", "kicked", "kicking"),
+    ("touch", "touches", "touched", "touching"),
+    ("build", "builds", "built", "building"),
+    ("cook", "cooks", "cooked", "cooking"),
+    ("share", "shares", "shared", "sharing"),
+    ("borrow", "borrows", "borrowed", "borrowing"),
+    ("return", "returns", "returned", "returning"),
+    ("forget", "forgets", "forgot", "forgetting"),
+    ("remember", "remembers", "remembered", "remembering"),
+    ("lose", "loses", "lost", "losing"),
+    ("sell", "sells", "sold", "selling"),
+    ("hate", "hates", "hated", "hating"),
+    ("enjoy", "enjoys", "enjoyed", "enjoying"),
+    ("close", "closes", "closed", "closing"),
+    ("fill", "fills", "filled", "filling"),
+    ("look at", "looks at", "looked at", "looking at"),
+    ("wait for", "waits for", "waited for", "waiting for"),
+    ("ask for", "asks for", "asked for", "asking for"),
+    ("pick up", "picks up", "picked up", "picking up"),
+    ("put down", "puts down", "put down", "putting down"),
+    ("talk about", "talks about", "talked about", "talking about"),
 )
-_DEMO_PLACES = ("garden", "river", "market", "hill", "window", "bridge", "school", "kitchen", "table",
-                "station", "park", "beach", "forest", "city", "office", "shop", "lake", "church", "village",
-                "road", "yard", "hospital", "library", "farm", "museum", "airport", "bank", "hotel",
-                "restaurant", "corner", "harbor", "mountain", "playground", "bakery", "zoo", "cinema")
-_DEMO_PREPS = ("in", "near", "at", "on", "by", "under", "behind", "next to", "inside", "outside", "across",
-               "in front of", "close to", "far from", "above", "below", "beside")
+_DEMO_PLACES = (
+    "garden",
+    "river",
+    "market",
+    "hill",
+    "window",
+    "bridge",
+    "school",
+    "kitchen",
+    "table",
+    "station",
+    "park",
+    "beach",
+    "forest",
+    "city",
+    "office",
+    "shop",
+    "lake",
+    "church",
+    "village",
+    "road",
+    "yard",
+    "hospital",
+    "library",
+    "farm",
+    "museum",
+    "airport",
+    "bank",
+    "hotel",
+    "restaurant",
+    "corner",
+    "harbor",
+    "mountain",
+    "playground",
+    "bakery",
+    "zoo",
+    "cinema",
+)
+_DEMO_PREPS = (
+    "in",
+    "near",
+    "at",
+    "on",
+    "by",
+    "under",
+    "behind",
+    "next to",
+    "inside",
+    "outside",
+    "across",
+    "in front of",
+    "close to",
+    "far from",
+    "above",
+    "below",
+    "beside",
+)
 _DEMO_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_DEMO_TIMES = ("in the morning", "in the afternoon", "in the evening", "at night", "after dinner",
-               "before lunch", "before noon", "every day", "last week", "next year", "today", "tomorrow",
-               "yesterday", "this weekend", "at midnight", "at sunrise", "last summer", "next winter",
-               "in the spring", "in the autumn", "right now", "later", "once a month", "twice a week")
-_DEMO_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-              "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-              "nineteen")
+_DEMO_TIMES = (
+    "in the morning",
+    "in the afternoon",
+    "in the evening",
+    "at night",
+    "after dinner",
+    "before lunch",
+    "before noon",
+    "every day",
+    "last week",
+    "next year",
+    "today",
+    "tomorrow",
+    "yesterday",
+    "this weekend",
+    "at midnight",
+    "at sunrise",
+    "last summer",
+    "next winter",
+    "in the spring",
+    "in the autumn",
+    "right now",
+    "later",
+    "once a month",
+    "twice a week",
+)
+_DEMO_ONES = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+)
 _DEMO_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 _DEMO_VEHICLES = ("train", "bus", "plane", "boat", "ship", "taxi")
-_DEMO_OPENERS = ("shop", "bank", "museum", "library", "market", "bakery", "school", "office", "cinema",
-                 "restaurant")
+_DEMO_OPENERS = ("shop", "bank", "museum", "library", "market", "bakery", "school", "office", "cinema", "restaurant")
 _DEMO_POSS = ("my", "your", "his", "her", "our")
 
 
@@ -249,8 +717,9 @@ class _DemoGrammar:
 
     def number(self) -> str:
         x = self.r.random()
-        return number_words(self.r.randint(2, 12) if x < 0.5 else self.r.randint(13, 99) if x < 0.85
-                            else self.r.randint(100, 999))
+        return number_words(
+            self.r.randint(2, 12) if x < 0.5 else self.r.randint(13, 99) if x < 0.85 else self.r.randint(100, 999)
+        )
 
     def hour(self) -> str:
         return number_words(self.r.randint(1, 12))
@@ -289,7 +758,9 @@ class _DemoGrammar:
                 "is " + self.np(False) + " " + pick(_DEMO_ADJS),
                 "why is " + self.np(False) + " so " + pick(_DEMO_ADJS),
                 "how many " + noun[1] + " are there " + self.place(),
-                "what time does the " + pick(_DEMO_OPENERS + _DEMO_VEHICLES) + " "
+                "what time does the "
+                + pick(_DEMO_OPENERS + _DEMO_VEHICLES)
+                + " "
                 + pick(("open", "close", "leave", "arrive", "start")),
                 "what color is " + self.np(False),
                 "are you going to the " + pick(_DEMO_PLACES) + " " + pick(_DEMO_TIMES),
@@ -303,12 +774,13 @@ class _DemoGrammar:
                 self.subject() + " has " + self.number() + " " + adj + noun[1],
                 "there are " + self.number() + " " + adj + noun[1] + " " + self.place(),
                 "i counted " + self.number() + " " + noun[1] + " " + pick(_DEMO_TIMES),
-                pick(_DEMO_NAMES) + " bought " + self.number() + " " + noun[1] + " for "
-                + self.number() + " dollars",
+                pick(_DEMO_NAMES) + " bought " + self.number() + " " + noun[1] + " for " + self.number() + " dollars",
                 "the answer is " + number_words(r.randint(0, 999)),
                 "it costs " + self.number() + " dollars and " + number_words(r.randint(1, 99)) + " cents",
-                "room number " + number_words(r.randint(1, 999)) + " is " + pick(("empty", "ready", "locked",
-                                                                                 "free", "on the left")),
+                "room number "
+                + number_words(r.randint(1, 999))
+                + " is "
+                + pick(("empty", "ready", "locked", "free", "on the left")),
                 pick(_DEMO_NAMES) + " is " + number_words(r.randint(5, 95)) + " years old",
                 "add " + number_words(r.randint(1, 50)) + " and " + number_words(r.randint(1, 50)),
             )[q]
@@ -330,10 +802,14 @@ class _DemoGrammar:
             return (
                 "the " + noun + " is " + pick(_DEMO_COLORS),
                 "my favorite color is " + pick(_DEMO_COLORS),
-                pick(_DEMO_POSS) + " " + pick(("coat", "dress", "shirt", "hat", "scarf", "jacket", "bag"))
-                + " is " + pick(_DEMO_COLORS) + " and " + pick(_DEMO_COLORS),
-                "the sky is " + pick(("gray", "blue", "dark", "bright", "pink", "orange")) + " "
-                + pick(_DEMO_TIMES),
+                pick(_DEMO_POSS)
+                + " "
+                + pick(("coat", "dress", "shirt", "hat", "scarf", "jacket", "bag"))
+                + " is "
+                + pick(_DEMO_COLORS)
+                + " and "
+                + pick(_DEMO_COLORS),
+                "the sky is " + pick(("gray", "blue", "dark", "bright", "pink", "orange")) + " " + pick(_DEMO_TIMES),
                 "i painted " + self.np() + " " + pick(_DEMO_COLORS),
                 self.np(False) + " looks " + pick(_DEMO_ADJS),
                 pick(_DEMO_NAMES) + "'s " + noun + " is " + pick(_DEMO_ADJS) + " and " + pick(_DEMO_ADJS),
@@ -354,8 +830,11 @@ class _DemoGrammar:
                 "you've got " + self.number() + " " + self.count_noun()[1],
                 "we'll " + verb[0] + " " + self.np() + " " + pick(_DEMO_TIMES),
                 "isn't that " + pick(_DEMO_NAMES) + "'s " + self.count_noun()[0],
-                pick(("he's", "she's", "i'm", "we're", "you're", "they're")) + " " + pick(_DEMO_STATES)
-                + " " + pick(_DEMO_TIMES),
+                pick(("he's", "she's", "i'm", "we're", "you're", "they're"))
+                + " "
+                + pick(_DEMO_STATES)
+                + " "
+                + pick(_DEMO_TIMES),
                 "i'd like " + self.np() + " please",
                 "don't " + verb[0] + " " + self.np(),
                 "i haven't seen " + self.np() + " " + pick(_DEMO_TIMES),
@@ -395,7 +874,7 @@ def demo_splits(sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
     pool = demo_sentences(sum(sizes.values()), seed)
     out, start = {}, 0
     for name, size in sizes.items():
-        out[name] = pool[start: start + size]
+        out[name] = pool[start : start + size]
         start += size
     return out
 

@@ -34,15 +34,15 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from runner.training import corpus
 from runner.metrics import cer, normalize_text, wer
+from runner.training import corpus
 from runner.training.recipes import _block, ctc_config
 
 log = logging.getLogger("runner.training.demo_recipe")
@@ -65,17 +65,19 @@ def demo_quartznet_config() -> dict:
 
 # --- audio -------------------------------------------------------------------------------------------
 
+
 def trim_silence(audio: np.ndarray, pad: float = 0.15, threshold: float = 0.01) -> np.ndarray:
     """`audio` without leading/trailing silence beyond `pad` seconds."""
     loud = np.flatnonzero(np.abs(audio) > threshold)
     if loud.size == 0:
         return audio
     keep = int(pad * RATE)
-    return audio[max(0, loud[0] - keep): min(len(audio), loud[-1] + keep)]
+    return audio[max(0, loud[0] - keep) : min(len(audio), loud[-1] + keep)]
 
 
-def synthesize_split(texts: Sequence[str], seed: int, max_seconds: Optional[float] = None,
-                     log_every: int = 2000) -> tuple[list[str], list[np.ndarray], list[corpus.Voice]]:
+def synthesize_split(
+    texts: Sequence[str], seed: int, max_seconds: float | None = None, log_every: int = 2000
+) -> tuple[list[str], list[np.ndarray], list[corpus.Voice]]:
     """(texts, int16 audio, voices) for `texts` (stopping after `max_seconds` of audio), one espeak-ng
     process at a time, voices drawn reproducibly from `seed`."""
     rng = random.Random(seed)
@@ -89,8 +91,7 @@ def synthesize_split(texts: Sequence[str], seed: int, max_seconds: Optional[floa
         voices.append(voice)
         total += len(audio)
         if log_every and (i + 1) % log_every == 0:
-            log.info("synthesized %d utterances, %.2f h (%.0f s)", i + 1, total / RATE / 3600,
-                     time.monotonic() - start)
+            log.info("synthesized %d utterances, %.2f h (%.0f s)", i + 1, total / RATE / 3600, time.monotonic() - start)
         if max_seconds and total >= max_seconds * RATE:
             break
     return out_texts, audios, voices
@@ -127,6 +128,7 @@ def read_manifest(path: Path) -> tuple[list[str], list[np.ndarray]]:
 
 # --- training ----------------------------------------------------------------------------------------
 
+
 def bucketed_batches(lengths: Sequence[int], batch_samples: int, rng: random.Random) -> list[list[int]]:
     """Index batches of similar length whose padded size (count x longest) stays under `batch_samples`,
     in random order; the jitter on the sort key varies the batches from epoch to epoch."""
@@ -144,8 +146,9 @@ def bucketed_batches(lengths: Sequence[int], batch_samples: int, rng: random.Ran
     return batches
 
 
-def augmented_batch(audios: Sequence[np.ndarray], nrng: np.random.Generator, noise_fraction: float = 0.35,
-                    max_shift: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+def augmented_batch(
+    audios: Sequence[np.ndarray], nrng: np.random.Generator, noise_fraction: float = 0.35, max_shift: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float batch from int16 audio: random gain (peak 0.1-0.95), Gaussian noise on `noise_fraction` of
     the utterances (SNR roughly 20-45 dB), a random start shift of up to `max_shift` seconds."""
     pieces = []
@@ -153,8 +156,11 @@ def augmented_batch(audios: Sequence[np.ndarray], nrng: np.random.Generator, noi
         x = a.astype(np.float32) / 32768.0
         x *= nrng.uniform(0.1, 0.95) / max(float(np.abs(x).max()), 1e-6)
         if nrng.random() < noise_fraction:
-            x += float(np.exp(nrng.uniform(np.log(0.002), np.log(0.03)))) * np.abs(x).max() * \
-                nrng.standard_normal(len(x)).astype(np.float32)
+            x += (
+                float(np.exp(nrng.uniform(np.log(0.002), np.log(0.03))))
+                * np.abs(x).max()
+                * nrng.standard_normal(len(x)).astype(np.float32)
+            )
         shift = int(nrng.uniform(0, max_shift) * RATE)
         pieces.append(np.concatenate([np.zeros(shift, np.float32), x]))
     lengths = torch.tensor([len(p) for p in pieces])
@@ -184,7 +190,7 @@ def nemo_transcribe(model, audios: Sequence[np.ndarray], batch_size: int = 16) -
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     out = [""] * len(audios)
     for start in range(0, len(order), batch_size):
-        ids = order[start: start + batch_size]
+        ids = order[start : start + batch_size]
         xs = [audios[i].astype(np.float32) / (32768.0 if audios[i].dtype == np.int16 else 1.0) for i in ids]
         lengths = torch.tensor([len(x) for x in xs])
         batch = torch.zeros(len(xs), int(lengths.max()))
@@ -197,10 +203,21 @@ def nemo_transcribe(model, audios: Sequence[np.ndarray], batch_size: int = 16) -
     return out
 
 
-def train_demo(model, texts: Sequence[str], audios: Sequence[np.ndarray], *, seed: int, time_limit: float,
-               steps: Optional[int] = None, batch_seconds: float = 40.0, lr: float = 3e-3,
-               weight_decay: float = 1e-3, log_every: int = 25, dev: Optional[tuple] = None,
-               eval_every: float = 300.0) -> dict:
+def train_demo(
+    model,
+    texts: Sequence[str],
+    audios: Sequence[np.ndarray],
+    *,
+    seed: int,
+    time_limit: float,
+    steps: int | None = None,
+    batch_seconds: float = 40.0,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-3,
+    log_every: int = 25,
+    dev: tuple | None = None,
+    eval_every: float = 300.0,
+) -> dict:
     """Train a NeMo CTC model in place (see the module docstring); returns the run's facts.
 
     The schedule follows `step / steps` when `steps` is given, else the elapsed fraction of
@@ -231,8 +248,12 @@ def train_demo(model, texts: Sequence[str], audios: Sequence[np.ndarray], *, see
             signal, signal_lengths = augmented_batch([audios[i] for i in ids], nrng)
             tgt = [targets[i] for i in ids]
             log_probs, enc_lengths, _ = model(input_signal=signal, input_signal_length=signal_lengths)
-            loss = model.loss(log_probs=log_probs, targets=torch.nn.utils.rnn.pad_sequence(tgt, batch_first=True),
-                              input_lengths=enc_lengths, target_lengths=torch.tensor([len(t) for t in tgt]))
+            loss = model.loss(
+                log_probs=log_probs,
+                targets=torch.nn.utils.rnn.pad_sequence(tgt, batch_first=True),
+                input_lengths=enc_lengths,
+                target_lengths=torch.tensor([len(t) for t in tgt]),
+            )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -242,29 +263,47 @@ def train_demo(model, texts: Sequence[str], audios: Sequence[np.ndarray], *, see
             value = float(loss.item())
             run_loss = value if run_loss is None or not math.isfinite(run_loss) else 0.9 * run_loss + 0.1 * value
             if step % log_every == 0:
-                log.info("step %d epoch %d loss %.3f lr %.2e audio %.2f h (%.0f s)", step, epoch, run_loss,
-                         opt.param_groups[0]["lr"], seen / 3600, time.monotonic() - start)
+                log.info(
+                    "step %d epoch %d loss %.3f lr %.2e audio %.2f h (%.0f s)",
+                    step,
+                    epoch,
+                    run_loss,
+                    opt.param_groups[0]["lr"],
+                    seen / 3600,
+                    time.monotonic() - start,
+                )
             if dev and time.monotonic() - last_eval >= eval_every:
                 hyps = nemo_transcribe(model, dev[1])
-                row = dict(step=step, seconds=round(time.monotonic() - start), loss=round(run_loss, 4),
-                           dev_wer=round(wer(dev[0], hyps), 4), dev_cer=round(cer(dev[0], hyps), 4))
+                row = dict(
+                    step=step,
+                    seconds=round(time.monotonic() - start),
+                    loss=round(run_loss, 4),
+                    dev_wer=round(wer(dev[0], hyps), 4),
+                    dev_cer=round(cer(dev[0], hyps), 4),
+                )
                 history.append(row)
                 log.info("dev: %s | e.g. %r -> %r", row, dev[0][0], hyps[0])
                 last_eval = time.monotonic()
     model.eval()
-    return dict(steps=step, epochs=round(seen / max(1.0, sum(len(a) for a in audios) / RATE), 2),
-                train_seconds=round(time.monotonic() - start, 1), audio_hours_processed=round(seen / 3600, 2),
-                final_loss=round(run_loss or float("nan"), 4), dev_history=history)
+    return dict(
+        steps=step,
+        epochs=round(seen / max(1.0, sum(len(a) for a in audios) / RATE), 2),
+        train_seconds=round(time.monotonic() - start, 1),
+        audio_hours_processed=round(seen / 3600, 2),
+        final_loss=round(run_loss or float("nan"), 4),
+        dev_history=history,
+    )
 
 
 # --- the recipe --------------------------------------------------------------------------------------
+
 
 def du_bytes(folder: Path) -> int:
     """Disk usage of a folder (allocated blocks, as `du` counts them)."""
     return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.training.demo_recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-model", default="runner/data/demo_quartznet.nemo")
     p.add_argument("--manifests", default="manifests/demo", help="folder for the bundled demo sets")
@@ -283,7 +322,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
@@ -299,8 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # Sentences: disjoint splits. The train split is sized generously; synthesis stops at --hours.
     max_train = int(args.hours * 3600 / 1.5) + 100
-    splits = corpus.demo_splits({"test": args.test_count, "calibration": args.calibration_count,
-                                 "dev": args.dev_count, "train": max_train}, args.seed)
+    splits = corpus.demo_splits(
+        {"test": args.test_count, "calibration": args.calibration_count, "dev": args.dev_count, "train": max_train},
+        args.seed,
+    )
     names = list(splits)
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
@@ -308,8 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     t0 = time.monotonic()
     seeds = {name: args.seed * 1000 + k for k, name in enumerate(("test", "calibration", "dev", "train"), 1)}
-    held = {name: synthesize_split(splits[name], seeds[name], log_every=0)
-            for name in ("test", "calibration", "dev")}
+    held = {name: synthesize_split(splits[name], seeds[name], log_every=0) for name in ("test", "calibration", "dev")}
     for name in ("test", "calibration"):
         path = write_split(folder, name, held[name][0], held[name][1])
         log.info("wrote %s (%d utterances)", path, len(held[name][0]))
@@ -318,8 +358,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     train_texts, train_audio, _ = synthesize_split(splits["train"], seeds["train"], args.hours * 3600)
     synth_seconds = time.monotonic() - t0
     train_hours = sum(len(a) for a in train_audio) / RATE / 3600
-    log.info("training corpus: %d utterances, %.2f h (synthesized in %.0f s)", len(train_texts), train_hours,
-             synth_seconds)
+    log.info(
+        "training corpus: %d utterances, %.2f h (synthesized in %.0f s)", len(train_texts), train_hours, synth_seconds
+    )
     words = {w for t in train_texts for w in t.split()}
     unseen = {w for name in ("test", "calibration") for t in held[name][0] for w in t.split()} - words
 
@@ -331,11 +372,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = build_nemo_model(demo_quartznet_config())
     quiet_nemo_logging()
     params = sum(p.numel() for p in model.parameters())
-    log.info("model: %d parameters; training for at most %.0f s%s on %d thread(s)", params, args.time_limit,
-             f" / {args.steps} steps" if args.steps else "", torch.get_num_threads())
-    facts = train_demo(model, train_texts, train_audio, seed=args.seed, time_limit=args.time_limit,
-                       steps=args.steps, batch_seconds=args.batch_seconds, lr=args.lr,
-                       dev=(held["dev"][0], held["dev"][1]), eval_every=args.eval_every)
+    log.info(
+        "model: %d parameters; training for at most %.0f s%s on %d thread(s)",
+        params,
+        args.time_limit,
+        f" / {args.steps} steps" if args.steps else "",
+        torch.get_num_threads(),
+    )
+    facts = train_demo(
+        model,
+        train_texts,
+        train_audio,
+        seed=args.seed,
+        time_limit=args.time_limit,
+        steps=args.steps,
+        batch_seconds=args.batch_seconds,
+        lr=args.lr,
+        dev=(held["dev"][0], held["dev"][1]),
+        eval_every=args.eval_every,
+    )
     log.info("trained: %s", {k: v for k, v in facts.items() if k != "dev_history"})
 
     out_model.parent.mkdir(parents=True, exist_ok=True)
@@ -355,40 +410,78 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         hyps = transcribe_batch(lean, audios)
         refs = [normalize_text(r) for r in refs]
         hyps = [normalize_text(h) for h in hyps]
-        results[name] = dict(utterances=len(refs), wer=round(wer(refs, hyps), 4), cer=round(cer(refs, hyps), 4),
-                             audio_seconds=round(sum(len(a) for a in audios) / RATE, 1))
+        results[name] = dict(
+            utterances=len(refs),
+            wer=round(wer(refs, hyps), 4),
+            cer=round(cer(refs, hyps), 4),
+            audio_seconds=round(sum(len(a) for a in audios) / RATE, 1),
+        )
         bad = [(r, h) for r, h in zip(refs, hyps) if r != h][:5]
-        log.info("%s: WER %.4f CER %.4f (%d utterances); e.g. %s", name, results[name]["wer"],
-                 results[name]["cer"], len(refs), bad)
+        log.info(
+            "%s: WER %.4f CER %.4f (%d utterances); e.g. %s",
+            name,
+            results[name]["wer"],
+            results[name]["cer"],
+            len(refs),
+            bad,
+        )
     nemo_hyps = nemo_transcribe(model, read_manifest(folder / "test.jsonl")[1])
-    nemo_test = dict(wer=round(wer(held["test"][0], [normalize_text(h) for h in nemo_hyps]), 4),
-                     cer=round(cer(held["test"][0], [normalize_text(h) for h in nemo_hyps]), 4))
+    nemo_test = dict(
+        wer=round(wer(held["test"][0], [normalize_text(h) for h in nemo_hyps]), 4),
+        cer=round(cer(held["test"][0], [normalize_text(h) for h in nemo_hyps]), 4),
+    )
 
     import nemo
 
     report = dict(
-        command=command, seed=args.seed, time_limit=args.time_limit, threads=torch.get_num_threads(),
-        model=str(out_model), model_bytes=out_model.stat().st_size, parameters=params,
+        command=command,
+        seed=args.seed,
+        time_limit=args.time_limit,
+        threads=torch.get_num_threads(),
+        model=str(out_model),
+        model_bytes=out_model.stat().st_size,
+        parameters=params,
         architecture="QuartzNet 5x3, 256 channels, prologue k33 stride 2, kernels 11/13/17/21/25, "
-                     "epilogue k29 dilation 2 (512) + 1x1 (512), char CTC",
-        test_wer=results["test"]["wer"], test_cer=results["test"]["cer"],
-        calibration_wer=results["calibration"]["wer"], calibration_cer=results["calibration"]["cer"],
-        nemo_test_wer=nemo_test["wer"], nemo_test_cer=nemo_test["cer"], decoding="greedy CTC, fp32, lean model",
-        steps=facts["steps"], train_seconds=facts["train_seconds"], epochs=facts["epochs"],
-        audio_hours=round(train_hours, 3), train_utterances=len(train_texts), train_words=len(words),
-        audio_hours_processed=facts["audio_hours_processed"], final_loss=facts["final_loss"],
-        batch_seconds=args.batch_seconds, lr=args.lr, synthesis_seconds=round(synth_seconds, 1),
-        eval_seconds=round(time.monotonic() - t1, 1), splits={k: len(v[0]) for k, v in held.items()},
-        held_out_words_not_in_training=sorted(unseen), manifests=str(folder), manifests_bytes=du_bytes(folder),
-        voices=list(corpus.DEMO_VOICES), versions=dict(torch=torch.__version__, nemo=nemo.__version__,
-                                                       python=sys.version.split()[0]),
+        "epilogue k29 dilation 2 (512) + 1x1 (512), char CTC",
+        test_wer=results["test"]["wer"],
+        test_cer=results["test"]["cer"],
+        calibration_wer=results["calibration"]["wer"],
+        calibration_cer=results["calibration"]["cer"],
+        nemo_test_wer=nemo_test["wer"],
+        nemo_test_cer=nemo_test["cer"],
+        decoding="greedy CTC, fp32, lean model",
+        steps=facts["steps"],
+        train_seconds=facts["train_seconds"],
+        epochs=facts["epochs"],
+        audio_hours=round(train_hours, 3),
+        train_utterances=len(train_texts),
+        train_words=len(words),
+        audio_hours_processed=facts["audio_hours_processed"],
+        final_loss=facts["final_loss"],
+        batch_seconds=args.batch_seconds,
+        lr=args.lr,
+        synthesis_seconds=round(synth_seconds, 1),
+        eval_seconds=round(time.monotonic() - t1, 1),
+        splits={k: len(v[0]) for k, v in held.items()},
+        held_out_words_not_in_training=sorted(unseen),
+        manifests=str(folder),
+        manifests_bytes=du_bytes(folder),
+        voices=list(corpus.DEMO_VOICES),
+        versions=dict(torch=torch.__version__, nemo=nemo.__version__, python=sys.version.split()[0]),
         dev_history=facts["dev_history"],
     )
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("test WER %.4f CER %.4f | parameters %d | steps %d in %.0f s | %.2f h of audio | report %s",
-             report["test_wer"], report["test_cer"], params, facts["steps"], facts["train_seconds"], train_hours,
-             report_path)
+    log.info(
+        "test WER %.4f CER %.4f | parameters %d | steps %d in %.0f s | %.2f h of audio | report %s",
+        report["test_wer"],
+        report["test_cer"],
+        params,
+        facts["steps"],
+        facts["train_seconds"],
+        train_hours,
+        report_path,
+    )
     return report
 
 
