@@ -92,13 +92,12 @@ def scaling(model: str, src: Path, tmp: Path, counts: list[int], quant: dict, re
     of one run per count, with the artifact the main int8 job made (copied to the cache key of this
     manifest: no new quantization); then the same counts as plain processes."""
     from runner.int8.pipeline import cache_dir, cache_key
-    from runner.job.run import quantization_settings
 
     manifest = tmp / "scaling.jsonl"
     _paths, seconds = repeated_manifest(src, repeat, manifest)
     spec = JobSpec.from_dict(spec_dict(model, manifest, tmp / "x", "int8", counts[-1], quant))
     (made,) = cache_dir().glob("int8-*.pt")
-    key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, quantization_settings(spec))
+    key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, spec.quantization.settings())
     (cache_dir() / f"int8-{key[:32]}.pt").write_bytes(made.read_bytes())
     runs: dict[int, list[float]] = {w: [] for w in counts}
     cpu: dict[int, dict] = {}
@@ -138,9 +137,9 @@ _WORKER = None
 def _raw_init(artifact: bytes, barrier) -> None:
     global _WORKER
     from runner.model.transcribe import DecodeOptions
-    from runner.job.worker import ShardWorker
+    from runner.job.worker import Int8Payload, ShardWorker
 
-    _WORKER = ShardWorker({"precision": "int8", "artifact": artifact, "engine": "auto"}, 1, DecodeOptions())
+    _WORKER = ShardWorker(Int8Payload(artifact, "auto"), 1, DecodeOptions())
     barrier.wait()
 
 

@@ -23,7 +23,7 @@ from runner.model.nemo_loader import describe
 from runner.int8.engines import VNNI_FLAGS, available_engines
 from runner.sysinfo import cpu_info
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from runner.job.worker import ShardWorker
+from runner.job.worker import Int8Payload, ShardWorker
 
 from .support import pinned_engine
 
@@ -131,8 +131,8 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
     lean, art, audio = qn15
     buf = BytesIO()
     save_checkpoint(lean.spec, lean.state_dict(), buf)
-    payload = {"precision": "int8", "artifact": _broken(art), "engine": "auto", "on_check_failure": "fp32",
-               "fp32_checkpoint": lambda: buf.getvalue()}  # Ray gives the worker a callable that fetches it
+    payload = Int8Payload(_broken(art), "auto", on_check_failure="fp32",
+                          fp32_checkpoint=lambda: buf.getvalue())  # Ray gives the worker a callable that fetches it
     worker = ShardWorker(payload, threads=2, options=DecodeOptions())
     check = worker.info()["int8_check"]
     assert worker.engine == "fp32" and check["fallback"] == "fp32 model" and not check["passed"]
@@ -141,4 +141,5 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
     texts = transcribe_batch(worker.model, audio[:2])
     assert texts == transcribe_batch(lean, audio[:2])  # the fp32 model's own transcripts
     with pytest.raises(Int8CheckFailed, match="on_check_failure is stop"):
-        ShardWorker({**payload, "on_check_failure": "stop"}, threads=2, options=DecodeOptions())
+        ShardWorker(Int8Payload(payload.artifact, "auto", "stop", payload.fp32_checkpoint), threads=2,
+                    options=DecodeOptions())

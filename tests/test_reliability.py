@@ -240,12 +240,14 @@ def test_a_run_writes_only_inside_its_output_and_refuses_another_job(ray_local, 
 
 
 def test_a_worker_that_cannot_build_its_model_stops_the_job_with_the_reason(ray_local, tmp_path):
-    from runner.job.ray_pool import RayPool, WorkersLost
+    from runner.job.ray_pool import WorkersLost
+    from runner.job.shard_pool import ShardPool
+    from runner.job.worker import Int8Payload
 
     manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(1)[:4])
     spec = load_spec(write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=tmp_path / "out"))
     t0 = time.monotonic()
     with pytest.raises(WorkersLost, match=r"a worker failed to start \(.+\); nothing was transcribed"):
-        with RayPool(spec, {"precision": "int8", "artifact": b"not an artifact", "engine": "auto"}):
+        with ShardPool(spec, Int8Payload(b"not an artifact", "auto")):
             pass
     assert time.monotonic() - t0 < 60  # no waiting for replacements that would fail the same way

@@ -21,7 +21,7 @@ import pytest
 
 from runner.inputs.manifest import ManifestItem, iter_manifest
 from runner.job.run_folder import read_rows
-from runner.job.ray_pool import audio_seconds
+from runner.job.shard_pool import audio_seconds
 from runner.job.shards import Shard
 from runner.job.spec import DEMO_MODEL, SpecError, load_spec, time_limit
 

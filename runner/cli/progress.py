@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+
+from runner.job.events import EventKind
 
 log = logging.getLogger("runner")
 
@@ -17,8 +18,15 @@ class LogProgress:
         self.done = self.total = 0.0
         self.shards = self.todo = 0
 
-    def __call__(self, kind: str, **data) -> None:
-        getattr(self, f"on_{kind}", lambda **_: None)(**data)
+    def __call__(self, kind: EventKind, **data) -> None:
+        handlers = {
+            EventKind.PLANNED: self.on_planned,
+            EventKind.QUANTIZING: self.on_quantizing,
+            EventKind.QUANTIZED: self.on_quantized,
+            EventKind.WORKERS: self.on_workers,
+            EventKind.SHARD: self.on_shard,
+        }  # FINISHED: the CLI prints the run's figures itself
+        handlers.get(kind, lambda **_: None)(**data)
 
     def on_planned(self, shards, todo, items, seconds, todo_seconds):
         self.total, self.todo = todo_seconds, todo
@@ -31,21 +39,32 @@ class LogProgress:
         from runner.int8.pipeline import gate_description
 
         source = {"cache": "from the cache", "job": "the job's own, from its output folder"}.get(
-            source, f"made in {seconds:.1f} s")
+            source, f"made in {seconds:.1f} s"
+        )
         kept = f"; kept in fp32: {', '.join(fp32_units)}" if fp32_units else ""
         log.info("int8 artifact %s (%s): %s%s", sha256[:12], source, gate_description(gate), kept)
 
     def on_workers(self, names, engines, startup):
         self.t0 = time.perf_counter()
-        log.info("%d workers ready in %.1f s (engines: %s)", len(names), startup,
-                 ", ".join(sorted(set(engines.values()))))
+        log.info(
+            "%d workers ready in %.1f s (engines: %s)", len(names), startup, ", ".join(sorted(set(engines.values())))
+        )
 
     def on_shard(self, shard, audio_seconds, worker, failed, errors):
         self.done += audio_seconds
         self.shards += 1
         rtfx = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        log.info("shard %d done by %s (%d/%d): %.0f/%.0f s audio, RTFx %.0f, %d failed",
-                 shard, worker, self.shards, self.todo, self.done, self.total, rtfx, failed)
+        log.info(
+            "shard %d done by %s (%d/%d): %.0f/%.0f s audio, RTFx %.0f, %d failed",
+            shard,
+            worker,
+            self.shards,
+            self.todo,
+            self.done,
+            self.total,
+            rtfx,
+            failed,
+        )
         for err in errors:
             log.warning("error row: %s", err)
 
@@ -62,12 +81,18 @@ class RichProgress(LogProgress):
 
         super().__init__()
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} s audio"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} s audio"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+        )
         self.live = Live(console=console, refresh_per_second=4, transient=False)
-        self.main: Optional[int] = None
+        self.main: int | None = None
         self.workers: dict[str, list] = {}  # name -> [engine, shards done, last shard, audio seconds]
 
     def on_planned(self, shards, todo, items, seconds, todo_seconds):
@@ -86,8 +111,11 @@ class RichProgress(LogProgress):
         self.done += audio_seconds
         self.shards += 1
         rtfx = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.main, advance=audio_seconds,
-                             info=f"RTFx {rtfx:,.0f} · shards {self.shards}/{self.todo} · failed {failed}")
+        self.progress.update(
+            self.main,
+            advance=audio_seconds,
+            info=f"RTFx {rtfx:,.0f} · shards {self.shards}/{self.todo} · failed {failed}",
+        )
         state = self.workers.setdefault(worker, ["?", 0, "-", 0.0])
         state[1:] = [state[1] + 1, str(shard), state[3] + audio_seconds]
         for err in errors:

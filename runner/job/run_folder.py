@@ -19,26 +19,29 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
 
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("audio_filepath", pa.string()),
-    ("offset", pa.float64()),
-    ("duration", pa.float64()),
-    ("text", pa.string()),
-    ("reference", pa.string()),
-    ("status", pa.string()),  # ok | error
-    ("error", pa.string()),
-    ("shard", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("audio_filepath", pa.string()),
+        ("offset", pa.float64()),
+        ("duration", pa.float64()),
+        ("text", pa.string()),
+        ("reference", pa.string()),
+        ("status", pa.string()),  # ok | error
+        ("error", pa.string()),
+        ("shard", pa.int32()),
+    ]
+)
 
 JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
 DIGEST_KEY = b"asr_runner_rows_sha256"  # footer metadata: sha256 of the part's rows
@@ -71,7 +74,7 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
-def write_part(out: Path, shard: int, rows: list[dict], metadata: Optional[dict] = None) -> Path:
+def write_part(out: Path, shard: int, rows: list[dict], metadata: dict | None = None) -> Path:
     """Write one shard's rows as `transcripts/part-NNNNN.parquet`, atomically, with page CRCs and a
     digest of its rows in the footer (`part_is_valid` checks both)."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -86,7 +89,7 @@ def write_part(out: Path, shard: int, rows: list[dict], metadata: Optional[dict]
     return path
 
 
-def read_part(path: Path, columns: Optional[list[str]] = None) -> pa.Table:
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, schema=SCHEMA, columns=columns)
 
 
@@ -103,8 +106,9 @@ def part_is_valid(path: Path, shard: int, expected_rows: int) -> bool:
         table = pq.read_table(path, schema=SCHEMA, page_checksum_verification=True)
     except Exception:  # noqa: BLE001 - any read failure means "not a finished part"
         return False
-    return (table.num_rows == expected_rows and set(table["shard"].to_pylist()) <= {shard}
-            and digest == _rows_digest(table))
+    return (
+        table.num_rows == expected_rows and set(table["shard"].to_pylist()) <= {shard} and digest == _rows_digest(table)
+    )
 
 
 def _rows_digest(table: pa.Table) -> str:
@@ -133,7 +137,7 @@ def remove_stale_temporaries(out: Path) -> None:
             _remove_quietly(str(tmp))
 
 
-def read_rows(out: Path, columns: Optional[Iterable[str]] = None) -> pa.Table:
+def read_rows(out: Path, columns: Iterable[str] | None = None) -> pa.Table:
     """All rows of a run: the parts of the shards its `job.json` plans (other files are not ours)."""
     planned = _planned_shards(out)
     parts = sorted((i, p) for i, p in existing_parts(out).items() if planned is None or i < planned)
@@ -141,7 +145,7 @@ def read_rows(out: Path, columns: Optional[Iterable[str]] = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def _planned_shards(out: Path) -> Optional[int]:
+def _planned_shards(out: Path) -> int | None:
     try:
         return len(json.loads((out / JOB_FILE).read_text())["plan"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -169,13 +173,25 @@ def driver_lock(out: Path) -> Iterator[None]:
             who = "pid {pid} on {host}, started {started}: {command}".format(**json.loads(holder))
         except (ValueError, KeyError, TypeError):
             who = "details not written yet"
-        raise InputError(f"{out} is in use by another asr-runner driver ({who}); wait for it to finish or stop it, "
-                         "then run again (with --resume to continue its job)") from None
+        raise InputError(
+            f"{out} is in use by another asr-runner driver ({who}); wait for it to finish or stop it, "
+            "then run again (with --resume to continue its job)"
+        ) from None
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                                  "command": " ".join(sys.argv)}).encode() + b"\n", 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "command": " ".join(sys.argv),
+                }
+            ).encode()
+            + b"\n",
+            0,
+        )
         yield
     finally:
         os.close(fd)  # releases the lock

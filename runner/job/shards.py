@@ -2,15 +2,18 @@
 
 Deterministic (the same manifest and `shard_seconds` give the same plan) and stable (shard
 numbers follow manifest order), so a part file on disk always means the same lines. The plan
-holds line ranges, not items: it stays small for million-line manifests.
+holds line ranges, not items: it stays small for million-line manifests. `prepare` validates a
+job's manifest and plans it (or takes the plan a resumed job recorded).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
-from runner.inputs.manifest import ManifestItem
+from runner.errors import InputError
+from runner.inputs.manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
+from runner.job.spec import JobSpec
 
 UNKNOWN_DURATION = 0.0  # unreadable items weigh nothing; they become error rows quickly
 
@@ -27,7 +30,7 @@ class Shard:
         return [self.index, self.first_line, self.last_line, self.items, round(self.seconds, 3)]
 
     @classmethod
-    def from_list(cls, row: list) -> "Shard":
+    def from_list(cls, row: list) -> Shard:
         return cls(int(row[0]), int(row[1]), int(row[2]), int(row[3]), float(row[4]))
 
 
@@ -49,7 +52,9 @@ def plan_shards(items: Iterable[ManifestItem], shard_seconds: float) -> list[Sha
     return shards
 
 
-def group_items(items: Iterable[ManifestItem], shards: list[Shard], wanted: set[int]) -> Iterator[tuple[Shard, list[ManifestItem]]]:
+def group_items(
+    items: Iterable[ManifestItem], shards: list[Shard], wanted: set[int]
+) -> Iterator[tuple[Shard, list[ManifestItem]]]:
     """One streaming pass over the manifest, yielding the items of each wanted shard in order."""
     it = iter(items)
     pending: list[ManifestItem] = []
@@ -70,3 +75,56 @@ def _until(it: Iterator[ManifestItem], pending: list[ManifestItem], last_line: i
             pending.append(item)
             return
         yield item
+
+
+@dataclass
+class Plan:
+    """A job's shards and what its manifest holds (items, audio seconds, lines with a reference)."""
+
+    shards: list[Shard]
+    items: int
+    seconds: float
+    with_text: int
+    manifest_sha256: str
+
+
+def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
+    """Validate every manifest line and plan shards; raises `ManifestError` (exit 2) first.
+
+    `recorded` (a resumed job's `job.json`): its plan is reused when the manifest is the one it was
+    made from, so the plan never moves because a file became readable (an unreadable file weighs
+    0 s when the plan is made; once repaired it would weigh its length and move every boundary
+    after it). Audio headers are then not read at all.
+    """
+    sha = file_sha256(spec.manifest)
+    shards = _recorded_shards(recorded, sha)
+    counts = {"items": 0, "seconds": 0.0, "with_text": 0}
+
+    def counted():
+        items = iter_manifest(spec.manifest, read_missing_durations=shards is None)
+        for item in check_unique_ids(items, spec.manifest):
+            counts["items"] += 1
+            counts["seconds"] += item.duration or 0.0
+            counts["with_text"] += item.text is not None
+            yield item
+
+    if shards is None:
+        shards = plan_shards(counted(), spec.shard_seconds)
+    else:
+        for _ in counted():
+            pass
+        counts["seconds"] = sum(s.seconds for s in shards)
+    if not shards:
+        raise InputError(f"{spec.manifest}: the manifest has no items")
+    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], sha)
+
+
+def _recorded_shards(recorded: dict | None, manifest_sha256: str) -> list[Shard] | None:
+    """The shards `job.json` planned, if it was planned from this very manifest (else the
+    fingerprint check refuses the resume, naming what changed)."""
+    try:
+        if recorded is None or recorded["fingerprint"]["manifest_sha256"] != manifest_sha256:
+            return None
+        return [Shard.from_list(row) for row in recorded["plan"]]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None

@@ -1,9 +1,9 @@
 """Worker side: a shard of manifest items -> result rows. Torch only: no NeMo, no Ray.
 
 `transcribe_items` is the plain function (tests call it directly); `ShardWorker` is the
-callable class the orchestrator wraps in a Ray actor: `__init__` builds the model once,
-`__call__` does a shard. An item that cannot be read or transcribed becomes an error row
-naming its id and path; the shard always completes.
+callable class the orchestrator wraps in a Ray actor: `__init__` builds the model once from a
+`WorkerPayload` (`Fp32Payload` or `Int8Payload`), `__call__` does a shard. An item that cannot be
+read or transcribed becomes an error row naming its id and path; the shard always completes.
 """
 
 from __future__ import annotations
@@ -14,22 +14,46 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
-from runner.inputs.audio import load_audio
 from runner.errors import AudioLoadError
+from runner.inputs.audio import load_audio
 from runner.inputs.manifest import ManifestItem
 from runner.model.ctc import load_checkpoint
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.sysinfo import peak_rss_mb
 from runner.timing import WORKER_STAGES
-from runner.model.transcribe import DecodeOptions, transcribe_batch
 
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES = 400  # shorter than one analysis window: nothing to transcribe, empty text
+
+
+@dataclass(frozen=True)
+class Fp32Payload:
+    """What every worker needs to rebuild the fp32 model (put in Ray's object store once)."""
+
+    spec: dict  # `ModelSpec.to_dict()`
+    state_dict: dict
+
+
+@dataclass(frozen=True)
+class Int8Payload:
+    """The int8 artifact every worker rebuilds and self-checks, and what to do when its check fails."""
+
+    artifact: bytes  # `runner.int8.artifact` bytes
+    engine: str = "auto"  # auto: each worker picks its own
+    # fp32: run the fp32 model where the self-check fails at 8 and 7 bits; stop: the job stops (the safe default)
+    on_check_failure: str = "stop"
+    # the fp32 checkpoint's bytes, fetched only by a worker that falls back (`ray_pool.Deferred` on a cluster)
+    fp32_checkpoint: Callable[[], bytes] | None = None
+
+
+WorkerPayload = Fp32Payload | Int8Payload
 
 
 @dataclass
@@ -44,17 +68,19 @@ class ShardResult:
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
 
 
-def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions) -> tuple[list[dict], dict]:
+def transcribe_items(
+    model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions
+) -> tuple[list[dict], dict]:
     """Rows (Parquet schema) for `items`, in their order; and seconds spent per stage:
     read (decode from file), resample, features, encoder, decode (greedy CTC)."""
     rate = model.spec.features.sample_rate
     rows, audios, stages = [], {}, dict.fromkeys(WORKER_STAGES, 0.0)
     for i, item in enumerate(items):
-        rows.append(_row(item, shard))
+        rows.append(item_row(item, shard))
         try:
             audio = _read(item, rate, stages)
         except AudioLoadError as exc:
-            _fail(rows[i], item, str(exc))
+            mark_failed(rows[i], item, str(exc))
             continue
         rows[i]["duration"] = len(audio) / rate
         if len(audio) < MIN_SAMPLES or not audio.any():
@@ -63,19 +89,29 @@ def transcribe_items(model, items: Sequence[ManifestItem], shard: int, options: 
             audios[i] = audio
     for i, text in _transcribe_isolating_failures(model, audios, options, stages).items():
         if isinstance(text, Exception):
-            _fail(rows[i], items[i], f"transcription failed: {type(text).__name__}: {text}")
+            mark_failed(rows[i], items[i], f"transcription failed: {type(text).__name__}: {text}")
         else:
             rows[i]["text"] = text
     return rows, stages
 
 
-def _row(item: ManifestItem, shard: int) -> dict:
-    return {"id": item.id, "audio_filepath": item.audio_filepath, "offset": item.offset,
-            "duration": item.duration, "text": None, "reference": item.text, "status": "ok",
-            "error": None, "shard": shard}
+def item_row(item: ManifestItem, shard: int) -> dict:
+    """The item's row (Parquet schema) before it is transcribed: status ok, no text yet."""
+    return {
+        "id": item.id,
+        "audio_filepath": item.audio_filepath,
+        "offset": item.offset,
+        "duration": item.duration,
+        "text": None,
+        "reference": item.text,
+        "status": "ok",
+        "error": None,
+        "shard": shard,
+    }
 
 
-def _fail(row: dict, item: ManifestItem, reason: str) -> None:
+def mark_failed(row: dict, item: ManifestItem, reason: str) -> None:
+    """Make `row` an error row whose reason names the item's id and path."""
     reason = reason.removeprefix(f"{item.audio_filepath}: ")  # audio errors start with the path: say it once
     row.update(status="error", text=None, error=f"id {item.id} ({item.audio_filepath}): {reason}")
 
@@ -104,41 +140,47 @@ def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options
 class ShardWorker:
     """Holds one model (lean fp32, or int8 rebuilt from the artifact and self-checked); called once per shard."""
 
-    def __init__(self, payload: dict, threads: int, options: DecodeOptions):
+    def __init__(self, payload: WorkerPayload, threads: int, options: DecodeOptions):
         import torch
 
         torch.set_num_threads(threads)
         self.options = options
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.engine_seconds: dict[str, float] = {}
-        self.int8_check: Optional[dict] = None
+        self.int8_check: dict | None = None
         t0 = time.perf_counter()
-        if payload["precision"] == "int8":
+        if isinstance(payload, Int8Payload):
             self._load_int8(payload)
         else:
-            self.model, self.engine = _fp32_model(payload["spec"], payload["state_dict"]), "fp32"
+            self.model, self.engine = _fp32_model(payload.spec, payload.state_dict), "fp32"
         self.load_seconds = time.perf_counter() - t0
 
-    def _load_int8(self, payload: dict) -> None:
+    def _load_int8(self, payload: Int8Payload) -> None:
         """The self-checked int8 model; if its check fails at every activation width, the fp32 model
         (`on_check_failure: fp32`, fetched only now) or the failure itself (`stop`: the job stops)."""
         from runner.int8.artifact import Int8CheckFailed, build_int8_model
 
         try:
-            loaded = build_int8_model(payload["artifact"], payload.get("engine", "auto"))
+            loaded = build_int8_model(payload.artifact, payload.engine)
         except Int8CheckFailed as exc:
-            if payload.get("on_check_failure") != "fp32" or payload.get("fp32_checkpoint") is None:
-                why = "quantization.on_check_failure is stop" if payload.get("on_check_failure") != "fp32" \
+            if payload.on_check_failure != "fp32" or payload.fp32_checkpoint is None:
+                why = (
+                    "quantization.on_check_failure is stop"
+                    if payload.on_check_failure != "fp32"
                     else "no fp32 weights were sent to fall back on"
-                raise Int8CheckFailed(f"worker {self.name}: {exc}; {why}, so the job stops before this worker "
-                                      "transcribes (set on_check_failure: fp32 to run such workers in fp32, or "
-                                      "run the job with precision fp32)", exc.check) from None
-            log.error("worker %s: %s; THIS WORKER RUNS THE fp32 MODEL (quantization.on_check_failure: fp32)",
-                      self.name, exc)
+                )
+                raise Int8CheckFailed(
+                    f"worker {self.name}: {exc}; {why}, so the job stops before this worker "
+                    "transcribes (set on_check_failure: fp32 to run such workers in fp32, or "
+                    "run the job with precision fp32)",
+                    exc.check,
+                ) from None
+            log.error(
+                "worker %s: %s; THIS WORKER RUNS THE fp32 MODEL (quantization.on_check_failure: fp32)", self.name, exc
+            )
             self.engine_seconds, self.int8_check = {}, {**exc.check, "fallback": "fp32 model"}
-            data = payload["fp32_checkpoint"]
-            self.model, self.engine = _fp32_model(*load_checkpoint(io.BytesIO(data() if callable(data) else data))), \
-                "fp32"
+            checkpoint = load_checkpoint(io.BytesIO(payload.fp32_checkpoint()))
+            self.model, self.engine = _fp32_model(*checkpoint), "fp32"
             return
         self.model, self.engine, self.engine_seconds = loaded.model, loaded.engine, loaded.engine_seconds
         self.int8_check = loaded.int8_check
@@ -147,18 +189,25 @@ class ShardWorker:
         t0 = time.perf_counter()
         rows, stages = transcribe_items(self.model, items, shard, self.options)
         audio = sum(r["duration"] or 0.0 for r in rows if r["status"] == "ok")
-        return ShardResult(shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages,
-                           round(peak_rss_mb(), 1))
+        return ShardResult(
+            shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages, round(peak_rss_mb(), 1)
+        )
 
     def info(self) -> dict:
+        """Who this worker is and how its model loaded (`worker` names it to the pool)."""
         from runner.sysinfo import cpu_info
 
         heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning"})
-        return {"worker": self.name, "engine": self.engine, "engine_seconds": self.engine_seconds,
-                "int8_check": self.int8_check,
-                "load_seconds": round(self.load_seconds, 3), "heavy_imports": heavy, "cpu": cpu_info()["model"],
-                "peak_rss_mb": round(peak_rss_mb(), 1)}
-
+        return {
+            "worker": self.name,
+            "engine": self.engine,
+            "engine_seconds": self.engine_seconds,
+            "int8_check": self.int8_check,
+            "load_seconds": round(self.load_seconds, 3),
+            "heavy_imports": heavy,
+            "cpu": cpu_info()["model"],
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
 
 
 def _fp32_model(spec, state_dict):
