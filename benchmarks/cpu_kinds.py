@@ -48,7 +48,8 @@ from lean_model import ten_second_utterances  # noqa: E402
 from vs_peers import onnx_sessions  # noqa: E402
 
 from runner.int8.artifact import build_int8_model  # noqa: E402
-from runner.int8.pipeline import GateFailed, Settings, quantize_model  # noqa: E402
+from runner.int8.config import Settings
+from runner.int8.pipeline import GateFailed, quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.sysinfo import cpu_info  # noqa: E402

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
 
 from runner.int8.artifact import build_int8_model  # noqa: E402
+from runner.int8.config import Settings  # noqa: E402
 from runner.int8.engines import candidate_engines  # noqa: E402
-from runner.int8.pipeline import Settings, quantize_model  # noqa: E402
+from runner.int8.pipeline import quantize_model
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.model.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402

@@ -36,11 +36,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RUN = r"""
 import json, sys
-from runner.int8.pipeline import GateFailed, Settings, make_artifact
+from runner.int8.pipeline import GateFailed
+from runner.int8.config import Settings
+from runner.int8.make import make_artifact
 from runner.int8.artifact import Artifact
 model, manifest, calibration, early = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4] == "1"
 try:
-    data, _ = make_artifact(model, manifest, calibration, Settings(early_stop=early), use_cache=False)
+    data = make_artifact(model, manifest, calibration, Settings(early_stop=early), use_cache=False).data
     report = Artifact.from_bytes(data).report
 except GateFailed as exc:
     report = exc.report

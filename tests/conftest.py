@@ -30,23 +30,35 @@ def pytest_terminal_summary(terminalreporter):
     if not RELIABILITY:
         return
     terminalreporter.section("reliability: faults injected and their measured outcome")
-    terminalreporter.write_line("| fault | injected by | manifest rows | rows lost | rows duplicated | parts recomputed "
-                                "| outcome |")
+    terminalreporter.write_line(
+        "| fault | injected by | manifest rows | rows lost | rows duplicated | parts recomputed | outcome |"
+    )
     terminalreporter.write_line("|---|---|---|---|---|---|---|")
     for r in RELIABILITY:
-        terminalreporter.write_line(f"| {r['fault']} | {r['injection']} | {r['rows']} | {r['lost']} | {r['duplicated']} "
-                                    f"| {r['recomputed']} | {r['outcome']} |")
+        terminalreporter.write_line(
+            f"| {r['fault']} | {r['injection']} | {r['rows']} | {r['lost']} | {r['duplicated']} "
+            f"| {r['recomputed']} | {r['outcome']} |"
+        )
 
 
 @pytest.fixture
 def reliability():
     """`record(fault, injection, manifest_ids, table_ids, recomputed, outcome)` for the summary table."""
+
     def record(fault: str, injection: str, manifest_ids, table_ids, recomputed, outcome: str) -> None:
         table_ids = list(table_ids)
-        RELIABILITY.append({"fault": fault, "injection": injection, "rows": len(manifest_ids),
-                            "lost": len(set(manifest_ids) - set(table_ids)),
-                            "duplicated": len(table_ids) - len(set(table_ids)), "recomputed": recomputed,
-                            "outcome": outcome})
+        RELIABILITY.append(
+            {
+                "fault": fault,
+                "injection": injection,
+                "rows": len(manifest_ids),
+                "lost": len(set(manifest_ids) - set(table_ids)),
+                "duplicated": len(table_ids) - len(set(table_ids)),
+                "recomputed": recomputed,
+                "outcome": outcome,
+            }
+        )
+
     return record
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runner.inputs.audio import audio_info, load_audio
 from runner.errors import AudioLoadError
+from runner.inputs.audio import audio_info, load_audio
 
 RATE = 16000
 
@@ -16,10 +16,17 @@ def tone(seconds=1.0, rate=RATE, freq=440.0, channels=1):
     return mono if channels == 1 else np.stack([mono * (c + 1) / channels for c in range(channels)], axis=1)
 
 
-@pytest.mark.parametrize("fmt,subtype,tol", [
-    ("WAV", "PCM_16", 1e-4), ("WAV", "PCM_24", 1e-6), ("WAV", "FLOAT", 0), ("FLAC", "PCM_16", 1e-4),
-    ("OGG", "VORBIS", None), ("MP3", "MPEG_LAYER_III", None),
-])
+@pytest.mark.parametrize(
+    "fmt,subtype,tol",
+    [
+        ("WAV", "PCM_16", 1e-4),
+        ("WAV", "PCM_24", 1e-6),
+        ("WAV", "FLOAT", 0),
+        ("FLAC", "PCM_16", 1e-4),
+        ("OGG", "VORBIS", None),
+        ("MP3", "MPEG_LAYER_III", None),
+    ],
+)
 def test_formats_read_as_mono_float32(tmp_path, fmt, subtype, tol):
     path = tmp_path / f"a.{fmt.lower()}"
     ref = tone(1.0)
@@ -31,7 +38,7 @@ def test_formats_read_as_mono_float32(tmp_path, fmt, subtype, tol):
     else:  # lossy codecs: same length within a frame and the same tone
         assert abs(len(got) - len(ref)) < 2400
         n = min(len(got), len(ref))
-        assert np.corrcoef(got[1000:n - 1000], ref[1000:n - 1000])[0, 1] > 0.9
+        assert np.corrcoef(got[1000 : n - 1000], ref[1000 : n - 1000])[0, 1] > 0.9
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -61,7 +68,7 @@ def test_offset_and_duration_read_a_segment(tmp_path, fmt):
     seg = load_audio(str(path), RATE, offset=1.5, duration=2.0)
     assert abs(len(seg) - 2 * RATE) <= (1152 if fmt == "mp3" else 0)
     if fmt != "mp3":
-        assert np.allclose(seg, ramp[int(1.5 * RATE): int(3.5 * RATE)], atol=1e-4)
+        assert np.allclose(seg, ramp[int(1.5 * RATE) : int(3.5 * RATE)], atol=1e-4)
     tail = load_audio(str(path), RATE, offset=4.0)
     assert abs(len(tail) - RATE) <= (1152 if fmt == "mp3" else 0)
 

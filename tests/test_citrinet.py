@@ -15,22 +15,31 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.model.arch import ModelSpec
-from runner.int8.artifact import build_int8_model
-from runner.int8.pipeline import Settings, quantize_model
-from runner.training.corpus import sentences
-from runner.model.decoding import TextDecoder
 from runner.errors import UnsupportedModelError
+from runner.int8.artifact import build_int8_model
+from runner.int8.config import Settings
+from runner.int8.engines import available_engines
+from runner.int8.pipeline import quantize_model
 from runner.metrics import cer, wer
+from runner.model.arch import ModelSpec
 from runner.model.conv import SqueezeExcite
 from runner.model.ctc import build_model
+from runner.model.decoding import TextDecoder
 from runner.model.nemo_loader import check_supported, describe, load_nemo
-from runner.int8.engines import available_engines
 from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.training.corpus import sentences
 
 from .support import (
-    RATE, TRAIN_SEED, TRAIN_SENTENCES, calibration_audio, copy_model, held_out_gate, max_logit_diff, pad,
-    pinned_engine, write_manifest,
+    RATE,
+    TRAIN_SEED,
+    TRAIN_SENTENCES,
+    calibration_audio,
+    copy_model,
+    held_out_gate,
+    max_logit_diff,
+    pad,
+    pinned_engine,
+    write_manifest,
 )
 
 TRAIN_STEPS = 300
@@ -143,10 +152,13 @@ def test_tokenizer_travels_in_the_spec_and_decodes_as_nemo(citrinet_nemo, citrin
 
 
 def test_other_tokenizers_are_refused_naming_what_was_found():
-    config = {"target": "nemo.collections.asr.models.EncDecCTCModelBPE",
-              "preprocessor": {"_target_": "x.AudioToMelSpectrogramPreprocessor"},
-              "encoder": {"_target_": "x.ConvASREncoder"}, "decoder": {"_target_": "x.ConvASRDecoder"},
-              "tokenizer": {"type": "wpe", "dir": "/x"}}
+    config = {
+        "target": "nemo.collections.asr.models.EncDecCTCModelBPE",
+        "preprocessor": {"_target_": "x.AudioToMelSpectrogramPreprocessor"},
+        "encoder": {"_target_": "x.ConvASREncoder"},
+        "decoder": {"_target_": "x.ConvASRDecoder"},
+        "tokenizer": {"type": "wpe", "dir": "/x"},
+    }
     with pytest.raises(UnsupportedModelError, match=r"m.nemo: EncDecCTCModelBPE with tokenizer.type='wpe'.*bpe"):
         check_supported(config, "m.nemo")
     check_supported({**config, "tokenizer": {"type": "bpe", "dir": "/x"}}, "m.nemo")  # the supported kind passes
@@ -177,8 +189,13 @@ def test_gate_keeps_a_sensitive_se_block_in_fp32(citrinet_lean, gate_data, speec
     before = transcribe_batch(citrinet_lean, audios)
     assert transcribe_batch(lean, audios) == before  # fp32 unchanged
     calibration, gate = gate_data
-    art = quantize_model(lean, calibration, [a for _, a in gate], [t for t, _ in gate],
-                         Settings(observers=("histogram",), max_wer_increase=0.02))
+    art = quantize_model(
+        lean,
+        calibration,
+        [a for _, a in gate],
+        [t for t, _ in gate],
+        Settings(observers=("histogram",), max_wer_increase=0.02),
+    )
     report = art.report
     assert report["steps"][0]["increase"] > 0.02 and report["gate"]["passed"]
     assert report["sensitivity"][0]["unit"] == "encoder.blocks.2"  # measured as the most sensitive
@@ -203,7 +220,8 @@ def test_artifact_rebuilds_in_a_fresh_process_without_nemo(artifact, speech_file
         f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
         "mods = {n.split('.')[0] for n in sys.modules}\n"
         "print(json.dumps({'texts': texts, 'heavy': sorted(mods & {'nemo', 'lightning', 'pytorch_lightning'}),\n"
-        "                  'sentencepiece': 'sentencepiece' in mods}))\n")
+        "                  'sentencepiece': 'sentencepiece' in mods}))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -225,9 +243,11 @@ def test_citrinet_int8_job_on_local_ray_writes_transcripts(ray_local, citrinet_f
         rows.append({"audio_filepath": f"u{i:02d}.flac", "text": text})
     write_manifest(tmp_path / "manifest.jsonl", rows)
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(f"model: {citrinet_file}\nmanifest: manifest.jsonl\noutput: run\nprecision: int8\n"
-                         "workers: 2\nshard_seconds: 20\nquantization:\n  calibration_items: 12\n  gate_items: 12\n"
-                         "  max_wer_increase: 0.02\n")
+    spec_file.write_text(
+        f"model: {citrinet_file}\nmanifest: manifest.jsonl\noutput: run\nprecision: int8\n"
+        "workers: 2\nshard_seconds: 20\nquantization:\n  calibration_items: 12\n  gate_items: 12\n"
+        "  max_wer_increase: 0.02\n"
+    )
     monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path / "cache"))
     run_job(load_spec(spec_file))
     out = tmp_path / "run"

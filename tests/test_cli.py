@@ -10,7 +10,8 @@ import yaml
 
 from runner.cli.main import main
 from runner.errors import UnsupportedModelError
-from runner.model.nemo_loader import _block, check_supported, read_nemo_config
+from runner.model.nemo_config import _block
+from runner.model.nemo_loader import check_supported, read_nemo_config
 
 
 def fake_nemo(path: Path, config: dict) -> Path:
@@ -32,7 +33,9 @@ CONFORMER_RNNT = {  # a transducer (FastConformer-RNNT): not a CTC model
 
 def test_unsupported_model_names_its_classes_and_exits_2(tmp_path, capsys):
     model = fake_nemo(tmp_path / "rnnt.nemo", CONFORMER_RNNT)
-    with pytest.raises(UnsupportedModelError, match="model=EncDecRNNTBPEModel.*decoder=RNNTDecoder.*supported: EncDecCTCModel"):
+    with pytest.raises(
+        UnsupportedModelError, match="model=EncDecRNNTBPEModel.*decoder=RNNTDecoder.*supported: EncDecCTCModel"
+    ):
         check_supported(read_nemo_config(model), str(model))
     wav = tmp_path / "x.wav"
     wav.write_bytes(b"")
@@ -43,8 +46,21 @@ def test_unsupported_model_names_its_classes_and_exits_2(tmp_path, capsys):
 
 def test_grouped_conv_block_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="block 3 uses groups=4, which the lean model does not support"):
-        _block(3, {"filters": 256, "repeat": 5, "kernel": [11], "stride": [1], "dilation": [1],
-                   "residual": True, "se": True, "groups": 4}, "add", "jasper.nemo")
+        _block(
+            3,
+            {
+                "filters": 256,
+                "repeat": 5,
+                "kernel": [11],
+                "stride": [1],
+                "dilation": [1],
+                "residual": True,
+                "se": True,
+                "groups": 4,
+            },
+            "add",
+            "jasper.nemo",
+        )
 
 
 def test_not_a_model_file_exits_2(tmp_path, capsys):
@@ -64,8 +80,12 @@ def test_export_then_transcribe_from_the_installed_console_script(tiny_nemo_file
     lean = tmp_path / "tiny.pt"
     subprocess.run([str(exe), "--quiet", "export", tiny_nemo_file, "--out", str(lean)], check=True, timeout=300)
     paths = [p for _, p in speech_files[:5]]
-    out = subprocess.run([str(exe), "transcribe", "--quiet", str(lean), *paths, str(tmp_path / "gone.wav")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(exe), "transcribe", "--quiet", str(lean), *paths, str(tmp_path / "gone.wav")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1  # one file failed
     assert "gone.wav\tERROR" in out.stderr and "file not found" in out.stderr
     lines = dict(line.split("\t", 1) for line in out.stdout.strip().splitlines())

@@ -28,9 +28,12 @@ def ray_head(tmp_path):
     ray_exe = Path(sys.executable).with_name("ray")
     port = free_port()
     log = open(tmp_path / "ray_head.log", "w")
-    proc = subprocess.Popen([str(ray_exe), "start", "--head", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", "--block"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ray_exe), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--block"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while "--block" not in (tmp_path / "ray_head.log").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "ray_head.log").read_text()
@@ -43,11 +46,14 @@ def ray_head(tmp_path):
 def test_job_runs_on_an_existing_cluster(ray_head, speech_files, tiny_nemo_file, tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": p, "text": t} for t, p in speech_files])
     spec = tmp_path / "job.yaml"
-    spec.write_text(f"model: {tiny_nemo_file}\nmanifest: {manifest}\noutput: {tmp_path / 'out'}\n"
-                    "precision: fp32\nshard_seconds: 20\n")
+    spec.write_text(
+        f"model: {tiny_nemo_file}\nmanifest: {manifest}\noutput: {tmp_path / 'out'}\n"
+        "precision: fp32\nshard_seconds: 20\n"
+    )
     exe = Path(sys.executable).with_name("asr-runner")
-    run = subprocess.run([str(exe), "--quiet", "run", str(spec), "--address", ray_head],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(exe), "--quiet", "run", str(spec), "--address", ray_head], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     table = read_rows(tmp_path / "out")
     assert table.num_rows == len(speech_files) and set(table["status"].to_pylist()) == {"ok"}

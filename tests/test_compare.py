@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner.cli.main import main
 from runner.cli.compare import compare_runs, write, write_png
+from runner.cli.main import main
 from runner.metrics import normalize_text, wer
 
 pytestmark = pytest.mark.slow
@@ -49,8 +49,21 @@ def test_figures_are_the_runs_stats(demo):
     assert result["wer_difference"] == pytest.approx(a["wer"] - b["wer"], abs=1e-5)
     assert result["cer_difference"] == pytest.approx(a["cer"] - b["cer"], abs=1e-5)
     for run, st in ((result["a"], a), (result["b"], b)):
-        for key in ("precision", "engine", "workers", "utterances", "failed", "rtfx", "wall_seconds",
-                    "startup_seconds", "wer", "cer", "total_seconds", "rtfx_total", "quantize_seconds"):
+        for key in (
+            "precision",
+            "engine",
+            "workers",
+            "utterances",
+            "failed",
+            "rtfx",
+            "wall_seconds",
+            "startup_seconds",
+            "wer",
+            "cer",
+            "total_seconds",
+            "rtfx_total",
+            "quantize_seconds",
+        ):
             assert run[key] == st[key], key
         # the user's clock holds the start-up (quantization included) and the dispatch, and the scoring after
         assert st["total_seconds"] >= st["startup_seconds"] + st["wall_seconds"] >= st["quantize_seconds"]
@@ -94,13 +107,26 @@ def test_fresh_runs_record_each_workers_peak_rss(demo):
 
 def test_console_script_prints_the_table_and_writes_both_files(demo, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "runner.cli", "compare", str(demo / "int8"), str(demo / "fp32")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "compare", str(demo / "int8"), str(demo / "fp32")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     speedup = compare_runs(demo / "int8", demo / "fp32")["speedup"]
     total = compare_runs(demo / "int8", demo / "fp32")["speedup_total"]
-    for text in (f"{speedup:.2f}x speedup", f"{total:.2f}x end to end", "total (command start to _SUCCESS)", "WER",
-                 "identical transcripts", "peak worker RSS", "int8 vs fp32"):
+    for text in (
+        f"{speedup:.2f}x speedup",
+        f"{total:.2f}x end to end",
+        "total (command start to _SUCCESS)",
+        "WER",
+        "identical transcripts",
+        "peak worker RSS",
+        "int8 vs fp32",
+    ):
         assert text in run.stdout, text
     assert (tmp_path / "compare-int8-vs-fp32.png").read_bytes().startswith(PNG_MAGIC)  # default --out: cwd
     assert json.loads((tmp_path / "compare-int8-vs-fp32.json").read_text())["speedup"] == speedup

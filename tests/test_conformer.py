@@ -14,9 +14,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.int8.artifact import Artifact, build_int8_model
-from runner.int8.pipeline import Settings, quantize_model
 from runner.errors import UnsupportedModelError
+from runner.int8.artifact import Artifact, build_int8_model
+from runner.int8.config import Settings
+from runner.int8.pipeline import quantize_model
 from runner.metrics import cer, wer
 from runner.model.ctc import build_model
 from runner.model.nemo_loader import check_supported, describe, load_nemo
@@ -99,9 +100,17 @@ def test_transcripts_identical_to_nemo_transcribe(fastconformer_nemo, fastconfor
     assert cer([t for t, _ in speech_files[:20]], ours) < 0.3
 
 
-@pytest.mark.parametrize("key,value", [("conv_norm_type", "layer_norm"), ("att_context_size", [70, 13]),
-                                       ("self_attention_model", "rel_pos_local_attn"), ("global_tokens", 1),
-                                       ("conv_context_size", "causal"), ("subsampling", "vggnet")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("conv_norm_type", "layer_norm"),
+        ("att_context_size", [70, 13]),
+        ("self_attention_model", "rel_pos_local_attn"),
+        ("global_tokens", 1),
+        ("conv_context_size", "causal"),
+        ("subsampling", "vggnet"),
+    ],
+)
 def test_unsupported_conformer_options_are_rejected_by_name(key, value):
     from runner.training.recipes import fastconformer_ctc_config
 
@@ -130,8 +139,10 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_
     audios = [a for _, a in speech]
     fp32_texts = transcribe_batch(fastconformer_lean, audios)
     int8_texts = transcribe_batch(int8, audios)
-    print(f"FastConformer int8 vs fp32 word agreement: {1 - wer(fp32_texts, int8_texts):.4f} "
-          f"on {len(audios)} utterances ({report['engine']}, {report['observer']} observers)")
+    print(
+        f"FastConformer int8 vs fp32 word agreement: {1 - wer(fp32_texts, int8_texts):.4f} "
+        f"on {len(audios)} utterances ({report['engine']}, {report['observer']} observers)"
+    )
     # Measured: 98.2% with 8-bit activations (VNNI machine), 94.8-95.1% with the 7 bits of a CPU without
     # VNNI (AMD EPYC, AVX2; logit cosine 0.9993 there). This tiny model, trained for a minute, has many
     # near-ties; saturated 8-bit int8 on that CPU is far below (the issue 15 report: cosine 0.98 on large).
@@ -145,18 +156,22 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_
     units = int8.qencoder.units()
     assert int8.qencoder.unit_names()[0] == "encoder.pre_encode"
     convs = {type(m).__module__ for m in units[0].modules() if "Conv" in type(m).__name__}
-    assert convs == ({"torch.nn.modules.conv"} if 0 in int8_artifact.float_units
-                     else {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu"})
+    assert convs == (
+        {"torch.nn.modules.conv"}
+        if 0 in int8_artifact.float_units
+        else {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu"}
+    )
     for k, unit in enumerate(units[1:], start=1):
         kinds = {type(m).__module__ for m in unit.modules() if type(m).__name__ == "Linear"}
-        assert kinds == ({"torch.nn.modules.linear"} if k in int8_artifact.float_units
-                         else {"torch.ao.nn.quantized.modules.linear"}), (k, kinds)
+        assert kinds == (
+            {"torch.nn.modules.linear"} if k in int8_artifact.float_units else {"torch.ao.nn.quantized.modules.linear"}
+        ), (k, kinds)
 
 
 def test_fp32_units_reproduce_fp32_exactly(fastconformer_lean, int8_artifact, speech):
     """Every unit kept in fp32 (the gate's fallback) gives the fp32 logits: the units cover the model."""
-    from runner.int8.model import calibrate, convert, prepare, with_float_units
     from runner.int8.engines import engine_scope
+    from runner.int8.model import calibrate, convert, prepare, with_float_units
 
     engine = int8_artifact.report["engine"]
     feats, frames = fastconformer_lean.features(*pad([a for _, a in speech[:4]]))
@@ -192,8 +207,9 @@ def test_artifact_round_trip_in_a_fresh_process_without_nemo(int8_artifact, spee
     artifact_io.save(int8_artifact.to_bytes(), path)
     assert Artifact.from_bytes(path.read_bytes()).spec == int8_artifact.spec
     paths = [p for _, p in speech_files[:4]]
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), *paths], capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), *paths], capture_output=True, text=True, check=True, timeout=300
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     from runner.inputs.audio import load_audio
@@ -208,13 +224,17 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
     from runner.job.run_folder import read_rows
     from runner.job.spec import load_spec
 
-    manifest = write_manifest(tmp_path / "manifest.jsonl", [
-        {"audio_filepath": p, "duration": sf.info(p).duration, "text": t} for t, p in speech_files[:24]])
+    manifest = write_manifest(
+        tmp_path / "manifest.jsonl",
+        [{"audio_filepath": p, "duration": sf.info(p).duration, "text": t} for t, p in speech_files[:24]],
+    )
     out = tmp_path / "run"
     spec_path = tmp_path / "job.yaml"
-    spec_path.write_text(f"model: {fastconformer_file}\nmanifest: {manifest}\noutput: {out}\nprecision: int8\n"
-                         "workers: 2\nshard_seconds: 20\nquantization:\n  calibration_items: 8\n"
-                         "  max_wer_increase: 0.05\n")
+    spec_path.write_text(
+        f"model: {fastconformer_file}\nmanifest: {manifest}\noutput: {out}\nprecision: int8\n"
+        "workers: 2\nshard_seconds: 20\nquantization:\n  calibration_items: 8\n"
+        "  max_wer_increase: 0.05\n"
+    )
     run_job(load_spec(spec_path))
     table = read_rows(out).to_pylist()
     assert len(table) == 24 and all(r["status"] == "ok" for r in table)

@@ -17,8 +17,9 @@ def test_demo_runs_int8_and_fp32_and_compares(tmp_path):
     script = Path(sys.executable).parent / "asr-runner"
     env = {**os.environ, "ASR_RUNNER_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
-    run = subprocess.run([str(script), "demo", "--out", str(out), "--quiet"], capture_output=True, text=True,
-                         env=env, timeout=600)
+    run = subprocess.run(
+        [str(script), "demo", "--out", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "speedup" in run.stdout and "WER" in run.stdout and "identical transcripts" in run.stdout
     assert "x end to end" in run.stdout and "total (command start to _SUCCESS)" in run.stdout

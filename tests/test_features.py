@@ -41,8 +41,7 @@ def test_filterbank_matches_librosa_without_checkpoint_buffers():
     librosa = pytest.importorskip("librosa")
     cfg = FeatureConfig()
     ours = mel_filterbank(cfg)
-    ref = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=0, fmax=8000,
-                              norm="slaney")
+    ref = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=0, fmax=8000, norm="slaney")
     assert np.abs(ours - ref).max() < 1e-6
 
 

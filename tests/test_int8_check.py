@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from runner.int8.artifact import Artifact, Int8CheckFailed, build_int8_model
-from runner.int8.pipeline import Settings, quantize_model
-from runner.training.corpus import sentences, synthesize_many
+from runner.int8.config import Settings
+from runner.int8.engines import VNNI_FLAGS, available_engines
+from runner.int8.pipeline import quantize_model
+from runner.job.worker import Int8Payload, ShardWorker
 from runner.model.ctc import build_model
 from runner.model.nemo_loader import describe
-from runner.int8.engines import VNNI_FLAGS, available_engines
-from runner.sysinfo import cpu_info
 from runner.model.transcribe import DecodeOptions, transcribe_batch
-from runner.job.worker import Int8Payload, ShardWorker
+from runner.sysinfo import cpu_info
+from runner.training.corpus import sentences, synthesize_many
 
 from .support import pinned_engine
 
@@ -59,16 +60,18 @@ def test_the_driver_gates_and_records_what_workers_check_against(qn15):
 
 
 def _build_in_subprocess(data_path, engine, env_extra) -> tuple[dict, str]:
-    code = ("import json, sys\n"
-            "from runner.int8.artifact import build_int8_model\n"
-            f"loaded = build_int8_model(open({str(data_path)!r}, 'rb').read(), {engine!r})\n"
-            "print('RESULT ' + json.dumps(loaded.int8_check))\n")
+    code = (
+        "import json, sys\n"
+        "from runner.int8.artifact import build_int8_model\n"
+        f"loaded = build_int8_model(open({str(data_path)!r}, 'rb').read(), {engine!r})\n"
+        "print('RESULT ' + json.dumps(loaded.int8_check))\n"
+    )
     env = {**os.environ, **env_extra}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
     isa = next((line for line in run.stdout.splitlines() if ",isa:" in line), "")
-    return json.loads(result[len("RESULT "):]), isa
+    return json.loads(result[len("RESULT ") :]), isa
 
 
 @pytest.mark.skipif("onednn" not in available_engines(), reason="this torch build has no onednn engine")
@@ -77,10 +80,14 @@ def test_saturating_onednn_kernels_are_caught_and_repaired(qn15, tmp_path):
     _lean, art, _audio = qn15
     path = tmp_path / "qn15.int8"
     path.write_bytes(art.to_bytes())
-    check, isa = _build_in_subprocess(path, "onednn", {"ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1",
-                                                       "ASR_RUNNER_CPU_FLAGS": CLAIMS_VNNI})
+    check, isa = _build_in_subprocess(
+        path, "onednn", {"ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1", "ASR_RUNNER_CPU_FLAGS": CLAIMS_VNNI}
+    )
     first, last = check["attempts"][0], check["attempts"][-1]
-    print(f"oneDNN dispatched to: {isa}; attempts: {[(a['activation_bits'], a['logit_cosine']) for a in check['attempts']]}")
+    print(
+        f"oneDNN dispatched to: {isa}; "
+        f"attempts: {[(a['activation_bits'], a['logit_cosine']) for a in check['attempts']]}"
+    )
     assert isa, "oneDNN did not report its ISA (ONEDNN_VERBOSE)"
     assert first["activation_bits"] == 8  # the override made the worker believe it has VNNI
     if "DL Boost" in isa or "AMX" in isa or "VNNI" in isa:  # the cap did not take: int32 accumulation
@@ -131,8 +138,9 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
     lean, art, audio = qn15
     buf = BytesIO()
     save_checkpoint(lean.spec, lean.state_dict(), buf)
-    payload = Int8Payload(_broken(art), "auto", on_check_failure="fp32",
-                          fp32_checkpoint=lambda: buf.getvalue())  # Ray gives the worker a callable that fetches it
+    payload = Int8Payload(
+        _broken(art), "auto", on_check_failure="fp32", fp32_checkpoint=lambda: buf.getvalue()
+    )  # Ray gives the worker a callable that fetches it
     worker = ShardWorker(payload, threads=2, options=DecodeOptions())
     check = worker.info()["int8_check"]
     assert worker.engine == "fp32" and check["fallback"] == "fp32 model" and not check["passed"]
@@ -141,5 +149,6 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
     texts = transcribe_batch(worker.model, audio[:2])
     assert texts == transcribe_batch(lean, audio[:2])  # the fp32 model's own transcripts
     with pytest.raises(Int8CheckFailed, match="on_check_failure is stop"):
-        ShardWorker(Int8Payload(payload.artifact, "auto", "stop", payload.fp32_checkpoint), threads=2,
-                    options=DecodeOptions())
+        ShardWorker(
+            Int8Payload(payload.artifact, "auto", "stop", payload.fp32_checkpoint), threads=2, options=DecodeOptions()
+        )

@@ -10,14 +10,16 @@ from runner.model.nemo_loader import describe
 PROBE = r"""
 import json, sys
 {code}
-heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"nemo", "ray", "lightning", "pytorch_lightning", "librosa"}})
+heavy = {{"nemo", "ray", "lightning", "pytorch_lightning", "librosa"}}
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & heavy)
 print(json.dumps(heavy))
 """
 
 
 def imported_heavy(code: str, *args: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(code=code), *args], capture_output=True,
-                         text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(code=code), *args], capture_output=True, text=True, check=True, timeout=300
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -11,25 +11,31 @@ import soundfile as sf
 import soxr
 import torch
 
-from runner.inputs.audio import load_audio
 from runner.cli.main import main
-from runner.training.corpus import sentences, synthesize_many
+from runner.inputs.audio import load_audio
+from runner.inputs.manifest import iter_manifest
 from runner.job.run import JobFailed, run_job
-from runner.model.ctc import build_model
-from runner.model.nemo_loader import load_nemo
 from runner.job.run_folder import read_rows
 from runner.job.spec import load_spec
-from runner.inputs.manifest import iter_manifest
-from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.job.worker import transcribe_items
+from runner.model.ctc import build_model
+from runner.model.nemo_loader import load_nemo
+from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.training.corpus import sentences, synthesize_many
 
 from .support import stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 
 N_SPEECH = 240
-FORMATS = [("wav", 16000, 1, "PCM_16"), ("flac", 22050, 1, "PCM_16"), ("ogg", 44100, 1, "VORBIS"),
-           ("mp3", 48000, 2, "MPEG_LAYER_III"), ("wav", 8000, 1, "PCM_24"), ("wav", 48000, 2, "FLOAT")]
+FORMATS = [
+    ("wav", 16000, 1, "PCM_16"),
+    ("flac", 22050, 1, "PCM_16"),
+    ("ogg", 44100, 1, "VORBIS"),
+    ("mp3", 48000, 2, "MPEG_LAYER_III"),
+    ("wav", 8000, 1, "PCM_24"),
+    ("wav", 48000, 2, "FLOAT"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,11 @@ def corpus(tmp_path_factory):
         rows.append({"audio_filepath": name, "duration": round(len(audio) / 16000, 3), "text": text})
     (folder / "audio/empty.wav").write_bytes(b"")
     (folder / "audio/corrupt.wav").write_bytes(os.urandom(4000))
-    broken = [{"audio_filepath": "audio/missing.wav", "duration": 2.0, "text": "x"},
-              {"audio_filepath": "audio/empty.wav", "duration": 2.0, "text": "x"},
-              {"audio_filepath": "audio/corrupt.wav", "duration": 2.0, "text": "x"}]
+    broken = [
+        {"audio_filepath": "audio/missing.wav", "duration": 2.0, "text": "x"},
+        {"audio_filepath": "audio/empty.wav", "duration": 2.0, "text": "x"},
+        {"audio_filepath": "audio/corrupt.wav", "duration": 2.0, "text": "x"},
+    ]
     for pos, row in zip((17, 120, 200), broken):
         rows.insert(pos, row)
     manifest = write_manifest(folder / "manifest.jsonl", rows)
@@ -59,8 +67,13 @@ def corpus(tmp_path_factory):
 
 
 def make_spec(folder, manifest, model, out, **extra):
-    return write_spec(folder / f"{out.name}.yaml", model=model, manifest=manifest, output=out,
-                      **{"shard_seconds": 60, "max_failed": 5, **extra})
+    return write_spec(
+        folder / f"{out.name}.yaml",
+        model=model,
+        manifest=manifest,
+        output=out,
+        **{"shard_seconds": 60, "max_failed": 5, **extra},
+    )
 
 
 def assert_worker_texts(out, manifest, model):
@@ -87,8 +100,16 @@ def check_stage_seconds(out, stats):
         stages = meta["stages"]
         assert set(stages) == {"read", "resample", "features", "encoder", "decode"}, path.name
         assert min(stages.values()) >= 0 and sum(stages.values()) <= meta["compute_seconds"] + 1e-3, (path.name, meta)
-    assert set(stats["stages"]) == {"read", "resample", "features", "encoder", "decode", "other", "write",
-                                    "ray_overhead"}
+    assert set(stats["stages"]) == {
+        "read",
+        "resample",
+        "features",
+        "encoder",
+        "decode",
+        "other",
+        "write",
+        "ray_overhead",
+    }
     assert min(stats["stages"].values()) >= 0 and stats["stages"]["encoder"] > 0 and stats["stages"]["write"] > 0
     assert abs(sum(stats["stage_fractions"].values()) - 1) < 1e-3
 
@@ -102,8 +123,17 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     table = read_rows(out)
     assert sorted(table["id"].to_pylist()) == sorted(f"L{i:08d}" for i in range(1, len(rows) + 1))
     assert table.num_rows == len(rows)  # each id exactly once
-    assert set(table.column_names) >= {"id", "audio_filepath", "offset", "duration", "text", "reference",
-                                       "status", "error", "shard"}
+    assert set(table.column_names) >= {
+        "id",
+        "audio_filepath",
+        "offset",
+        "duration",
+        "text",
+        "reference",
+        "status",
+        "error",
+        "shard",
+    }
     errors = [r for r in table.to_pylist() if r["status"] == "error"]
     assert sorted(os.path.basename(r["audio_filepath"]) for r in errors) == ["corrupt.wav", "empty.wav", "missing.wav"]
     for r in errors:
@@ -133,8 +163,9 @@ def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, t
     resumed = run_job(spec, resume=True)
     assert resumed.ran_shards == [2, 7]
     after = stamps(out, "*.parquet")
-    assert {k: v for k, v in after.items() if k not in (parts[2].name, parts[7].name)} == \
-           {k: v for k, v in before.items() if k not in (parts[2].name, parts[7].name)}
+    assert {k: v for k, v in after.items() if k not in (parts[2].name, parts[7].name)} == {
+        k: v for k, v in before.items() if k not in (parts[2].name, parts[7].name)
+    }
     assert read_rows(out).sort_by("id").equals(table.sort_by("id"))
 
     # A changed manifest refuses to resume (exit 2), naming what differs.
@@ -226,8 +257,9 @@ def test_retry_errors_reruns_only_error_rows_and_logs_progress(ray_local, corpus
     assert stats["failed"] == 0 and stats["utterances"] == len(rows)
 
 
-def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_nemo_file, tmp_path, caplog,
-                                                       reliability):
+def test_killed_worker_is_replaced_and_nothing_is_lost(
+    ray_local, corpus, tiny_nemo_file, tmp_path, caplog, reliability
+):
     import psutil
 
     folder, manifest, rows = corpus
@@ -253,16 +285,22 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(ray_local, corpus, tiny_n
     lost = [r.getMessage() for r in caplog.records if "lost with its worker" in r.getMessage()]
     # A replacement is started; the survivor may finish the job before it is up (then it is dropped).
     assert lost and any("starting a replacement" in r.getMessage() for r in caplog.records)
-    reliability("worker killed", "SIGKILL of a worker actor's process after the first part", ids,
-                table["id"].to_pylist(), f"{len(lost)} shard(s) resent",
-                "replacement actor started (dropped if the survivor finishes first); job completed, exit 0")
+    reliability(
+        "worker killed",
+        "SIGKILL of a worker actor's process after the first part",
+        ids,
+        table["id"].to_pylist(),
+        f"{len(lost)} shard(s) resent",
+        "replacement actor started (dropped if the survivor finishes first); job completed, exit 0",
+    )
 
 
-def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch,
-                                                           capsys):
+def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(
+    ray_local, corpus, tiny_nemo_file, tmp_path, monkeypatch, capsys
+):
     """precision int8: calibrate on a sample of the manifest, gate on another, workers pick their engine."""
     from runner.int8.artifact import Artifact
-    from runner.int8.pipeline import cache_dir
+    from runner.int8.cache import cache_dir
     from runner.int8.engines import activation_bits, available_engines
 
     monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path / "cache"))
@@ -274,8 +312,10 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
     engines = set(stats["engines"].values())
     assert stats["precision"] == "int8" and engines <= set(available_engines())
     assert stats["engine"] == (engines.pop() if len(engines) == 1 else "mixed")
-    assert all(info["engine"] == min(info["engine_seconds"], key=info["engine_seconds"].get)
-               for info in stats["worker_info"].values())  # each worker timed the engines and took the fastest
+    assert all(
+        info["engine"] == min(info["engine_seconds"], key=info["engine_seconds"].get)
+        for info in stats["worker_info"].values()
+    )  # each worker timed the engines and took the fastest
     assert stats["worker_heavy_imports"] == [] and stats["quantization"]["from_cache"] is False
     for info in stats["worker_info"].values():  # every worker checked its int8 model before it transcribed
         check = info["int8_check"]
@@ -308,8 +348,11 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
     assert wer(fp32, [r["text"] for r in ok]) <= 0.10
 
     # The next job over the same model and settings takes the artifact from the cache.
-    again = run_job(load_spec(make_spec(folder, manifest, tiny_nemo_file, tmp_path / "int8-again",
-                                        precision="int8", quantization=quant)))
+    again = run_job(
+        load_spec(
+            make_spec(folder, manifest, tiny_nemo_file, tmp_path / "int8-again", precision="int8", quantization=quant)
+        )
+    )
     assert again.stats["quantization"]["from_cache"] is True
     assert again.stats["quantization"]["sha256"] == stats["quantization"]["sha256"]
 
@@ -318,18 +361,32 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(ray_local, corpus, t
     # through Ray and transcribe in fp32, loudly; with `on_check_failure: stop` the job stops first.
     art = Artifact.from_bytes(cached[0].read_bytes())
     reference = {**art.reference, "logits": torch.roll(art.reference["logits"], shifts=1, dims=1)}
-    cached[0].write_bytes(Artifact(art.spec, art.features, art.int8, art.float_units, art.recipe, art.report,
-                                   reference).to_bytes())
-    fallback = run_job(load_spec(make_spec(folder, manifest, tiny_nemo_file, tmp_path / "int8-fallback",
-                                           precision="int8", quantization=quant)))
+    cached[0].write_bytes(
+        Artifact(art.spec, art.features, art.int8, art.float_units, art.recipe, art.report, reference).to_bytes()
+    )
+    fallback = run_job(
+        load_spec(
+            make_spec(
+                folder, manifest, tiny_nemo_file, tmp_path / "int8-fallback", precision="int8", quantization=quant
+            )
+        )
+    )
     assert set(fallback.stats["engines"].values()) == {"fp32"}
     assert fallback.stats["int8_check"]["fallbacks"] == {"fp32 model": len(fallback.stats["worker_info"])}
     assert not fallback.stats["int8_check"]["passed"]
     assert_worker_texts(tmp_path / "int8-fallback", manifest, lean)  # the fp32 model's own transcripts
     stop = "{calibration_items: 40, gate_items: 60, max_wer_increase: 0.02, on_check_failure: stop}"
     stopped = tmp_path / "int8-stop"
-    assert main(["run", str(make_spec(folder, manifest, tiny_nemo_file, stopped, precision="int8",
-                                      quantization=stop)), "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(make_spec(folder, manifest, tiny_nemo_file, stopped, precision="int8", quantization=stop)),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "on_check_failure is stop" in err and "nothing was transcribed" in err, err
     assert not list((stopped / "transcripts").glob("*.parquet")) and not (stopped / "_SUCCESS").exists()

@@ -41,8 +41,9 @@ def error_rows(out: Path) -> list[dict]:
     return [r for r in read_rows(out).to_pylist() if r["status"] == "error"]
 
 
-def test_the_error_budget_holds_on_resume_until_the_errors_are_fixed(ray_local, speech_files, tiny_nemo_file,
-                                                                    tmp_path, capsys, reliability):
+def test_the_error_budget_holds_on_resume_until_the_errors_are_fixed(
+    ray_local, speech_files, tiny_nemo_file, tmp_path, capsys, reliability
+):
     """The last shard breaks the budget: `--resume` has nothing left to run, and still exits 1
     without `_SUCCESS`; fixing the file and `--retry-errors` completes the job."""
     rows = speech_rows(speech_files, 8, tmp_path)
@@ -50,8 +51,9 @@ def test_the_error_budget_holds_on_resume_until_the_errors_are_fixed(ray_local, 
     rows.append({"audio_filepath": str(broken), "duration": 2.0, "text": speech_files[8][0]})
     manifest = write_manifest(tmp_path / "manifest.jsonl", rows)
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=8,
-                      max_failed=0)
+    spec = write_spec(
+        tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=8, max_failed=0
+    )
     assert main(["--quiet", "run", str(spec)]) == 1
     assert "exceed the error budget" in capsys.readouterr().err and not (out / "_SUCCESS").exists()
     shards = len(json.loads((out / "job.json").read_text())["plan"])
@@ -67,15 +69,21 @@ def test_the_error_budget_holds_on_resume_until_the_errors_are_fixed(ray_local, 
     assert main(["--quiet", "run", str(spec), "--retry-errors"]) == 0
     assert (out / "_SUCCESS").exists() and not error_rows(out)
     ids = manifest_ids(manifest)
-    reliability("error budget broken by the last shard", "a missing file on the manifest's last line, "
-                "max_failed: 0; then `--resume`; then the file restored and `--retry-errors`", ids,
-                read_rows(out, ["id"])["id"].to_pylist(), "1 (the repaired row's part, at --retry-errors)",
-                "run and --resume exit 1 without _SUCCESS (the resume ran nothing, read the error rows); "
-                "--retry-errors completed, exit 0")
+    reliability(
+        "error budget broken by the last shard",
+        "a missing file on the manifest's last line, "
+        "max_failed: 0; then `--resume`; then the file restored and `--retry-errors`",
+        ids,
+        read_rows(out, ["id"])["id"].to_pylist(),
+        "1 (the repaired row's part, at --retry-errors)",
+        "run and --resume exit 1 without _SUCCESS (the resume ran nothing, read the error rows); "
+        "--retry-errors completed, exit 0",
+    )
 
 
-def test_the_plan_is_recorded_once_and_survives_a_repaired_file(ray_local, speech_files, tiny_nemo_file, tmp_path,
-                                                                reliability):
+def test_the_plan_is_recorded_once_and_survives_a_repaired_file(
+    ray_local, speech_files, tiny_nemo_file, tmp_path, reliability
+):
     """No `duration` in the manifest: an unreadable file weighs 0 s in the plan. Once repaired it
     would weigh its length and move the shard boundaries; the recorded plan is reused instead."""
     rows = speech_rows(speech_files, 10, tmp_path, durations=False)
@@ -84,8 +92,9 @@ def test_the_plan_is_recorded_once_and_survives_a_repaired_file(ray_local, speec
     missing.unlink()
     manifest = write_manifest(tmp_path / "manifest.jsonl", rows)
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=8,
-                      max_failed=1)
+    spec = write_spec(
+        tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=8, max_failed=1
+    )
     assert main(["--quiet", "run", str(spec)]) == 0
     plan = json.loads((out / "job.json").read_text())["plan"]
     [error] = error_rows(out)
@@ -98,14 +107,19 @@ def test_the_plan_is_recorded_once_and_survives_a_repaired_file(ray_local, speec
     after = stamps(out)
     rewritten = sorted(name for name in after if after[name] != before[name])
     assert rewritten == [f"part-{error['shard']:05d}.parquet"] and not error_rows(out)
-    reliability("file repaired after the plan", "manifest without `duration`, a file missing at the first run, "
-                "restored, then `--retry-errors`", manifest_ids(manifest), read_rows(out, ["id"])["id"].to_pylist(),
-                "1 (the repaired row's part)", f"the plan recorded in job.json reused ({len(plan)} shards, "
-                "unchanged); exit 0")
+    reliability(
+        "file repaired after the plan",
+        "manifest without `duration`, a file missing at the first run, restored, then `--retry-errors`",
+        manifest_ids(manifest),
+        read_rows(out, ["id"])["id"].to_pylist(),
+        "1 (the repaired row's part)",
+        f"the plan recorded in job.json reused ({len(plan)} shards, unchanged); exit 0",
+    )
 
 
-def test_a_resumed_int8_job_uses_its_own_int8_model_or_refuses(ray_local, speech_files, tiny_nemo_file, tmp_path,
-                                                               monkeypatch, capsys, reliability):
+def test_a_resumed_int8_job_uses_its_own_int8_model_or_refuses(
+    ray_local, speech_files, tiny_nemo_file, tmp_path, monkeypatch, capsys, reliability
+):
     """The artifact lives with the job: a lost cache does not re-quantize; a lost artifact, another
     torch or another engine policy refuses the resume (exit 2) instead of mixing two int8 models."""
     cache = tmp_path / "cache"
@@ -114,8 +128,15 @@ def test_a_resumed_int8_job_uses_its_own_int8_model_or_refuses(ray_local, speech
     manifest = write_manifest(tmp_path / "manifest.jsonl", rows)
     out = tmp_path / "out"
     quant = "{calibration_items: 8, gate_items: 8, max_wer_increase: 0.05}"
-    spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=15,
-                      precision="int8", quantization=quant)
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        model=tiny_nemo_file,
+        manifest=manifest,
+        output=out,
+        shard_seconds=15,
+        precision="int8",
+        quantization=quant,
+    )
     assert main(["--quiet", "run", str(spec)]) == 0
     job = json.loads((out / "job.json").read_text())
     from runner.int8.artifact import sha256
@@ -150,17 +171,29 @@ def test_a_resumed_int8_job_uses_its_own_int8_model_or_refuses(ray_local, speech
     assert main(["--quiet", "run", str(spec), "--resume"]) == 2
     assert "torch 2.0.0 wrote it" in capsys.readouterr().err
     job_file.write_text(original)
-    other = write_spec(tmp_path / "other.yaml", model=tiny_nemo_file, manifest=manifest, output=out,
-                       shard_seconds=15, precision="int8", quantization=quant[:-1] + ", engine: qnnpack}")
+    other = write_spec(
+        tmp_path / "other.yaml",
+        model=tiny_nemo_file,
+        manifest=manifest,
+        output=out,
+        shard_seconds=15,
+        precision="int8",
+        quantization=quant[:-1] + ", engine: qnnpack}",
+    )
     assert main(["--quiet", "run", str(other), "--resume"]) == 2
     assert "engine policy" in capsys.readouterr().err and not part.exists()
     assert main(["--quiet", "run", str(spec), "--resume"]) == 0
-    reliability("int8 resume after the cache was lost", "the artifact cache deleted, a part deleted, `--resume`; "
-                "then the job's int8-model.pt deleted; then job.json from another torch; then another engine "
-                "policy", manifest_ids(manifest), read_rows(out, ["id"])["id"].to_pylist(),
-                "1 (the deleted part, with the job's own artifact)",
-                "resumed with the job's artifact (nothing re-quantized, same texts); missing artifact, other "
-                "torch, other engine policy: exit 2 naming it, nothing written")
+    reliability(
+        "int8 resume after the cache was lost",
+        "the artifact cache deleted, a part deleted, `--resume`; "
+        "then the job's int8-model.pt deleted; then job.json from another torch; then another engine "
+        "policy",
+        manifest_ids(manifest),
+        read_rows(out, ["id"])["id"].to_pylist(),
+        "1 (the deleted part, with the job's own artifact)",
+        "resumed with the job's artifact (nothing re-quantized, same texts); missing artifact, other "
+        "torch, other engine policy: exit 2 naming it, nothing written",
+    )
 
 
 def test_only_exact_part_names_are_parts(ray_local, speech_files, tiny_nemo_file, tmp_path, reliability):
@@ -170,9 +203,11 @@ def test_only_exact_part_names_are_parts(ray_local, speech_files, tiny_nemo_file
     spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out, shard_seconds=8)
     assert main(["--quiet", "run", str(spec)]) == 0
     parts = out / "transcripts"
-    lookalikes = {parts / "part-00001-copy.parquet": parts / "part-00001.parquet",
-                  parts / "part-1.parquet": parts / "part-00001.parquet",
-                  parts / "part-000001.parquet": parts / "part-00000.parquet"}
+    lookalikes = {
+        parts / "part-00001-copy.parquet": parts / "part-00001.parquet",
+        parts / "part-1.parquet": parts / "part-00001.parquet",
+        parts / "part-000001.parquet": parts / "part-00000.parquet",
+    }
     for copy, source in lookalikes.items():
         shutil.copy(source, copy)
     (parts / "part-00001.parquet").unlink()
@@ -183,9 +218,15 @@ def test_only_exact_part_names_are_parts(ray_local, speech_files, tiny_nemo_file
     assert {p: p.read_bytes() for p in lookalikes} == before  # left alone
     table_ids = read_rows(out, ["id"])["id"].to_pylist()
     assert sorted(table_ids) == sorted(manifest_ids(manifest))  # and never read
-    reliability("look-alike part files", "`part-00001-copy.parquet`, `part-1.parquet`, `part-000001.parquet` "
-                "(copies of real parts) beside the parts, part-00001 deleted, `--resume`", manifest_ids(manifest),
-                table_ids, "1 (the deleted part)", "look-alikes kept and not read; exit 0")
+    reliability(
+        "look-alike part files",
+        "`part-00001-copy.parquet`, `part-1.parquet`, `part-000001.parquet` "
+        "(copies of real parts) beside the parts, part-00001 deleted, `--resume`",
+        manifest_ids(manifest),
+        table_ids,
+        "1 (the deleted part)",
+        "look-alikes kept and not read; exit 0",
+    )
 
 
 def test_one_driver_per_output_folder_and_a_killed_drivers_lock_is_stale(ray_local, tmp_path, capsys, reliability):
@@ -204,7 +245,12 @@ def test_one_driver_per_output_folder_and_a_killed_drivers_lock_is_stale(ray_loc
     ids = manifest_ids(manifest)
     table_ids = read_rows(out, ["id"])["id"].to_pylist()
     assert sorted(table_ids) == sorted(ids)
-    reliability("two drivers on one folder", "`run --resume` while another driver runs the job; then SIGKILL of "
-                "that driver and `--resume`", ids, table_ids, "the unfinished ones",
-                "second driver exit 2 naming the running one (pid, host, command); after the kill the lock was "
-                "free: resume completed, exit 0")
+    reliability(
+        "two drivers on one folder",
+        "`run --resume` while another driver runs the job; then SIGKILL of that driver and `--resume`",
+        ids,
+        table_ids,
+        "the unfinished ones",
+        "second driver exit 2 naming the running one (pid, host, command); after the kill the lock was "
+        "free: resume completed, exit 0",
+    )

@@ -48,8 +48,13 @@ print(json.dumps({"peak_rss_mb": peak_rss_mb(),
 def test_ten_minute_file_with_quartznet15x5_stays_under_1_5_gb(quartznet15x5_nemo, long_speech, tmp_path):
     ckpt = tmp_path / "qn15x5.pt"
     save_checkpoint(*describe(quartznet15x5_nemo), ckpt)
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ckpt), long_speech[0]],
-                         capture_output=True, text=True, check=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(ckpt), long_speech[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     print(figures)
     assert figures["audio_seconds"] >= 600

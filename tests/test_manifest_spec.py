@@ -3,9 +3,9 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 import soundfile as sf
-import numpy as np
 
 from runner.errors import ManifestError
 from runner.inputs.manifest import check_unique_ids, iter_manifest
@@ -17,8 +17,11 @@ from .support import write_manifest
 
 def test_reads_nemo_jsonl_with_relative_paths_bom_crlf_blank_lines_and_gz(tmp_path):
     sf.write(tmp_path / "a.wav", np.zeros(8000, np.float32), 16000)
-    lines = [json.dumps({"audio_filepath": "a.wav", "text": "hi"}), "",
-             json.dumps({"audio_filepath": "a.wav", "duration": 0.25, "offset": 0.1, "id": 7})]
+    lines = [
+        json.dumps({"audio_filepath": "a.wav", "text": "hi"}),
+        "",
+        json.dumps({"audio_filepath": "a.wav", "duration": 0.25, "offset": 0.1, "id": 7}),
+    ]
     plain = write_manifest(tmp_path / "m.jsonl", lines, newline="\r\n", bom=True)
     items = list(iter_manifest(plain))
     assert [i.line for i in items] == [1, 3]
@@ -29,15 +32,18 @@ def test_reads_nemo_jsonl_with_relative_paths_bom_crlf_blank_lines_and_gz(tmp_pa
     assert list(iter_manifest(gz)) == items
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"audio_filepath": "a.wav"', "invalid JSON"),
-    ('["a.wav"]', "expected a JSON object, got list"),
-    ('{"text": "no path"}', "missing `audio_filepath`"),
-    ('{"audio_filepath": "a.wav", "duration": "long"}', "`duration` must be a non-negative number"),
-    ('{"audio_filepath": "a.wav", "offset": -1}', "`offset` must be a non-negative number"),
-    ('{"audio_filepath": "a.wav", "text": 5}', "`text` must be a string"),
-    ('{"audio_filepath": "a.wav", "id": [1]}', "`id` must be a non-empty string or integer"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"audio_filepath": "a.wav"', "invalid JSON"),
+        ('["a.wav"]', "expected a JSON object, got list"),
+        ('{"text": "no path"}', "missing `audio_filepath`"),
+        ('{"audio_filepath": "a.wav", "duration": "long"}', "`duration` must be a non-negative number"),
+        ('{"audio_filepath": "a.wav", "offset": -1}', "`offset` must be a non-negative number"),
+        ('{"audio_filepath": "a.wav", "text": 5}', "`text` must be a string"),
+        ('{"audio_filepath": "a.wav", "id": [1]}', "`id` must be a non-empty string or integer"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = write_manifest(tmp_path / "bad.jsonl", ['{"audio_filepath": "a.wav", "duration": 1}', line])
     with pytest.raises(ManifestError, match=rf"bad.jsonl:2: {message}"):
@@ -45,8 +51,9 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
 
 
 def test_duplicate_ids_name_both_lines(tmp_path):
-    path = write_manifest(tmp_path / "d.jsonl", [json.dumps({"audio_filepath": f"{i}.wav", "duration": 1,
-                                                             "id": i % 2}) for i in range(3)])
+    path = write_manifest(
+        tmp_path / "d.jsonl", [json.dumps({"audio_filepath": f"{i}.wav", "duration": 1, "id": i % 2}) for i in range(3)]
+    )
     with pytest.raises(ManifestError, match=r"d.jsonl:3: duplicate id '0' \(first on line 1\)"):
         list(check_unique_ids(iter_manifest(path), path))
 
@@ -71,23 +78,28 @@ def spec_file(tmp_path, text):
 
 
 def test_spec_resolves_paths_and_round_trips(tmp_path):
-    path = spec_file(tmp_path, "model: m.nemo\nmanifest: data/m.jsonl\noutput: runs/x\nprecision: fp32\n"
-                               "quantization:\n  engine: onednn\n")
+    path = spec_file(
+        tmp_path,
+        "model: m.nemo\nmanifest: data/m.jsonl\noutput: runs/x\nprecision: fp32\nquantization:\n  engine: onednn\n",
+    )
     spec = load_spec(path, workers=3)
     assert spec.manifest == str(tmp_path / "data/m.jsonl") and spec.workers == 3
     assert spec.quantization.engine == "onednn"
     assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
-@pytest.mark.parametrize("text,message", [
-    ("model: m\nmanifest: x\noutput: o\nshards: 3\n", r"unknown key\(s\) shards; allowed:"),
-    ("model: m\nmanifest: x\noutput: o\nquantization: {engin: x}\n", r"unknown key\(s\) quantization.engin"),
-    ("model: m\nmanifest: x\n", r"missing required key\(s\): output"),
-    ("model: m\nmanifest: x\noutput: o\nprecision: int4\n", "precision must be one of int8, fp32"),
-    ("model: m\nmanifest: x\noutput: o\nmax_failed: 2.5\n", "max_failed must be a fraction"),
-    ("model: m\nmanifest: x\noutput: o\nworkers: 0\n", "workers must be a positive integer"),
-    ("- just a list\n", "a job spec is a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model: m\nmanifest: x\noutput: o\nshards: 3\n", r"unknown key\(s\) shards; allowed:"),
+        ("model: m\nmanifest: x\noutput: o\nquantization: {engin: x}\n", r"unknown key\(s\) quantization.engin"),
+        ("model: m\nmanifest: x\n", r"missing required key\(s\): output"),
+        ("model: m\nmanifest: x\noutput: o\nprecision: int4\n", "precision must be one of int8, fp32"),
+        ("model: m\nmanifest: x\noutput: o\nmax_failed: 2.5\n", "max_failed must be a fraction"),
+        ("model: m\nmanifest: x\noutput: o\nworkers: 0\n", "workers must be a positive integer"),
+        ("- just a list\n", "a job spec is a mapping"),
+    ],
+)
 def test_spec_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(SpecError, match=message):
         load_spec(spec_file(tmp_path, text))

@@ -4,9 +4,9 @@ import io
 
 import torch
 
-from runner.model.decoding import greedy_decode
 from runner.metrics import cer
 from runner.model.ctc import build_model, load_checkpoint, save_checkpoint
+from runner.model.decoding import greedy_decode
 from runner.model.nemo_loader import describe, load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 
@@ -15,7 +15,7 @@ from .support import max_logit_diff, pad
 
 def test_tiny_logits_match_nemo_on_mixed_lengths(tiny_nemo, tiny_lean, speech):
     for start in (0, 16):
-        diff = max_logit_diff(tiny_nemo, tiny_lean, [a for _, a in speech[start: start + 16]])
+        diff = max_logit_diff(tiny_nemo, tiny_lean, [a for _, a in speech[start : start + 16]])
         assert diff <= 1e-3, diff
 
 

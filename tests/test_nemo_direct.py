@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from runner.training.corpus import sentences
 from runner.errors import InputError, UnsupportedModelError
 from runner.model.nemo_loader import load_nemo, load_nemo_with_nemo
+from runner.training.corpus import sentences
 
 from .support import TRAIN_SEED, TRAIN_SENTENCES
 
@@ -27,11 +27,30 @@ DEMO = str(Path(__file__).parent.parent / "runner" / "data" / "demo_quartznet.ne
 MEL = "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor"
 # Every AudioToMelSpectrogramPreprocessor option that reaches FeatureConfig, away from its default:
 # samples instead of seconds, no n_fft (NeMo: next power of 2 of the window), string guard value.
-EXPLICIT_FEATURES = dict(_target_=MEL, sample_rate=22050, window_size=None, window_stride=None, n_window_size=551,
-                         n_window_stride=220, window="hamming", normalize="all_features", preemph=None, features=40,
-                         lowfreq=20, highfreq=7000, log=True, log_zero_guard_type="clamp", log_zero_guard_value="eps",
-                         dither=0.0, pad_to=0, frame_splicing=1, exact_pad=True, pad_value=-11.5, mag_power=1.0,
-                         mel_norm=None)
+EXPLICIT_FEATURES = dict(
+    _target_=MEL,
+    sample_rate=22050,
+    window_size=None,
+    window_stride=None,
+    n_window_size=551,
+    n_window_stride=220,
+    window="hamming",
+    normalize="all_features",
+    preemph=None,
+    features=40,
+    lowfreq=20,
+    highfreq=7000,
+    log=True,
+    log_zero_guard_type="clamp",
+    log_zero_guard_value="eps",
+    dither=0.0,
+    pad_to=0,
+    frame_splicing=1,
+    exact_pad=True,
+    pad_value=-11.5,
+    mag_power=1.0,
+    mel_norm=None,
+)
 
 
 def repack(src: str, dst: Path, edit=None, drop: tuple[str, ...] = (), gz: bool = False) -> str:
@@ -59,8 +78,12 @@ def as_older_nemo(config: dict) -> dict:
 @pytest.fixture(scope="module")
 def nemo_files(tmp_path_factory) -> dict[str, str]:
     from runner.training.recipes import (
-        build_nemo_model, conformer_ctc_config, randomize_batchnorm, small_citrinet_config,
-        tiny_quartznet_config, train_tokenizer
+        build_nemo_model,
+        conformer_ctc_config,
+        randomize_batchnorm,
+        small_citrinet_config,
+        tiny_quartznet_config,
+        train_tokenizer,
     )
 
     folder = tmp_path_factory.mktemp("direct")
@@ -70,8 +93,11 @@ def nemo_files(tmp_path_factory) -> dict[str, str]:
     explicit = tiny_quartznet_config()
     explicit["preprocessor"], explicit["encoder"]["feat_in"] = EXPLICIT_FEATURES, 40
     files = {"demo": DEMO}
-    for name, config in (("citrinet", small_citrinet_config(spm)), ("fastconformer_defaults", conformer),
-                         ("quartznet_explicit_features", explicit)):
+    for name, config in (
+        ("citrinet", small_citrinet_config(spm)),
+        ("fastconformer_defaults", conformer),
+        ("quartznet_explicit_features", explicit),
+    ):
         torch.manual_seed(0)
         model = build_nemo_model(config)
         randomize_batchnorm(model)
@@ -81,8 +107,9 @@ def nemo_files(tmp_path_factory) -> dict[str, str]:
     return files
 
 
-@pytest.mark.parametrize("name", ["demo", "citrinet", "fastconformer_defaults", "quartznet_explicit_features",
-                                  "demo_as_older_nemo_gz"])
+@pytest.mark.parametrize(
+    "name", ["demo", "citrinet", "fastconformer_defaults", "quartznet_explicit_features", "demo_as_older_nemo_gz"]
+)
 def test_direct_load_equals_nemo_restore(nemo_files, name):
     spec, state = load_nemo(nemo_files[name])
     ref_spec, ref_state = load_nemo_with_nemo(nemo_files[name])
@@ -99,9 +126,11 @@ def test_direct_load_equals_nemo_restore(nemo_files, name):
 
 
 def test_direct_load_does_not_import_nemo(nemo_files):
-    code = ("import json, sys\nfrom runner.model.nemo_loader import load_any\n"
-            "for path in sys.argv[1:]:\n    load_any(path)\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'nemo', 'lightning', 'librosa'})))\n")
+    code = (
+        "import json, sys\nfrom runner.model.nemo_loader import load_any\n"
+        "for path in sys.argv[1:]:\n    load_any(path)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'nemo', 'lightning', 'librosa'})))\n"
+    )
     paths = [nemo_files[k] for k in ("demo", "citrinet", "fastconformer_defaults", "demo_as_older_nemo_gz")]
     out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -110,8 +139,11 @@ def test_direct_load_does_not_import_nemo(nemo_files):
 
 def test_archive_without_weights_is_a_clear_error(tmp_path):
     path = repack(DEMO, tmp_path / "config_only.nemo", drop=("model_weights.ckpt",))
-    with pytest.raises(InputError, match=r"config_only\.nemo: model_weights\.ckpt missing: not a NeMo checkpoint "
-                                         r"saved by save_to\(\)"):
+    with pytest.raises(
+        InputError,
+        match=r"config_only\.nemo: model_weights\.ckpt missing: not a NeMo checkpoint "
+        r"saved by save_to\(\)",
+    ):
         load_nemo(path)
 
 
@@ -125,14 +157,33 @@ def _special_tokens(config: dict) -> dict:
     return config
 
 
-@pytest.mark.parametrize("edit,drop,error,message", [
-    (None, ("_tokenizer.model",), InputError, r"_tokenizer\.model missing: the tokenizer model named by "
-                                              r"tokenizer\.model_path \(nemo:.*\) is not in the archive"),
-    (_vocabulary_reversed, (), UnsupportedModelError, r"the decoder's vocabulary \(128 labels\) is not the "
-                                                      r"tokenizer's 128 pieces in id order"),
-    (_special_tokens, (), UnsupportedModelError, r"SentencePieceTokenizer \(legacy, with special tokens\) is not "
-                                                 r"supported"),
-], ids=["tokenizer_missing", "vocabulary_mismatch", "special_tokens"])
+@pytest.mark.parametrize(
+    "edit,drop,error,message",
+    [
+        (
+            None,
+            ("_tokenizer.model",),
+            InputError,
+            r"_tokenizer\.model missing: the tokenizer model named by "
+            r"tokenizer\.model_path \(nemo:.*\) is not in the archive",
+        ),
+        (
+            _vocabulary_reversed,
+            (),
+            UnsupportedModelError,
+            r"the decoder's vocabulary \(128 labels\) is not the "
+            r"tokenizer's 128 pieces in id order",
+        ),
+        (
+            _special_tokens,
+            (),
+            UnsupportedModelError,
+            r"SentencePieceTokenizer \(legacy, with special tokens\) is not "
+            r"supported",
+        ),
+    ],
+    ids=["tokenizer_missing", "vocabulary_mismatch", "special_tokens"],
+)
 def test_subword_archive_problems_are_named(nemo_files, tmp_path, edit, drop, error, message):
     path = repack(nemo_files["citrinet"], tmp_path / "bad.nemo", edit, drop)
     with pytest.raises(error, match=message):

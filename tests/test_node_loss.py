@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from runner.job import ray_pool
 from runner.cli.main import main
+from runner.job import ray_pool
 from runner.job.run import run_job
 from runner.job.run_folder import read_rows
 from runner.job.spec import DEMO_MODEL, load_spec
@@ -60,8 +60,14 @@ def test_lost_nodes(cluster, tmp_path, caplog, monkeypatch, reliability):
     assert lost and sorted(table_ids) == sorted(ids) and result.stats["utterances"] == len(ids)
     resent = [r for r in caplog.records if "lost with its worker" in r.getMessage()]
     assert resent, "no shard was lost with the node: the test did not test anything"
-    reliability("node lost", "`Cluster.remove_node` (no graceful shutdown) of 1 of 2 worker nodes after the first "
-                "part", ids, table_ids, f"{len(resent)} shard(s) resent", "survivor finished the job, exit 0")
+    reliability(
+        "node lost",
+        "`Cluster.remove_node` (no graceful shutdown) of 1 of 2 worker nodes after the first part",
+        ids,
+        table_ids,
+        f"{len(resent)} shard(s) resent",
+        "survivor finished the job, exit 0",
+    )
 
     # Every worker node lost: exit 1 after the wait, parts kept; a new node joins and --resume completes.
     monkeypatch.setattr(ray_pool, "WORKER_WAIT_SECONDS", 20.0)
@@ -89,7 +95,12 @@ def test_lost_nodes(cluster, tmp_path, caplog, monkeypatch, reliability):
     shards = len(json.loads((out / "job.json").read_text())["plan"])
     table_ids = read_rows(out, ["id"])["id"].to_pylist()
     assert sorted(table_ids) == sorted(ids) and len(after) == shards
-    reliability("all worker nodes lost", "both worker nodes removed after the first part; a node added; `--resume`",
-                ids, table_ids, f"{shards - len(kept)} (the unfinished ones)",
-                f"exit 1 after {ray_pool.WORKER_WAIT_SECONDS:.0f} s without a worker, {len(kept)} parts kept; "
-                "resume completed, exit 0")
+    reliability(
+        "all worker nodes lost",
+        "both worker nodes removed after the first part; a node added; `--resume`",
+        ids,
+        table_ids,
+        f"{shards - len(kept)} (the unfinished ones)",
+        f"exit 1 after {ray_pool.WORKER_WAIT_SECONDS:.0f} s without a worker, {len(kept)} parts kept; "
+        "resume completed, exit 0",
+    )

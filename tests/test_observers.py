@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.int8.pipeline import Settings, draw_samples, read_items
+from runner.int8.config import Settings
 from runner.int8.gate import GateSet, feature_batches, wilson_upper
-from runner.int8.observers import OBSERVERS, FastHistogramObserver, use_observer
 from runner.int8.model import calibrate, convert, prepare
+from runner.int8.observers import OBSERVERS, FastHistogramObserver, use_observer
+from runner.int8.samples import draw_samples, read_items
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "runner/data/demo_quartznet.nemo"

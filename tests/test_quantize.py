@@ -9,15 +9,21 @@ import pytest
 import soundfile as sf
 import torch
 
-from runner.int8.artifact import Artifact, build_int8_model, sha256
-from runner.int8.pipeline import GateFailed, Settings, quantize_model
 from runner.cli.main import main
-from runner.metrics import wer
+from runner.int8.artifact import Artifact, build_int8_model, sha256
+from runner.int8.config import Settings
 from runner.int8.conv_family import fusion_groups, int8_structure
 from runner.int8.engines import (
-    TIE_MARGIN, activation_bits, available_engines, candidate_engines, choose_engine, engine_scope
+    TIE_MARGIN,
+    activation_bits,
+    available_engines,
+    candidate_engines,
+    choose_engine,
+    engine_scope,
 )
 from runner.int8.model import with_activation_bits
+from runner.int8.pipeline import GateFailed, quantize_model
+from runner.metrics import wer
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 
 from .support import calibration_audio, copy_model, held_out_gate, pad, pinned_engine, write_manifest
@@ -94,9 +100,14 @@ def test_artifact_round_trips_to_identical_outputs(artifact, speech):
     for key, tensor in artifact.int8.items():
         if isinstance(tensor, torch.Tensor):
             other = again.int8[key]
-            assert (torch.equal(tensor.int_repr(), other.int_repr()) and torch.equal(
-                tensor.q_per_channel_scales(), other.q_per_channel_scales())) if tensor.is_quantized and \
-                tensor.qscheme() == torch.per_channel_symmetric else torch.equal(tensor, other), key
+            assert (
+                (
+                    torch.equal(tensor.int_repr(), other.int_repr())
+                    and torch.equal(tensor.q_per_channel_scales(), other.q_per_channel_scales())
+                )
+                if tensor.is_quantized and tensor.qscheme() == torch.per_channel_symmetric
+                else torch.equal(tensor, other)
+            ), key
     assert len(sha256(data)) == 64
     a, b = build_int8_model(data, "onednn").model, build_int8_model(again, "onednn").model
     audio = [s[1] for s in speech[:8]]
@@ -147,8 +158,14 @@ def test_activation_bits_follow_the_cpu_flags(monkeypatch):
 def test_seven_bit_activations_keep_the_calibrated_ranges(artifact):
     state = artifact.int8
     seven = with_activation_bits(state, 7, keep={"decoder.scale"})
-    scales = [k for k in state if k.endswith("scale") and isinstance(state[k], torch.Tensor)
-              and not state[k].is_quantized and k != "decoder.scale"]
+    scales = [
+        k
+        for k in state
+        if k.endswith("scale")
+        and isinstance(state[k], torch.Tensor)
+        and not state[k].is_quantized
+        and k != "decoder.scale"
+    ]
     assert len(scales) > 10 and "in_scale" in scales and "quant.scale" in scales
     for key in scales:
         zp_key = key[: -len("scale")] + "zero_point"
@@ -190,7 +207,8 @@ def test_worker_loads_the_artifact_in_a_fresh_process_without_nemo(artifact, spe
         f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'auto')\n"
         f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
         "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'nemo', 'lightning', 'pytorch_lightning'})\n"
-        "print(json.dumps({'texts': texts, 'engine': m.engine, 'heavy': heavy}))\n")
+        "print(json.dumps({'texts': texts, 'engine': m.engine, 'heavy': heavy}))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -231,16 +249,30 @@ def test_gate_falls_back_then_fails_with_a_report(tiny_lean, calibration, gate_s
     assert {r["unit"] for r in report["sensitivity"][:2]} == {"encoder.blocks.1", "encoder.blocks.2"}
 
 
-def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tiny_nemo_file, gate_set, tmp_path, capsys):
+def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(
+    tiny_nemo_file, gate_set, tmp_path, capsys
+):
     folder = tmp_path / "cal"
     folder.mkdir()
     for i, (_text, audio) in enumerate(gate_set):
         sf.write(folder / f"u{i}.flac", audio, 16000)
-    write_manifest(folder / "manifest.jsonl", [{"audio_filepath": f"u{i}.flac", "text": text}
-                                               for i, (text, _audio) in enumerate(gate_set)])
+    write_manifest(
+        folder / "manifest.jsonl",
+        [{"audio_filepath": f"u{i}.flac", "text": text} for i, (text, _audio) in enumerate(gate_set)],
+    )
     out = tmp_path / "model.int8"
-    args = ["quantize", tiny_nemo_file, "--calibration", str(folder / "manifest.jsonl"), "--items", "30",
-            "--gate-items", "30", "--out", str(out)]
+    args = [
+        "quantize",
+        tiny_nemo_file,
+        "--calibration",
+        str(folder / "manifest.jsonl"),
+        "--items",
+        "30",
+        "--gate-items",
+        "30",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "int8 accuracy gate" in printed and "passed" in printed and f"wrote {out}" in printed
@@ -252,8 +284,23 @@ def test_quantize_command_writes_the_artifact_and_fails_the_gate_with_exit_1(tin
     # An unreachable tolerance in "agreement" mode (no references) with no fp32 fallback allowed.
     write_manifest(folder / "no_text.jsonl", [{"audio_filepath": f"u{i}.flac"} for i in range(len(gate_set))])
     failed = tmp_path / "failed.int8"
-    assert main(["quantize", tiny_nemo_file, "--calibration", str(folder / "no_text.jsonl"), "--out", str(failed),
-                 "--max-wer-increase", "0", "--max-fp32-layers", "0"]) == 1
+    assert (
+        main(
+            [
+                "quantize",
+                tiny_nemo_file,
+                "--calibration",
+                str(folder / "no_text.jsonl"),
+                "--out",
+                str(failed),
+                "--max-wer-increase",
+                "0",
+                "--max-fp32-layers",
+                "0",
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "error: int8 accuracy is outside the tolerance" in captured.err
     assert not failed.exists()
@@ -266,12 +313,17 @@ DEMO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "demo"
 def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
     """The trained QuartzNet 5x3 (issue 5's demo model): int8 vs fp32 transcripts within 2% WER."""
     from runner.inputs.audio import load_audio
-    from runner.int8.pipeline import make_artifact
     from runner.inputs.manifest import iter_manifest
+    from runner.int8.make import make_artifact
     from runner.model.nemo_loader import load_any
 
-    data, _ = make_artifact(str(DEMO_MODEL), str(DEMO_MANIFESTS / "test.jsonl"),
-                            str(DEMO_MANIFESTS / "calibration.jsonl"), Settings(), use_cache=False)
+    data = make_artifact(
+        str(DEMO_MODEL),
+        str(DEMO_MANIFESTS / "test.jsonl"),
+        str(DEMO_MANIFESTS / "calibration.jsonl"),
+        Settings(),
+        use_cache=False,
+    ).data
     art = Artifact.from_bytes(data)
     assert art.report["gate"]["passed"] and art.report["gate"]["mode"] == "references"
     items = list(iter_manifest(DEMO_MANIFESTS / "test.jsonl"))
@@ -279,7 +331,9 @@ def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
     fp32 = transcribe_batch(load_any(DEMO_MODEL), audios)
     int8 = transcribe_batch(build_int8_model(data, "auto").model, audios)
     refs = [i.text for i in items]
-    print(f"demo model, {len(items)} held-out utterances: WER fp32 {wer(refs, fp32):.4f}, int8 {wer(refs, int8):.4f}, "
-          f"int8 vs fp32 {wer(fp32, int8):.4f}; observer {art.report['observer']}")
+    print(
+        f"demo model, {len(items)} held-out utterances: WER fp32 {wer(refs, fp32):.4f}, int8 {wer(refs, int8):.4f}, "
+        f"int8 vs fp32 {wer(fp32, int8):.4f}; observer {art.report['observer']}"
+    )
     assert wer(fp32, int8) <= 0.02
     assert wer(refs, int8) <= wer(refs, fp32) + 0.005

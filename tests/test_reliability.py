@@ -18,11 +18,11 @@ import pytest
 import soundfile as sf
 
 from runner.cli.main import main
-from runner.job.run import run_job
 from runner.inputs.manifest import iter_manifest
-from runner.metrics import cer, normalize_text
+from runner.job.run import run_job
 from runner.job.run_folder import read_rows, write_part
 from runner.job.spec import DEMO_MODEL, load_spec
+from runner.metrics import cer, normalize_text
 
 from .badaudio import make_bad_audio
 from .support import demo_rows, manifest_ids, running_driver, stamps, write_manifest, write_spec
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 # --- bad audio -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bad_audio(tmp_path_factory, speech, long_speech):
     """The matrix of tests/badaudio.py; its long file is the >= 10-minute fixture played twice."""
@@ -39,17 +40,26 @@ def bad_audio(tmp_path_factory, speech, long_speech):
     path, reference = long_speech
     audio, _ = sf.read(path, dtype="float32")
     rows = make_bad_audio(folder, speech[0], (f"{reference} {reference}", np.concatenate([audio, audio])))
-    manifest = write_manifest(folder / "manifest.jsonl", [
-        {k: v for k, v in r.items() if k not in ("case", "expect") and v is not None} for r in rows])
+    manifest = write_manifest(
+        folder / "manifest.jsonl",
+        [{k: v for k, v in r.items() if k not in ("case", "expect") and v is not None} for r in rows],
+    )
     return folder, manifest, rows
 
 
-def test_every_bad_file_is_transcribed_or_an_error_row_naming_it(ray_local, bad_audio, speech, tiny_nemo_file,
-                                                                 tmp_path, reliability):
+def test_every_bad_file_is_transcribed_or_an_error_row_naming_it(
+    ray_local, bad_audio, speech, tiny_nemo_file, tmp_path, reliability
+):
     folder, manifest, cases = bad_audio
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=manifest, output=out,
-                      shard_seconds=30, max_failed=len(cases))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        model=tiny_nemo_file,
+        manifest=manifest,
+        output=out,
+        shard_seconds=30,
+        max_failed=len(cases),
+    )
     assert main(["--quiet", "run", str(spec)]) == 0
     table = read_rows(out).to_pylist()
     by_id = {r["id"]: r for r in table}
@@ -86,12 +96,19 @@ def test_every_bad_file_is_transcribed_or_an_error_row_naming_it(ray_local, bad_
     stats = json.loads((out / "stats.json").read_text())
     errors = sum(c["expect"] == "error" for c in cases)
     assert stats["failed"] == errors and stats["utterances"] == len(items)
-    reliability("bad audio", f"{len(cases)} generated files ({errors} unreadable, a {long_minutes:.0f}-min one, "
-                "8/48 kHz, 24-bit, float, OGG, MP3, NaN, non-ASCII path)", [i.id for i in items], by_id,
-                "-", f"{errors} error rows naming id and file, {len(items) - errors} transcribed; exit 0")
+    reliability(
+        "bad audio",
+        f"{len(cases)} generated files ({errors} unreadable, a {long_minutes:.0f}-min one, "
+        "8/48 kHz, 24-bit, float, OGG, MP3, NaN, non-ASCII path)",
+        [i.id for i in items],
+        by_id,
+        "-",
+        f"{errors} error rows naming id and file, {len(items) - errors} transcribed; exit 0",
+    )
 
 
 # --- damaged output ------------------------------------------------------------------------------
+
 
 def flip_in_column(path: Path, column: str) -> None:
     """Flip one byte in the middle of a column chunk's pages (its data, not the footer)."""
@@ -103,8 +120,9 @@ def flip_in_column(path: Path, column: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(ray_local, speech_files, tiny_nemo_file,
-                                                                    tmp_path, reliability):
+def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(
+    ray_local, speech_files, tiny_nemo_file, tmp_path, reliability
+):
     rows = [{"audio_filepath": path, "text": text} for text, path in speech_files]
     manifest = write_manifest(tmp_path / "manifest.jsonl", rows, newline="\r\n", bom=True)  # BOM + CRLF: read fine
     out = tmp_path / "out"
@@ -114,12 +132,12 @@ def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(ray_local, s
     assert len(parts) >= 9
     first = read_rows(out).sort_by("id")
 
-    parts[1].write_bytes(parts[1].read_bytes()[: parts[1].stat().st_size // 2])   # cut short
-    flip_in_column(parts[3], "text")                                              # one bit rotten on disk
-    parts[5].write_bytes(parts[6].read_bytes())                                   # another shard's part
-    parts[7].unlink()                                                             # lost
-    write_part(out, 2, pq.read_table(parts[2]).to_pylist()[:-1])                  # a valid file, a row short
-    stale = out / "transcripts" / ".part-00004.parquet.x1y2.tmp"                  # an interrupted write
+    parts[1].write_bytes(parts[1].read_bytes()[: parts[1].stat().st_size // 2])  # cut short
+    flip_in_column(parts[3], "text")  # one bit rotten on disk
+    parts[5].write_bytes(parts[6].read_bytes())  # another shard's part
+    parts[7].unlink()  # lost
+    write_part(out, 2, pq.read_table(parts[2]).to_pylist()[:-1])  # a valid file, a row short
+    stale = out / "transcripts" / ".part-00004.parquet.x1y2.tmp"  # an interrupted write
     stale.write_bytes(b"half a part")
     theirs = [out / "notes.txt", out / "transcripts" / "README.md", out / "transcripts" / "part-00999.parquet"]
     for path in theirs:  # files the runner did not create: kept, never read
@@ -134,14 +152,20 @@ def test_damaged_parts_are_found_at_resume_and_only_they_recomputed(ray_local, s
     assert again.select(["id", "text", "status"]).equals(first.select(["id", "text", "status"]))
     assert not stale.exists() and all(p.read_bytes() for p in theirs)
     assert json.loads((out / "stats.json").read_text())["utterances"] == len(rows)
-    reliability("damaged output", "part cut in half; 1 byte flipped in a data page; part of another shard; "
-                "part deleted; part a row short; stale temp file; foreign files beside the parts",
-                manifest_ids(manifest), again["id"].to_pylist(), f"{len(rewritten)} of {len(parts)} (exactly the "
-                "damaged ones)", "detected at --resume (page CRC, row digest, row count, shard); temp file removed, "
-                "foreign files kept and not read")
+    reliability(
+        "damaged output",
+        "part cut in half; 1 byte flipped in a data page; part of another shard; "
+        "part deleted; part a row short; stale temp file; foreign files beside the parts",
+        manifest_ids(manifest),
+        again["id"].to_pylist(),
+        f"{len(rewritten)} of {len(parts)} (exactly the damaged ones)",
+        "detected at --resume (page CRC, row digest, row count, shard); temp file removed, "
+        "foreign files kept and not read",
+    )
 
 
 # --- driver killed -------------------------------------------------------------------------------
+
 
 def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tmp_path, reliability):
     manifest = write_manifest(tmp_path / "manifest.jsonl", demo_rows(4))  # 500 utterances, 18 minutes
@@ -160,9 +184,14 @@ def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tm
     ids = manifest_ids(manifest)
     table_ids = read_rows(out, ["id"])["id"].to_pylist()
     assert sorted(table_ids) == sorted(ids)
-    reliability("driver killed", f"SIGKILL of the `asr-runner run` process after {len(at_kill)} of {shards} parts, "
-                "then `--resume`", ids, table_ids, f"{shards - len(at_kill)} (the unfinished ones)",
-                "finished parts untouched (same inode and mtime); job completed, exit 0")
+    reliability(
+        "driver killed",
+        f"SIGKILL of the `asr-runner run` process after {len(at_kill)} of {shards} parts, then `--resume`",
+        ids,
+        table_ids,
+        f"{shards - len(at_kill)} (the unfinished ones)",
+        "finished parts untouched (same inode and mtime); job completed, exit 0",
+    )
 
 
 # --- bad manifests and specs ---------------------------------------------------------------------
@@ -170,28 +199,52 @@ def test_killed_driver_is_resumed_without_rewriting_finished_parts(ray_local, tm
 GOOD = {"audio_filepath": "a.wav", "duration": 1.0, "text": "hello"}
 
 
-@pytest.mark.parametrize("lines,spec_extra,message", [
-    (['{"audio_filepath": "a.wav"', None], {}, r"manifest.jsonl:1: invalid JSON"),
-    ([GOOD, {"duration": 2.0}], {}, r"manifest.jsonl:2: missing `audio_filepath`"),
-    ([GOOD, {**GOOD, "duration": "long"}], {}, r"manifest.jsonl:2: `duration` must be a non-negative number"),
-    ([GOOD, GOOD, {**GOOD, "offset": -1}], {}, r"manifest.jsonl:3: `offset` must be a non-negative number"),
-    ([GOOD, {**GOOD, "text": 12}], {}, r"manifest.jsonl:2: `text` must be a string"),
-    ([{**GOOD, "id": "x"}, GOOD, {**GOOD, "id": "x"}], {}, r"manifest.jsonl:3: duplicate id 'x' \(first on line 1\)"),
-    (["[1, 2]"], {}, r"manifest.jsonl:1: expected a JSON object"),
-    ([b"\xff\xfe\x00 not utf-8"], {}, r"manifest.jsonl: not UTF-8"),
-    ([], {}, r"manifest.jsonl: the manifest has no items"),
-    ([GOOD], {"wokers": 2}, r"unknown key.*wokers"),
-    ([GOOD], {"workers": "two"}, r"workers"),
-    ([GOOD], {"precision": "int4"}, r"precision"),
-], ids=["invalid-json", "no-audio_filepath", "duration-type", "negative-offset", "text-type", "duplicate-id",
-        "not-an-object", "not-utf8", "empty", "unknown-spec-key", "spec-type", "spec-value"])
+@pytest.mark.parametrize(
+    "lines,spec_extra,message",
+    [
+        (['{"audio_filepath": "a.wav"', None], {}, r"manifest.jsonl:1: invalid JSON"),
+        ([GOOD, {"duration": 2.0}], {}, r"manifest.jsonl:2: missing `audio_filepath`"),
+        ([GOOD, {**GOOD, "duration": "long"}], {}, r"manifest.jsonl:2: `duration` must be a non-negative number"),
+        ([GOOD, GOOD, {**GOOD, "offset": -1}], {}, r"manifest.jsonl:3: `offset` must be a non-negative number"),
+        ([GOOD, {**GOOD, "text": 12}], {}, r"manifest.jsonl:2: `text` must be a string"),
+        (
+            [{**GOOD, "id": "x"}, GOOD, {**GOOD, "id": "x"}],
+            {},
+            r"manifest.jsonl:3: duplicate id 'x' \(first on line 1\)",
+        ),
+        (["[1, 2]"], {}, r"manifest.jsonl:1: expected a JSON object"),
+        ([b"\xff\xfe\x00 not utf-8"], {}, r"manifest.jsonl: not UTF-8"),
+        ([], {}, r"manifest.jsonl: the manifest has no items"),
+        ([GOOD], {"wokers": 2}, r"unknown key.*wokers"),
+        ([GOOD], {"workers": "two"}, r"workers"),
+        ([GOOD], {"precision": "int4"}, r"precision"),
+    ],
+    ids=[
+        "invalid-json",
+        "no-audio_filepath",
+        "duration-type",
+        "negative-offset",
+        "text-type",
+        "duplicate-id",
+        "not-an-object",
+        "not-utf8",
+        "empty",
+        "unknown-spec-key",
+        "spec-type",
+        "spec-value",
+    ],
+)
 def test_bad_manifest_or_spec_exits_2_before_any_work(tmp_path, capsys, tiny_nemo_file, lines, spec_extra, message):
-    raw = b"".join(line if isinstance(line, bytes) else
-                   ((line if isinstance(line, str) else json.dumps(line)) + "\n").encode() for line in lines if line)
+    raw = b"".join(
+        line if isinstance(line, bytes) else ((line if isinstance(line, str) else json.dumps(line)) + "\n").encode()
+        for line in lines
+        if line
+    )
     (tmp_path / "manifest.jsonl").write_bytes(raw)
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=tiny_nemo_file, manifest=tmp_path / "manifest.jsonl", output=out,
-                      **spec_extra)
+    spec = write_spec(
+        tmp_path / "job.yaml", model=tiny_nemo_file, manifest=tmp_path / "manifest.jsonl", output=out, **spec_extra
+    )
     t0 = time.monotonic()
     assert main(["--quiet", "run", str(spec)]) == 2
     err = capsys.readouterr().err
@@ -201,12 +254,14 @@ def test_bad_manifest_or_spec_exits_2_before_any_work(tmp_path, capsys, tiny_nem
 
 # --- output safety -------------------------------------------------------------------------------
 
+
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def test_a_run_writes_only_inside_its_output_and_refuses_another_job(ray_local, speech_files, tiny_nemo_file,
-                                                                     tmp_path, monkeypatch, capsys):
+def test_a_run_writes_only_inside_its_output_and_refuses_another_job(
+    ray_local, speech_files, tiny_nemo_file, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)  # the working directory is watched too
     audio_dir = Path(speech_files[0][1]).parent
     rows = [{"audio_filepath": path, "text": text} for text, path in speech_files[:12]]

@@ -42,8 +42,9 @@ def kill_session(sid: int) -> None:
             pass
 
 
-@pytest.mark.parametrize("value,expected", [(None, "auto"), ("auto", "auto"), (30, 30), (0.5, 0.5), ("null", None),
-                                            ("~", None)])
+@pytest.mark.parametrize(
+    "value,expected", [(None, "auto"), ("auto", "auto"), (30, 30), (0.5, 0.5), ("null", None), ("~", None)]
+)
 def test_shard_timeout_seconds_key(tmp_path, value, expected):
     extra = {} if value is None else {"shard_timeout_seconds": value}
     spec = load_spec(write_spec(tmp_path / "job.yaml", model="m.nemo", manifest="m.jsonl", output="out", **extra))
@@ -52,8 +53,9 @@ def test_shard_timeout_seconds_key(tmp_path, value, expected):
 
 @pytest.mark.parametrize("value", [0, -5, "fast", "'30'", "true", ".inf", ".nan", "[30]"])
 def test_bad_shard_timeout_seconds_is_a_one_line_error_naming_the_key(tmp_path, value):
-    path = write_spec(tmp_path / "job.yaml", model="m.nemo", manifest="m.jsonl", output="out",
-                      shard_timeout_seconds=value)
+    path = write_spec(
+        tmp_path / "job.yaml", model="m.nemo", manifest="m.jsonl", output="out", shard_timeout_seconds=value
+    )
     with pytest.raises(SpecError, match=r"job.yaml: shard_timeout_seconds must be auto, a positive number") as err:
         load_spec(path)
     assert "\n" not in str(err.value)
@@ -99,11 +101,23 @@ def test_a_named_pipe_in_the_manifest_becomes_an_error_row_and_the_job_ends(spee
     rows.insert(5, {"audio_filepath": str(pipe), "text": "never heard"})  # no duration: the driver must not read it
     manifest = write_manifest(tmp_path / "manifest.jsonl", rows)
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", model=DEMO_MODEL, manifest=manifest, output=out, shard_seconds=8,
-                      max_failed=1, shard_timeout_seconds=5)
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        model=DEMO_MODEL,
+        manifest=manifest,
+        output=out,
+        shard_seconds=8,
+        max_failed=1,
+        shard_timeout_seconds=5,
+    )
     t0 = time.monotonic()
-    driver = subprocess.Popen([sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "--quiet", "run", str(spec)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, err = driver.communicate(timeout=JOB_LIMIT_SECONDS)
     except subprocess.TimeoutExpired:
@@ -126,8 +140,13 @@ def test_a_named_pipe_in_the_manifest_becomes_an_error_row_and_the_job_ends(spee
     assert "did not finish within 5 s (shard_timeout_seconds)" in err  # the shard, then the item alone
     assert "sending the shard's items one per call" in err and "the item becomes an error row" in err
     isolated = next(r["shard"] for r in table if r["id"] == "L00000006")
-    reliability("hung read", "a named pipe (no writer) in the manifest, no duration; shard_timeout_seconds: 5",
-                ids, [r["id"] for r in table], f"1 shard (of {max(r['shard'] for r in table) + 1}) retried item "
-                f"by item", f"error row naming the file and the limit, {len(by_path)} transcribed "
-                f"(shard {isolated} included); exit 0 in {seconds:.0f} s")
+    reliability(
+        "hung read",
+        "a named pipe (no writer) in the manifest, no duration; shard_timeout_seconds: 5",
+        ids,
+        [r["id"] for r in table],
+        f"1 shard (of {max(r['shard'] for r in table) + 1}) retried item by item",
+        f"error row naming the file and the limit, {len(by_path)} transcribed "
+        f"(shard {isolated} included); exit 0 in {seconds:.0f} s",
+    )
     assert seconds < JOB_LIMIT_SECONDS

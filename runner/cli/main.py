@@ -247,7 +247,8 @@ def _cmd_quantize(args) -> int:
     from runner.errors import InputError
     from runner.int8 import artifact
     from runner.int8.config import Settings
-    from runner.int8.pipeline import GateFailed, make_artifact
+    from runner.int8.make import make_artifact
+    from runner.int8.pipeline import GateFailed
     from runner.model.nemo_loader import check_model_file
 
     check_model_file(args.model)
@@ -268,13 +269,13 @@ def _cmd_quantize(args) -> int:
     if problems := settings.problems(flags):
         raise InputError("; ".join(problems))
     try:
-        data, _ = make_artifact(args.model, args.calibration, None, settings, use_cache=False)
+        made = make_artifact(args.model, args.calibration, None, settings, use_cache=False)
     except GateFailed as exc:
         render.print_report(exc.report)
         raise
-    artifact.save(data, args.out)
-    render.print_report(artifact.Artifact.from_bytes(data).report)
-    print(f"wrote {args.out} ({len(data) / 1e6:.2f} MB, sha256 {artifact.sha256(data)[:16]})")
+    artifact.save(made.data, args.out)
+    render.print_report(made.report)
+    print(f"wrote {args.out} ({len(made.data) / 1e6:.2f} MB, sha256 {made.sha256[:16]})")
     return 0
 
 

@@ -119,18 +119,19 @@ def artifact_path(key: str) -> Path:
     return cache_dir() / f"int8-{key[:32]}.pt"
 
 
-def cached_artifact(inputs: dict) -> bytes | None:
-    """The cached artifact made from `inputs`, checked against its own record; None when there is none,
-    it is damaged, or it was made from other inputs."""
+def cached_artifact(inputs: dict) -> tuple[bytes, dict] | None:
+    """The cached artifact made from `inputs` and its report, checked against its own record; None when there
+    is none, it is damaged, or it was made from other inputs."""
     path = artifact_path(inputs["cache_key"])
     if not path.is_file():
         return None
     data = path.read_bytes()
     try:
-        made_from = Artifact.from_bytes(data, str(path)).report.get("inputs") or {}
+        report = Artifact.from_bytes(data, str(path)).report
     except InputError:
         log.warning("ignoring a damaged cached artifact %s", path)
         return None
+    made_from = report.get("inputs") or {}
     if any(made_from.get(k) != inputs[k] for k in ("cache_key", "model_sha256")):
         log.warning(
             "ignoring the cached artifact %s: its record says it was made from other inputs "
@@ -141,7 +142,7 @@ def cached_artifact(inputs: dict) -> bytes | None:
         )
         return None
     log.info("int8 artifact from the cache: %s", path)
-    return data
+    return data, report
 
 
 def store_artifact(data: bytes, inputs: dict) -> None:

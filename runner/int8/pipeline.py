@@ -27,20 +27,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from runner.errors import InputError, QuantizationError
-from runner.inputs.manifest import file_sha256
-from runner.int8 import cache as int8_cache
+from runner.errors import QuantizationError
 from runner.int8.artifact import Artifact, build_int8_model
-from runner.int8.cache import cache_dir, code_version, fp32_checkpoint  # noqa: F401 - public here too
-from runner.int8.config import Settings  # noqa: F401 - public here too
+from runner.int8.config import Settings
 from runner.int8.engines import activation_bits, engine_scope, resolve_engine
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
 from runner.int8.model import Int8CTCModel, calibrate, convert, fallback_possible, prepare, rebuild, with_float_units
 from runner.int8.observers import use_observer
-from runner.int8.samples import Samples, draw_samples, read_items  # noqa: F401 - public here too
 from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
 from runner.model.ctc import LeanCTCModel
-from runner.model.nemo_loader import load_any
 from runner.sysinfo import cpu_info, int8_flags
 
 log = logging.getLogger(__name__)
@@ -361,87 +356,3 @@ def _summary(gate: GateSet, figures: dict) -> str:
 def gate_description(gate: dict) -> str:
     what = "WER increase over fp32" if gate["mode"] == "references" else "WER of int8 against fp32 transcripts"
     return f"{what} {100 * gate['increase']:.2f} points (limit {100 * gate['max_wer_increase']:.2f})"
-
-
-# --------------------------------------------------------------------------- from files, with a cache
-def cache_key(
-    model_path: str, manifest: str, calibration_manifest: str | None, settings: Settings, samples: Samples | None = None
-) -> str:
-    """The key of the artifact these inputs make (draws the samples when not given)."""
-    return artifact_inputs(model_path, manifest, calibration_manifest, settings, samples)["cache_key"]
-
-
-def artifact_inputs(
-    model_path: str,
-    manifest: str,
-    calibration_manifest: str | None,
-    settings: Settings,
-    samples: Samples | None = None,
-    model_sha256: str | None = None,
-) -> dict:
-    """What the artifact is made from, with its cache key (`runner.int8.cache.inputs_record`)."""
-    samples = samples or draw_samples(manifest, calibration_manifest, settings)
-    manifests = {
-        "manifest": file_sha256(manifest),
-        "calibration": file_sha256(calibration_manifest) if calibration_manifest else None,
-    }
-    return int8_cache.inputs_record(
-        model_sha256 or file_sha256(model_path),
-        manifests,
-        asdict(settings),
-        RECIPE_VERSION,
-        samples.calibration,
-        samples.gate,
-    )
-
-
-def make_artifact(
-    model_path: str,
-    manifest: str,
-    calibration_manifest: str | None = None,
-    settings: Settings = Settings(),
-    use_cache: bool = True,
-) -> tuple[bytes, bool]:
-    """Artifact bytes for a model and manifest, from the cache when the same inputs made one before.
-
-    The samples are drawn first: the key covers the audio they read. A cached artifact is used only if
-    its own record of its inputs matches. Returns (bytes, came_from_cache). Raises `GateFailed` (exit 1)
-    or `InputError` (exit 2).
-    """
-    samples = draw_samples(manifest, calibration_manifest, settings)
-    model_sha256 = file_sha256(model_path)
-    inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256)
-    if use_cache and (data := int8_cache.cached_artifact(inputs)) is not None:
-        return data, True
-
-    model = load_any(model_path)
-    if use_cache:
-        int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256))
-    rate = model.spec.features.sample_rate
-    cal_audio, cal_items, cal_skipped = read_items(
-        samples.calibration, rate, settings.max_seconds, samples.calibration_items
-    )
-    gate_audio, gate_items, gate_skipped = read_items(samples.gate, rate, settings.max_seconds, samples.gate_items)
-    if not cal_audio or not gate_audio:
-        raise InputError(
-            f"no readable audio to {'calibrate on' if not cal_audio else 'check accuracy on'} "
-            f"(skipped: {'; '.join((cal_skipped or gate_skipped)[:3])})"
-        )
-    # References only when every gate item is a whole manifest item (windows have none) and none was cut.
-    whole = all(len(a) < settings.max_seconds * rate for a in gate_audio)
-    references = [i.text for i in gate_items] if whole and all(i.text is not None for i in gate_items) else None
-    info = {
-        "model": {"file": str(model_path), "sha256": model_sha256},
-        "inputs": inputs,
-        "calibration": {
-            "manifest": str(calibration_manifest or manifest),
-            "skipped": cal_skipped[:20],
-            "ids": [i.id for i in cal_items][:1000],
-        },
-        "gate": {"manifest": str(manifest), "skipped": gate_skipped[:20], "ids": [i.id for i in gate_items][:1000]},
-    }
-    art = quantize_model(model, cal_audio, gate_audio, references, settings, info)
-    data = art.to_bytes()
-    if use_cache:
-        int8_cache.store_artifact(data, inputs)
-    return data, False

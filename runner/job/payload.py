@@ -47,20 +47,21 @@ def int8_payload(spec: JobSpec, on_event: EventHandler, pinned: str | None = Non
     taken from the output directory (never re-made, never from the cache) or the resume is refused.
     """
     from runner.int8 import artifact
-    from runner.int8.pipeline import fp32_checkpoint, make_artifact
+    from runner.int8.cache import fp32_checkpoint
+    from runner.int8.make import make_artifact
     from runner.job.ray_pool import Deferred
     from runner.job.worker import Int8Payload
 
     t0 = time.perf_counter()
     if pinned:
         data, source = _job_artifact(Path(spec.output), pinned), "job"
+        report = artifact.Artifact.from_bytes(data).report  # the resumed job's own artifact: read its record
     else:
         on_event(EventKind.QUANTIZING, model=spec.model)
-        data, cached = make_artifact(
+        made = make_artifact(
             spec.model, spec.manifest, spec.quantization.calibration_manifest, spec.quantization.settings()
         )
-        source = "cache" if cached else "made"
-    report = artifact.Artifact.from_bytes(data).report
+        data, report, source = made.data, made.report, "cache" if made.from_cache else "made"
     info = {
         "sha256": artifact.sha256(data),
         "from_cache": source != "made",

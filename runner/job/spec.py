@@ -99,7 +99,7 @@ def time_limit(setting: str | float | None, audio_seconds: float) -> float | Non
     seconds: a worker slower than half real time is stuck, not slow (a read from a mount that stopped
     answering, a named pipe without a writer), and the base covers reading, a cold cache and short calls.
     A number: that many seconds whatever the audio. None: no limit (wait as long as it takes).
-    The pool counts a call's audio (`ray_pool.audio_seconds`): an item whose duration neither the manifest
+    The pool counts a call's audio (`shard_pool.audio_seconds`): an item whose duration neither the manifest
     nor its header told counts as SHARD_TIMEOUT_UNKNOWN_AUDIO_SECONDS (60).
     """
     if setting is None:

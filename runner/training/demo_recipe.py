@@ -3,8 +3,8 @@
     python -m runner.training.demo_recipe --out-model runner/data/demo_quartznet.nemo \\
         --manifests manifests/demo --seed 0 --time-limit 3000
 
-1. Draws disjoint sentence splits from `corpus.demo_sentences` (test, calibration, dev, train:
-   no sentence is in two splits), with voices from `corpus.DEMO_VOICES` at 120-200 words per
+1. Draws disjoint sentence splits from `demo_corpus.demo_sentences` (test, calibration, dev, train:
+   no sentence is in two splits), with voices from `demo_corpus.DEMO_VOICES` at 120-200 words per
    minute and pitch 25-75.
 2. Writes the bundled demo sets: `<manifests>/test/*.flac` and `<manifests>/calibration/*.flac`
    (16 kHz mono FLAC, silence trimmed, peak 0.3 to keep them small) with NeMo JSONL manifests
@@ -38,17 +38,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from runner.metrics import cer, normalize_text, wer
-from runner.training import corpus
+from runner.training import corpus, demo_corpus
+from runner.training.demo_batches import augmented_batch, bucketed_batches, lr_at, nemo_transcribe
+from runner.training.demo_data import RATE, du_bytes, read_manifest, synthesize_split, write_split
 from runner.training.recipes import _block, ctc_config
 
 log = logging.getLogger("runner.training.demo_recipe")
-
-RATE = 16000
-PEAK = 0.3  # peak level of the bundled FLACs: quieter files compress better (~39 KB per utterance)
 
 
 def demo_quartznet_config() -> dict:
@@ -66,141 +64,7 @@ def demo_quartznet_config() -> dict:
 # --- audio -------------------------------------------------------------------------------------------
 
 
-def trim_silence(audio: np.ndarray, pad: float = 0.15, threshold: float = 0.01) -> np.ndarray:
-    """`audio` without leading/trailing silence beyond `pad` seconds."""
-    loud = np.flatnonzero(np.abs(audio) > threshold)
-    if loud.size == 0:
-        return audio
-    keep = int(pad * RATE)
-    return audio[max(0, loud[0] - keep) : min(len(audio), loud[-1] + keep)]
-
-
-def synthesize_split(
-    texts: Sequence[str], seed: int, max_seconds: float | None = None, log_every: int = 2000
-) -> tuple[list[str], list[np.ndarray], list[corpus.Voice]]:
-    """(texts, int16 audio, voices) for `texts` (stopping after `max_seconds` of audio), one espeak-ng
-    process at a time, voices drawn reproducibly from `seed`."""
-    rng = random.Random(seed)
-    out_texts, audios, voices = [], [], []
-    total, start = 0, time.monotonic()
-    for i, text in enumerate(texts):
-        voice = corpus.random_demo_voice(rng)
-        audio = trim_silence(corpus.synthesize(text, voice, RATE))
-        audios.append(np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16))
-        out_texts.append(text)
-        voices.append(voice)
-        total += len(audio)
-        if log_every and (i + 1) % log_every == 0:
-            log.info("synthesized %d utterances, %.2f h (%.0f s)", i + 1, total / RATE / 3600, time.monotonic() - start)
-        if max_seconds and total >= max_seconds * RATE:
-            break
-    return out_texts, audios, voices
-
-
-def write_split(folder: Path, name: str, texts: Sequence[str], audios: Sequence[np.ndarray]) -> Path:
-    """`folder/name/uttNNNN.flac` (16 kHz mono, peak `PEAK`) and `folder/name.jsonl` (relative paths)."""
-    sub = folder / name
-    sub.mkdir(parents=True, exist_ok=True)
-    for old in sub.glob("utt*.flac"):
-        old.unlink()
-    manifest = folder / f"{name}.jsonl"
-    with open(manifest, "w", encoding="utf-8") as f:
-        for i, (text, audio) in enumerate(zip(texts, audios), 1):
-            x = audio.astype(np.float32) / 32768.0
-            x = x * (PEAK / max(float(np.abs(x).max()), 1e-6))
-            rel = f"{name}/utt{i:04d}.flac"
-            sf.write(folder / rel, x, RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)
-            f.write(json.dumps({"audio_filepath": rel, "duration": round(len(x) / RATE, 3), "text": text}) + "\n")
-    return manifest
-
-
-def read_manifest(path: Path) -> tuple[list[str], list[np.ndarray]]:
-    """(texts, float32 audio) of a manifest, audio read back from its files."""
-    from runner.inputs.audio import load_audio
-    from runner.inputs.manifest import iter_manifest
-
-    texts, audios = [], []
-    for item in iter_manifest(path):
-        texts.append(item.text or "")
-        audios.append(load_audio(item.audio_filepath, RATE))
-    return texts, audios
-
-
 # --- training ----------------------------------------------------------------------------------------
-
-
-def bucketed_batches(lengths: Sequence[int], batch_samples: int, rng: random.Random) -> list[list[int]]:
-    """Index batches of similar length whose padded size (count x longest) stays under `batch_samples`,
-    in random order; the jitter on the sort key varies the batches from epoch to epoch."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i] * (1.0 + 0.1 * rng.random()))
-    batches, cur, longest = [], [], 0
-    for i in order:
-        if cur and max(longest, lengths[i]) * (len(cur) + 1) > batch_samples:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, lengths[i])
-    if cur:
-        batches.append(cur)
-    rng.shuffle(batches)
-    return batches
-
-
-def augmented_batch(
-    audios: Sequence[np.ndarray], nrng: np.random.Generator, noise_fraction: float = 0.35, max_shift: float = 0.25
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float batch from int16 audio: random gain (peak 0.1-0.95), Gaussian noise on `noise_fraction` of
-    the utterances (SNR roughly 20-45 dB), a random start shift of up to `max_shift` seconds."""
-    pieces = []
-    for a in audios:
-        x = a.astype(np.float32) / 32768.0
-        x *= nrng.uniform(0.1, 0.95) / max(float(np.abs(x).max()), 1e-6)
-        if nrng.random() < noise_fraction:
-            x += (
-                float(np.exp(nrng.uniform(np.log(0.002), np.log(0.03))))
-                * np.abs(x).max()
-                * nrng.standard_normal(len(x)).astype(np.float32)
-            )
-        shift = int(nrng.uniform(0, max_shift) * RATE)
-        pieces.append(np.concatenate([np.zeros(shift, np.float32), x]))
-    lengths = torch.tensor([len(p) for p in pieces])
-    batch = torch.zeros(len(pieces), int(lengths.max()))
-    for i, p in enumerate(pieces):
-        batch[i, : len(p)] = torch.from_numpy(p)
-    return batch, lengths
-
-
-def lr_at(progress: float, peak: float, warmup: float = 0.05, floor: float = 0.02) -> float:
-    """Linear warm-up from peak/25 over `warmup` of the run, then cosine down to `floor` x peak."""
-    if progress < warmup:
-        return peak * (0.04 + 0.96 * progress / warmup)
-    p = min(1.0, (progress - warmup) / (1.0 - warmup))
-    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
-
-
-@torch.inference_mode()
-def nemo_transcribe(model, audios: Sequence[np.ndarray], batch_size: int = 16) -> list[str]:
-    """Greedy CTC transcripts of float32 or int16 arrays with the NeMo model (eval mode)."""
-    from runner.model.decoding import greedy_decode
-    from runner.model.nemo_loader import text_decoder
-
-    was_training = model.training
-    model.eval()
-    vocab = text_decoder(model)  # characters, or the model's SentencePiece tokenizer
-    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
-    out = [""] * len(audios)
-    for start in range(0, len(order), batch_size):
-        ids = order[start : start + batch_size]
-        xs = [audios[i].astype(np.float32) / (32768.0 if audios[i].dtype == np.int16 else 1.0) for i in ids]
-        lengths = torch.tensor([len(x) for x in xs])
-        batch = torch.zeros(len(xs), int(lengths.max()))
-        for j, x in enumerate(xs):
-            batch[j, : len(x)] = torch.from_numpy(x)
-        log_probs, enc_lengths, _ = model(input_signal=batch, input_signal_length=lengths)
-        for i, text in zip(ids, greedy_decode(log_probs, enc_lengths, vocab)):
-            out[i] = text
-    model.train(was_training)
-    return out
 
 
 def train_demo(
@@ -298,11 +162,6 @@ def train_demo(
 # --- the recipe --------------------------------------------------------------------------------------
 
 
-def du_bytes(folder: Path) -> int:
-    """Disk usage of a folder (allocated blocks, as `du` counts them)."""
-    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.training.demo_recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-model", default="runner/data/demo_quartznet.nemo")
@@ -338,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Sentences: disjoint splits. The train split is sized generously; synthesis stops at --hours.
     max_train = int(args.hours * 3600 / 1.5) + 100
-    splits = corpus.demo_splits(
+    splits = demo_corpus.demo_splits(
         {"test": args.test_count, "calibration": args.calibration_count, "dev": args.dev_count, "train": max_train},
         args.seed,
     )
@@ -466,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         held_out_words_not_in_training=sorted(unseen),
         manifests=str(folder),
         manifests_bytes=du_bytes(folder),
-        voices=list(corpus.DEMO_VOICES),
+        voices=list(demo_corpus.DEMO_VOICES),
         versions=dict(torch=torch.__version__, nemo=nemo.__version__, python=sys.version.split()[0]),
         dev_history=facts["dev_history"],
     )
