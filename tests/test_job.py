@@ -1,6 +1,7 @@
 """The job runner end to end on a real local Ray cluster (2 CPUs), real Parquet, generated audio."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -14,8 +15,9 @@ import torch
 from runner.cli.main import main
 from runner.inputs.audio import load_audio
 from runner.inputs.manifest import iter_manifest
+from runner.job.events import EventKind
 from runner.job.run import JobFailed, run_job
-from runner.job.run_folder import read_rows
+from runner.job.run_folder import part_path, read_rows
 from runner.job.spec import load_spec
 from runner.job.worker import transcribe_items
 from runner.model.ctc import build_model
@@ -194,15 +196,23 @@ def test_malformed_manifest_fails_before_any_work(ray_local, corpus, tiny_nemo_f
     assert "bad.jsonl:42: invalid JSON" in capsys.readouterr().err
 
 
-def test_error_budget_stops_the_job_and_keeps_finished_parts(ray_local, corpus, tiny_nemo_file, tmp_path):
+def test_error_budget_stops_the_job_and_keeps_finished_parts(ray_local, corpus, tiny_nemo_file, tmp_path, caplog):
+    """The first broken file breaks a zero budget: no more shards are sent, every shard already sent
+    is written (its compute is spent), then the job fails; a resume with a budget completes it."""
     folder, manifest, rows = corpus
     out = tmp_path / "strict"
     spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out, max_failed=0))
-    with pytest.raises(JobFailed, match="exceed the error budget"):
-        run_job(spec)
+    shards = []
+    with caplog.at_level(logging.WARNING, "runner.job.run"), pytest.raises(JobFailed, match="exceed the error budget"):
+        run_job(spec, on_event=lambda kind, **d: shards.append(d["shard"]) if kind == EventKind.SHARD else None)
     assert not (out / "_SUCCESS").exists()
-    for part in (out / "transcripts").glob("*.parquet"):
+    parts = sorted((out / "transcripts").glob("*.parquet"))
+    assert [part_path(out, i) for i in sorted(shards)] == parts  # each shard that returned was written
+    for part in parts:
         assert pq.ParquetFile(part).metadata.num_rows > 0  # every part on disk is complete
+    failed = [r["audio_filepath"] for r in read_rows(out).to_pylist() if r["status"] == "error"]
+    assert str(folder / "audio/missing.wav") in failed  # the first broken file broke the budget
+    assert sum("no more shards are sent" in r.getMessage() for r in caplog.records) == 1
     # The same job with a budget, resumed, completes.
     relaxed = load_spec(make_spec(folder, manifest, tiny_nemo_file, out))
     run_job(relaxed, resume=True)

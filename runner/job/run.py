@@ -12,8 +12,8 @@ job's workers on it. Order of work, so bad input costs nothing:
    (`runner.job.payload`); the `WorkerPayload` is `ray.put` once;
 4. one actor per worker (`num_cpus=threads_per_worker`), a bounded number of shards in
    flight per actor, each result written as an atomic Parquet part by the driver;
-5. past the error budget, counted over the whole job: stop cleanly (exit 1), without
-   `_SUCCESS`; finished parts are kept;
+5. past the error budget, counted over the whole job: send no more shards, write the parts of
+   those already sent (their compute is spent), then stop cleanly (exit 1) without `_SUCCESS`;
 6. all shards done: `stats.json`, then `_SUCCESS`.
 """
 
@@ -288,13 +288,20 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, totals: Run
 
 
 def _dispatch(spec, plan, todo, retry, pool: ShardPool, on_event, totals: RunTotals) -> None:
+    """Send the shards to the pool and write each part as it returns. Once the error budget is broken,
+    no more shards are sent; those already sent are finished and written, then `JobFailed` is raised."""
     out = Path(spec.output)
+    budget = spec.max_failed_items(plan.items)
     failed = _failed_in_finished_parts(out, plan, set(todo))
     items = iter_manifest(spec.manifest, read_missing_durations=False)
-    work = (
-        (shard, _only(batch, retry.get(shard.index))) for shard, batch in group_items(items, plan.shards, set(todo))
-    )
-    for shard, rows, result in pool.map(work):
+
+    def work():
+        for shard, batch in group_items(items, plan.shards, set(todo)):
+            if failed > budget:  # read as each shard is about to be sent
+                return
+            yield shard, _only(batch, retry.get(shard.index))
+
+    for shard, rows, result in pool.map(work()):
         if shard.index in retry:
             rows = _merge(read_part(part_path(out, shard.index)).to_pylist(), rows)
         t0 = time.perf_counter()
@@ -310,6 +317,7 @@ def _dispatch(spec, plan, todo, retry, pool: ShardPool, on_event, totals: RunTot
             },
         )
         totals.add_shard(result, time.perf_counter() - t0)
+        was_within = failed <= budget
         failed += sum(r["status"] == "error" for r in rows)
         on_event(
             EventKind.SHARD,
@@ -319,7 +327,14 @@ def _dispatch(spec, plan, todo, retry, pool: ShardPool, on_event, totals: RunTot
             failed=failed,
             errors=[r["error"] for r in rows if r["status"] == "error"][:3],
         )
-        _check_budget(spec, plan, failed)
+        if was_within and failed > budget:
+            log.warning(
+                "%d failed items exceed the error budget (%d): no more shards are sent; "
+                "finishing the ones already running",
+                failed,
+                budget,
+            )
+    _check_budget(spec, plan, failed)
 
 
 def _only(batch: list[ManifestItem], ids: set[str] | None) -> list[ManifestItem]:
