@@ -95,6 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="a finished run as subtitles (SRT, WebVTT: one file per audio file), NIST CTM or a NeMo manifest",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder (the --out of `asr-runner run`)")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="FORMAT",
+        help="srt, vtt: one subtitle file per audio file; ctm: one line per word (NIST); "
+        "manifest: NeMo JSONL with pred_text and word timestamps (srt, vtt and ctm need a run with timestamps: true)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the files (created)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
         "quantize",
         parents=[common],
         help="calibrate int8 on a manifest, check its accuracy, write the artifact and its report",
@@ -240,6 +256,18 @@ def _cmd_compare(args) -> int:
     figures, chart = compare.write(result, Path(args.out), compare.file_stem(result))
     render.print_comparison(result, f"A = {result['a']['path']}\nB = {result['b']['path']}")
     print(f"wrote {figures} and {chart}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from runner.cli import convert
+
+    result = convert.convert(Path(args.run), args.to, Path(args.out))
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    for line in convert.skipped_lines(result):
+        print(line, file=sys.stderr)
+    print(convert.summary(result))
     return 0
 
 
