@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-WORKER_STAGES = ("read", "resample", "features", "encoder", "decode")
+WORKER_STAGES = ("read", "resample", "features", "encoder", "decode", "words")
 
 
 @contextmanager

@@ -100,7 +100,7 @@ def check_stage_seconds(out, stats):
     for path in sorted((out / "transcripts").glob("*.parquet")):
         meta = json.loads(pq.read_schema(path).metadata[b"asr_runner"])
         stages = meta["stages"]
-        assert set(stages) == {"read", "resample", "features", "encoder", "decode"}, path.name
+        assert set(stages) == {"read", "resample", "features", "encoder", "decode", "words"}, path.name
         assert min(stages.values()) >= 0 and sum(stages.values()) <= meta["compute_seconds"] + 1e-3, (path.name, meta)
     assert set(stats["stages"]) == {
         "read",
@@ -108,6 +108,7 @@ def check_stage_seconds(out, stats):
         "features",
         "encoder",
         "decode",
+        "words",
         "other",
         "write",
         "ray_overhead",

@@ -2,15 +2,17 @@
 
 import io
 
+import pytest
 import torch
 
 from runner.metrics import cer
 from runner.model.ctc import build_model, load_checkpoint, save_checkpoint
 from runner.model.decoding import greedy_decode
 from runner.model.nemo_loader import describe, load_nemo
-from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
+from runner.model.words import ConfidenceMethod
 
-from .support import max_logit_diff, pad
+from .support import max_logit_diff, nemo_words, pad, word_agreement
 
 
 def test_tiny_logits_match_nemo_on_mixed_lengths(tiny_nemo, tiny_lean, speech):
@@ -85,3 +87,28 @@ def test_greedy_decoding_merges_repeats_and_drops_blanks():
         lp[0, t, i] = 0.0
     assert greedy_decode(lp, torch.tensor([len(ids)]), vocab) == ["aab b"]
     assert greedy_decode(lp, torch.tensor([3]), vocab) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ConfidenceMethod(),  # NeMo's defaults: Tsallis entropy, alpha 0.33, exp norm, min
+        ConfidenceMethod(method="max_prob", alpha=1.0, aggregation="mean"),
+        ConfidenceMethod(entropy_type="renyi", entropy_norm="lin", aggregation="prod", exclude_blank=False),
+    ],
+    ids=["nemo-default", "max_prob-mean", "renyi-lin-prod-with-blanks"],
+)
+def test_words_times_and_confidence_match_nemo(tiny_nemo, tiny_lean, speech_files, method):
+    """Word strings and start/end frames as NeMo's `transcribe(timestamps=True)`; confidence within 1e-4
+    of NeMo's for the same method (character vocabulary)."""
+    from runner.inputs.audio import load_audio
+
+    paths = [p for _, p in speech_files]
+    theirs = nemo_words(tiny_nemo, paths, method)
+    aligner = word_aligner(tiny_lean, method)
+    ours = transcribe(tiny_lean, [load_audio(p, 16000) for p in paths], DecodeOptions(batch_size=4), aligner=aligner)
+    figures = word_agreement(theirs, ours, aligner.frame_seconds)
+    assert figures["utterances_differ"] == 0 and figures["words"] >= 100, figures
+    assert figures["same_frames"] == figures["words"], figures
+    assert figures["max_confidence_diff"] <= 1e-4, figures
+    assert all(0.0 <= w["confidence"] <= 1.0 for t in ours for w in t.words)

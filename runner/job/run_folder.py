@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from runner.errors import InputError
 
+WORD = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("confidence", pa.float64())])
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -40,6 +41,10 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | error
         ("error", pa.string()),
         ("shard", pa.int32()),
+        # `timestamps: true` (else null): each word of `text` with its start and end in seconds of the
+        # audio file (`offset` included) and a confidence in [0, 1]; `confidence`: the utterance's.
+        ("words", pa.list_(WORD)),
+        ("confidence", pa.float64()),
     ]
 )
 

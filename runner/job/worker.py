@@ -107,6 +107,8 @@ def item_row(item: ManifestItem, shard: int) -> dict:
         "status": "ok",
         "error": None,
         "shard": shard,
+        "words": None,
+        "confidence": None,
     }
 
 

@@ -54,6 +54,18 @@ class TextDecoder:
             raise ValueError(f"tokenizer kind {tok.kind!r} is not supported (supported: sentencepiece)")
         return cls(spec.vocabulary, tok.model_bytes() if tok is not None else None)
 
+    @property
+    def is_subword(self) -> bool:
+        return self._model is not None
+
+    def piece(self, i: int) -> str:
+        """Token `i` as the vocabulary spells it (`▁the` for a SentencePiece piece)."""
+        return self.processor.id_to_piece(i) if self._model is not None else self.vocabulary[i]
+
+    def pieces_text(self, pieces: Sequence[str]) -> str:
+        """Pieces -> text (NeMo's `tokens_to_text`: SentencePiece's `decode_pieces`; characters joined)."""
+        return self.processor.decode_pieces(list(pieces)) if self._model is not None else "".join(pieces)
+
     def __call__(self, ids: Sequence[int]) -> str:
         if self._model is None:
             return ids_to_text(ids, self.vocabulary)

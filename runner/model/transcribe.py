@@ -8,8 +8,12 @@ statistics included), then the encoder runs over fixed windows that each see
 greedy decoding. Memory then grows with the window, not with the file (apart from the
 samples and log-mel frames themselves: ~90 KB per second of audio).
 
+`transcribe` also gives each utterance's words with times and confidence (`runner.model.words`)
+when handed a `WordAligner`; `transcribe_batch` gives the texts alone.
+
 Given a `timings` dict, both add the seconds they spend per stage: `features` (padding + log-mel),
-`encoder` (encoder + decoder conv + log-softmax) and `decode` (greedy CTC); results are unchanged.
+`encoder` (encoder + decoder conv + log-softmax), `decode` (greedy CTC) and `words` (times and
+confidence); results are unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from runner.model.ctc import LeanCTCModel
 from runner.model.decoding import greedy_decode
 from runner.model.features import feature_lengths, mask_frames, normalize
+from runner.model.words import WordAligner
 from runner.timing import timed
 
 
@@ -43,7 +48,13 @@ def pad_batch(audios: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
     return batch, lengths
 
 
-@torch.inference_mode()
+@dataclass
+class Transcript:
+    text: str
+    words: list[dict] | None = None  # [{word, start, end, confidence}], seconds in the file; None: not asked
+    confidence: float | None = None
+
+
 def transcribe_batch(
     model: LeanCTCModel,
     audios: Sequence[np.ndarray],
@@ -51,13 +62,37 @@ def transcribe_batch(
     timings: dict | None = None,
 ) -> list[str]:
     """Transcripts of mono float32 arrays at the model's rate, in input order."""
+    return [t.text for t in transcribe(model, audios, options, timings)]
+
+
+def word_aligner(model: LeanCTCModel, method=None) -> WordAligner:
+    """The model's `WordAligner`: frames of window stride x subsampling; confidence by `method`
+    (a `ConfidenceMethod`; None: NeMo's defaults)."""
+    from runner.model.words import ConfidenceMethod
+
+    spec = model.spec
+    frame = spec.features.hop_length / spec.features.sample_rate * spec.encoder.subsampling
+    return WordAligner(model.text_decoder, frame, method or ConfidenceMethod())
+
+
+@torch.inference_mode()
+def transcribe(
+    model: LeanCTCModel,
+    audios: Sequence[np.ndarray],
+    options: DecodeOptions = DecodeOptions(),
+    timings: dict | None = None,
+    aligner: WordAligner | None = None,
+    offsets: Sequence[float] | None = None,
+) -> list[Transcript]:
+    """`Transcript`s of mono float32 arrays at the model's rate, in input order; with an `aligner`,
+    each with its words (times in seconds plus the audio's `offsets`, default 0) and confidence."""
     rate = model.spec.features.sample_rate
-    texts: list[str] = [""] * len(audios)
+    out: list[Transcript | None] = [None] * len(audios)
+    offsets = offsets if offsets is not None else [0.0] * len(audios)
     long_ids = {i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate}
     for i in sorted(long_ids):
-        lp = long_log_probs(model, audios[i], options, timings)
-        with timed(timings, "decode"):
-            texts[i] = greedy_decode(lp.unsqueeze(0), torch.tensor([lp.shape[0]]), model.text_decoder)[0]
+        lp = long_log_probs(model, audios[i], options, timings).unsqueeze(0)
+        out[i] = _decode(model, lp, torch.tensor([lp.shape[1]]), [offsets[i]], aligner, timings)[0]
     short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
         ids = short[start : start + options.batch_size]
@@ -66,10 +101,24 @@ def transcribe_batch(
             feats, frames = model.features(batch, lengths)
         with timed(timings, "encoder"):
             log_probs, out_lens = model.forward_features(feats, frames)
-        with timed(timings, "decode"):
-            for i, text in zip(ids, greedy_decode(log_probs, out_lens, model.text_decoder)):
-                texts[i] = text
-    return texts
+        for i, t in zip(ids, _decode(model, log_probs, out_lens, [offsets[i] for i in ids], aligner, timings)):
+            out[i] = t
+    return out
+
+
+def _decode(model, log_probs, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
+    with timed(timings, "decode"):
+        texts = greedy_decode(log_probs, lengths, model.text_decoder)
+    if aligner is None:
+        return [Transcript(text) for text in texts]
+    with timed(timings, "words"):
+        best = log_probs.argmax(dim=-1)
+        conf = aligner.confidences(log_probs)
+        out = []
+        for b, (text, n, offset) in enumerate(zip(texts, lengths.tolist(), offsets)):
+            words, confidence = aligner.words(best[b, :n], None if conf is None else conf[b, :n], offset)
+            out.append(Transcript(text, words, confidence))
+        return out
 
 
 @torch.inference_mode()

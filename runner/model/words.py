@@ -1,0 +1,232 @@
+"""Words with times and confidence from the greedy CTC pass, as NeMo computes them.
+
+Times follow NeMo's CTC word timestamps (`transcribe(timestamps=True)`,
+`AbstractCTCDecoding.compute_ctc_timestamps` and `timestamp_utils.get_words_offsets`): a token's
+`end` is the output frame where it is first emitted; its `start` is the previous token's `end` (the
+first token's: one frame before it is emitted); a word spans its tokens; frames become seconds as
+frame x window stride x subsampling, plus the item's `offset`. A word starts at the space token
+(character models) or at a SentencePiece piece that starts with `▁`; punctuation from the
+vocabulary (Unicode category P) joins the word before it and takes no time.
+
+Confidence follows NeMo's `ConfidenceConfig` (defaults: Tsallis entropy, alpha 0.33, exponential
+normalization; blank frames excluded; `min` aggregation): a frame's confidence from its
+log-probabilities; a token's from the frames where it was emitted; a word's from its tokens. The
+utterance's `confidence` is the mean of its words' (NeMo has no utterance figure; the mean does not
+sink with the length of the utterance as `min` would).
+
+Long files: the windows' output frames are concatenated before this runs (`transcribe`), so word
+times are continuous through the file and no word is cut or repeated at a window border.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from runner.model.decoding import TextDecoder
+
+METHODS = ("max_prob", "entropy")
+ENTROPY_TYPES = ("gibbs", "tsallis", "renyi")
+ENTROPY_NORMS = ("lin", "exp")
+AGGREGATIONS = ("mean", "min", "max", "prod")
+
+
+@dataclass(frozen=True)
+class ConfidenceMethod:
+    """NeMo's `ConfidenceMethodConfig` + `ConfidenceConfig.aggregation/exclude_blank`, NeMo's defaults."""
+
+    method: str = "entropy"  # max_prob | entropy
+    entropy_type: str = "tsallis"  # gibbs | tsallis | renyi
+    alpha: float = 0.33  # > 0
+    entropy_norm: str = "exp"  # lin | exp
+    aggregation: str = "min"  # frames -> token -> word: mean | min | max | prod
+    exclude_blank: bool = True  # a token's frames: where it was emitted (else: up to the next token)
+
+    def problems(self, prefix: str = "confidence.") -> list[str]:
+        """One line per bad value, naming the key as the user wrote it."""
+        out = []
+        for key, allowed in (
+            ("method", METHODS),
+            ("entropy_type", ENTROPY_TYPES),
+            ("entropy_norm", ENTROPY_NORMS),
+            ("aggregation", AGGREGATIONS),
+        ):
+            if getattr(self, key) not in allowed:
+                out.append(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+            out.append(f"{prefix}alpha must be a number > 0, got {alpha!r}")
+        if not isinstance(self.exclude_blank, bool):
+            out.append(f"{prefix}exclude_blank must be true or false, got {self.exclude_blank!r}")
+        return out
+
+
+def frame_confidence(log_probs: torch.Tensor, method: ConfidenceMethod) -> torch.Tensor:
+    """[..., C] log-probabilities (C classes, blank included) -> [...] confidence in [0, 1]
+    (NeMo's `get_confidence_measure_bank`, the same formulas)."""
+    x = torch.nan_to_num(log_probs.float())
+    v, t = x.shape[-1], float(method.alpha)
+    if method.method == "max_prob":
+        best = x.max(dim=-1).values
+        if t == 1.0:
+            return (best.exp() * v - 1) / (v - 1)
+        return ((best * t).exp() * math.pow(v, t) - 1) / (math.pow(v, t) - 1)
+    kind, norm = method.entropy_type, method.entropy_norm
+    if t == 1.0:  # every entropy is Gibbs' at alpha 1
+        neg_entropy = (x.exp() * x).sum(-1)
+        return 1 + neg_entropy / math.log(v) if norm == "lin" else (neg_entropy.exp() * v - 1) / (v - 1)
+    if kind == "gibbs":
+        neg_entropy = ((x * t).exp() * x).sum(-1)
+        if norm == "lin":
+            return 1 + neg_entropy / math.log(v) / math.pow(v, 1 - t)
+        floor = math.pow(v, -t * math.pow(v, 1 - t))
+        return ((neg_entropy * t).exp() - floor) / (1 - floor)
+    power_sum = (x * t).exp().sum(-1)
+    if kind == "tsallis":
+        if norm == "lin":
+            return 1 + (1 - power_sum) / (math.pow(v, 1 - t) - 1)
+        floor = math.exp((1 - math.pow(v, 1 - t)) / (1 - t))
+        return (((1 - power_sum) / (1 - t)).exp() - floor) / (1 - floor)
+    if norm == "lin":  # renyi
+        return 1 + power_sum.log2() / (t - 1) / math.log(v, 2)
+    return (power_sum.pow(1 / (t - 1)) * v - 1) / (v - 1)
+
+
+def aggregate(values: Sequence[float], how: str) -> float:
+    if how == "mean":
+        return sum(values) / len(values)
+    if how == "min":
+        return min(values)
+    if how == "max":
+        return max(values)
+    return math.prod(values)
+
+
+def vocabulary_punctuation(vocabulary: Sequence[str]) -> frozenset[str]:
+    """Punctuation marks in the vocabulary (NeMo's `extract_punctuation_from_vocab`)."""
+    special = ("[", "<", "##", "▁")
+
+    def is_special(token: str) -> bool:
+        return (
+            (token.startswith("[") and token.endswith("]"))
+            or (token.startswith("<") and token.endswith(">"))
+            or token.startswith(special[2:])
+            or not token.strip()
+        )
+
+    return frozenset(
+        c for token in vocabulary for c in token if unicodedata.category(c).startswith("P") and not is_special(token)
+    )
+
+
+@dataclass
+class _Token:
+    id: int
+    piece: str  # as the vocabulary has it (`▁the`)
+    text: str  # decoded alone (`the`)
+    start: int  # output frames, NeMo's offsets
+    end: int
+    confidence: float | None
+
+
+class WordAligner:
+    """Greedy CTC frames of one utterance -> words with times and confidence, for one model's vocabulary."""
+
+    def __init__(self, text: TextDecoder, frame_seconds: float, method: ConfidenceMethod | None = ConfidenceMethod()):
+        self.text = text
+        self.frame_seconds = frame_seconds  # window stride x subsampling
+        self.method = method
+        self.punctuation = vocabulary_punctuation(text.vocabulary)
+        self.subword = text.is_subword
+        self._pieces: dict[int, tuple[str, str]] = {}
+
+    def confidences(self, log_probs: torch.Tensor) -> torch.Tensor | None:
+        """Per-frame confidence of a batch [B, T, C] -> [B, T] (None without a method)."""
+        return None if self.method is None else frame_confidence(log_probs, self.method)
+
+    def words(
+        self, best: torch.Tensor, frame_conf: torch.Tensor | None, offset: float = 0.0
+    ) -> tuple[list[dict], float | None]:
+        """`best`: the argmax class of each valid frame [T]; `frame_conf`: their confidence [T] or None.
+        -> words [{word, start, end, confidence}] (seconds in the file) and the utterance's confidence."""
+        tokens = self._tokens(best, frame_conf)
+        groups = self._word_groups(tokens)
+        words = []
+        for n, group in enumerate(groups):
+            first, last = tokens[0 if n == 0 else group[0]], tokens[group[-1]]  # NeMo: word 1 from token 1
+            conf = [tokens[i].confidence for i in group]
+            words.append(
+                {
+                    "word": self._join([tokens[i] for i in group]),
+                    "start": offset + first.start * self.frame_seconds,
+                    "end": offset + last.end * self.frame_seconds,
+                    "confidence": None if conf[0] is None else aggregate(conf, self.method.aggregation),
+                }
+            )
+        scores = [w["confidence"] for w in words if w["confidence"] is not None]
+        return words, (sum(scores) / len(scores) if scores else None)
+
+    def _tokens(self, best: torch.Tensor, frame_conf: torch.Tensor | None) -> list[_Token]:
+        """The collapsed tokens with NeMo's frame offsets and each token's confidence."""
+        blank = self.text.blank_id
+        frames = best.numel()
+        if frames == 0:
+            return []
+        changed = torch.ones(frames, dtype=torch.bool)
+        changed[1:] = best[1:] != best[:-1]
+        run_starts = torch.nonzero(changed).flatten().tolist()
+        run_ends = run_starts[1:] + [frames]
+        ids = best[run_starts].tolist()
+        conf = frame_conf.tolist() if frame_conf is not None else None
+        emitted = [(s, e, i) for s, e, i in zip(run_starts, run_ends, ids) if i != blank]
+        tokens = []
+        for k, (s, e, i) in enumerate(emitted):
+            start = max(0, s - 1) if k == 0 else emitted[k - 1][0]
+            c = None
+            if conf is not None:
+                stop = e if self.method.exclude_blank else (emitted[k + 1][0] if k + 1 < len(emitted) else frames)
+                c = aggregate(conf[s:stop], self.method.aggregation)
+            piece, text = self._piece(i)
+            end = start if text and text[0] in self.punctuation and k > 0 else s  # NeMo's _refine_timestamps
+            tokens.append(_Token(i, piece, text, start, end, c))
+        return tokens
+
+    def _piece(self, i: int) -> tuple[str, str]:
+        if i not in self._pieces:
+            piece = self.text.piece(i)
+            self._pieces[i] = (piece, self.text.pieces_text([piece]))
+        return self._pieces[i]
+
+    def _word_groups(self, tokens: list[_Token]) -> list[list[int]]:
+        """Token indices of each word (NeMo's `get_words_offsets`, word delimiter " ")."""
+        groups: list[list[int]] = []
+        built: list[int] = []
+        for i, tok in enumerate(tokens):
+            punct = tok.text in self.punctuation and tok.text != " "
+            following = next((t.text for t in tokens[i + 1 :] if t.text and t.text != " "), None)
+            if self.subword:
+                starts = tok.piece != tok.text or (tok.text == " " and following not in self.punctuation)
+            else:
+                starts = tok.text == " " and following not in self.punctuation
+            if starts and not punct:
+                if built:
+                    groups.append(built)
+                built = [] if tok.text == " " else [i]
+            elif punct and not built and groups:
+                groups[-1].append(i)
+            elif punct and built:
+                if tokens[built[-1]].piece in (" ", "_", "▁"):
+                    built = built[:-1]
+                built.append(i)
+            else:
+                built.append(i)
+        if built:
+            groups.append(built)
+        return [g for g in groups if self._join([tokens[i] for i in g])]
+
+    def _join(self, tokens: list[_Token]) -> str:
+        return self.text.pieces_text([t.piece for t in tokens])
