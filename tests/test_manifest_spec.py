@@ -11,6 +11,7 @@ from runner.errors import ManifestError
 from runner.inputs.manifest import check_unique_ids, iter_manifest
 from runner.job.shards import group_items, plan_shards
 from runner.job.spec import JobSpec, SpecError, load_spec
+from runner.model.words import ConfidenceMethod
 
 from .support import write_manifest
 
@@ -85,7 +86,11 @@ def test_spec_resolves_paths_and_round_trips(tmp_path):
     spec = load_spec(path, workers=3)
     assert spec.manifest == str(tmp_path / "data/m.jsonl") and spec.workers == 3
     assert spec.quantization.engine == "onednn"
+    assert spec.timestamps and spec.confidence == ConfidenceMethod()  # NeMo's confidence defaults
     assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    custom = load_spec(spec_file(tmp_path, "model: m\nmanifest: x\noutput: o\nconfidence: {method: max_prob}\n"))
+    assert custom.confidence.method == "max_prob" and custom.confidence.aggregation == "min"
+    assert JobSpec.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
 
 
 @pytest.mark.parametrize(
@@ -97,6 +102,11 @@ def test_spec_resolves_paths_and_round_trips(tmp_path):
         ("model: m\nmanifest: x\noutput: o\nprecision: int4\n", "precision must be one of int8, fp32"),
         ("model: m\nmanifest: x\noutput: o\nmax_failed: 2.5\n", "max_failed must be a fraction"),
         ("model: m\nmanifest: x\noutput: o\nworkers: 0\n", "workers must be a positive integer"),
+        ("model: m\nmanifest: x\noutput: o\ntimestamps: yes please\n", "timestamps must be true or false"),
+        ("model: m\nmanifest: x\noutput: o\nconfidence: {method: entropie}\n", "confidence.method must be one of"),
+        ("model: m\nmanifest: x\noutput: o\nconfidence: {alpha: 0}\n", r"confidence.alpha must be a number > 0"),
+        ("model: m\nmanifest: x\noutput: o\nconfidence: {aggregate: min}\n", r"unknown key\(s\) confidence.aggregate"),
+        ("model: m\nmanifest: x\noutput: o\nconfidence: min\n", "confidence must be a mapping"),
         ("- just a list\n", "a job spec is a mapping"),
     ],
 )

@@ -1,2 +1,3 @@
 """The command line: `asr-runner` commands (`main`), live progress (`progress`), comparing runs
-(`compare`) and the demo (`demo`)."""
+(`compare`), converting a run to subtitles, CTM or a manifest (`convert`, formats in `runner.export`)
+and the demo (`demo`)."""

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from runner.errors import InputError
 from runner.job.run_folder import JOB_FILE, STATS_FILE, SUCCESS_FILE, read_rows, write_atomic, write_json
-from runner.metrics import normalize_text, wer
+from runner.metrics import confidence_usefulness, normalize_text, wer, word_timing_figures
 
 RUN_KEYS = (
     "precision",
@@ -56,12 +56,16 @@ def compare_runs(a: Path, b: Path) -> dict:
         "wer_difference": _difference(run_a["wer"], run_b["wer"]),
         "cer_difference": _difference(run_a["cer"], run_b["cer"]),
         "agreement": agreement(a, b, same_manifest=run_a["manifest_sha256"] == run_b["manifest_sha256"]),
+        "words": word_agreement(a, b, run_a["frame_seconds"] or run_b["frame_seconds"])
+        if run_a["confidence_check"] and run_b["confidence_check"]
+        else None,
     }
 
 
 def _run_summary(out: Path, label: str) -> dict:
     job, stats = _read_finished_run(out)
-    rss = [w["peak_rss_mb"] for w in (stats.get("worker_info") or {}).values() if w.get("peak_rss_mb")]
+    workers = list((stats.get("worker_info") or {}).values())
+    rss = [w["peak_rss_mb"] for w in workers if w.get("peak_rss_mb")]
     return {
         "label": label,
         "path": str(out),
@@ -70,7 +74,42 @@ def _run_summary(out: Path, label: str) -> dict:
         "quantization": {k: v for k, v in (stats.get("quantization") or {}).items() if k != "gate"} or None,
         # None for runs made before workers reported their memory
         "peak_rss_mb": {"max": max(rss), "mean": round(sum(rss) / len(rss), 1), "workers": len(rss)} if rss else None,
+        "frame_seconds": next((w["frame_seconds"] for w in workers if w.get("frame_seconds")), None),
+        "confidence_check": _confidence_check(out),  # None: the run has no words (timestamps: false)
     }
+
+
+def _confidence_check(out: Path) -> dict | None:
+    """How often the run's low-confidence words are wrong against the references (rows with one)."""
+    table = read_rows(out, ["status", "reference", "words"])
+    rows = [
+        (r["reference"], r["words"])
+        for r in table.to_pylist()
+        if r["status"] == "ok" and r["words"] is not None and r["reference"] is not None
+    ]
+    if not any(r["words"] is not None for r in table.to_pylist() if r["status"] == "ok"):
+        return None
+    return {k: _round(v) for k, v in confidence_usefulness(rows).items()}
+
+
+def word_agreement(a: Path, b: Path, frame_seconds: float | None) -> dict:
+    """How far B's word times and confidence are from A's, over the ids ok in both with words."""
+    words_b = _word_rows(b)
+    pairs = [(w, words_b[i]) for i, w in _word_rows(a).items() if words_b.get(i) is not None]
+    figures = word_timing_figures(pairs, frame_seconds or 0.0)
+    if frame_seconds is None:
+        figures["within_one_frame"] = None
+    return {**{k: _round(v) for k, v in figures.items()}, "frame_seconds": frame_seconds}
+
+
+def _word_rows(out: Path) -> dict[str, list[dict]]:
+    """id -> words of the run's ok rows that have them (Arrow's join takes no list columns)."""
+    table = read_rows(out, ["id", "status", "words"])
+    return {r["id"]: r["words"] for r in table.to_pylist() if r["status"] == "ok" and r["words"] is not None}
+
+
+def _round(value):
+    return round(value, 5) if isinstance(value, float) else value
 
 
 def _read_finished_run(out: Path) -> tuple[dict, dict]:

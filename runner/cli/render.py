@@ -124,7 +124,31 @@ def print_comparison(result: dict, title: str) -> None:
         table.add_row(name, cell(a), cell(b), versus)
     table.add_row("identical transcripts", "", "", f"{pct(agree['identical'])} of {agree['utterances']:,}")
     table.add_row(f"WER {a['label']} vs {b['label']} text", "", "", pct(agree["wer_a_vs_b"]))
+    words = result.get("words")
+    if words and words["matched_words"]:
+        table.add_row(
+            "word start / end, mean difference",
+            "",
+            "",
+            f"{1000 * words['mean_abs_start_diff']:.1f} / {1000 * words['mean_abs_end_diff']:.1f} ms",
+        )
+        table.add_row(
+            "words within one frame", "", "", f"{pct(words['within_one_frame'])} of {words['matched_words']:,}"
+        )
+        table.add_row("word confidence, mean difference", "", "", f"{words['mean_abs_confidence_diff']:.4f}")
+    if a.get("confidence_check") or b.get("confidence_check"):
+        table.add_row("words wrong: confidence < 0.5 / >= 0.5", confidence_cell(a), confidence_cell(b), "")
     table_console().print(table)
+
+
+def confidence_cell(run: dict) -> str:
+    check = run.get("confidence_check")
+    if not check or not (check["low_words"] + check["high_words"]):
+        return "-"
+    return (
+        f"{pct(check['wrong_below'])} of {check['low_words']:,} / {pct(check['wrong_at_or_above'])} of "
+        f"{check['high_words']:,}"
+    )
 
 
 def table_console():

@@ -19,6 +19,7 @@ job's workers on it. Order of work, so bad input costs nothing:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -97,6 +98,7 @@ def fingerprint(spec: JobSpec, plan: Plan) -> dict:
         "torch": str(torch.__version__),  # kernels (int8 ones above all) change with torch
         "asr_runner": __version__,
         "shard_seconds": spec.shard_seconds,
+        "words": dataclasses.asdict(spec.confidence) if spec.timestamps else None,  # what the `words` column holds
         "items": plan.items,
         "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
     }

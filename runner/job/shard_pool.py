@@ -25,7 +25,7 @@ from runner.model.transcribe import DecodeOptions
 log = logging.getLogger(__name__)
 
 # kept per worker in stats.json
-INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb")
+INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb", "frame_seconds")
 
 
 def audio_seconds(shard: Shard, items: list[ManifestItem]) -> tuple[float, list[float]]:
@@ -131,7 +131,11 @@ class ShardPool:
         self.engines: dict[str, str] = {}
         self.infos: dict[str, dict] = {}  # per worker: INFO_KEYS
         self.heavy_imports: list[str] = []  # modules a worker should never load (nemo, lightning)
-        options = DecodeOptions(batch_size=spec.batch_size, window_seconds=spec.window_seconds)
+        options = DecodeOptions(
+            batch_size=spec.batch_size,
+            window_seconds=spec.window_seconds,
+            confidence=spec.confidence if spec.timestamps else None,
+        )
         threads = spec.threads_per_worker
         self.pool = RayPool(
             ShardWorker, (payload, threads, options), spec.workers, threads, address, on_ready=self._register

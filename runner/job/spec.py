@@ -16,6 +16,7 @@ import yaml
 
 from runner.errors import InputError
 from runner.int8.config import ON_CHECK_FAILURE, Settings
+from runner.model.words import ConfidenceMethod
 
 PRECISIONS = ("int8", "fp32")
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo_quartznet.nemo"  # `model: demo`
@@ -67,6 +68,10 @@ class JobSpec:
     # A shard (or, once its shard timed out, one item) that runs longer is stopped: its worker is replaced, and
     # an item that hangs alone becomes an error row. auto | seconds | null (no limit). See `time_limit`.
     shard_timeout_seconds: str | float | None = "auto"
+    # Words with start/end seconds and confidence in the Parquet `words` column, and an utterance `confidence`
+    # (`runner.model.words`); `confidence` chooses the method (NeMo's ConfidenceConfig names and defaults).
+    timestamps: bool = True
+    confidence: ConfidenceMethod = field(default_factory=ConfidenceMethod)
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,10 +85,16 @@ class JobSpec:
         if not isinstance(quant, dict):
             raise SpecError(f"{where}: quantization must be a mapping of keys, got {type(quant).__name__}")
         _check_keys(quant, QuantizationSpec, where, prefix="quantization.")
+        confidence = data.pop("confidence", None) or {}
+        if isinstance(confidence, ConfidenceMethod):
+            confidence = dataclasses.asdict(confidence)
+        if not isinstance(confidence, dict):
+            raise SpecError(f"{where}: confidence must be a mapping of keys, got {type(confidence).__name__}")
+        _check_keys(confidence, ConfidenceMethod, where, prefix="confidence.")
         missing = [k for k in ("model", "manifest", "output") if data.get(k) in (None, "")]
         if missing:
             raise SpecError(f"{where}: missing required key(s): {', '.join(missing)}")
-        spec = cls(**data, quantization=QuantizationSpec(**quant))
+        spec = cls(**data, quantization=QuantizationSpec(**quant), confidence=ConfidenceMethod(**confidence))
         verify(spec, where)
         return spec
 
@@ -159,6 +170,8 @@ def verify(spec: JobSpec, where: str) -> None:
             f"quantization.on_check_failure must be one of {', '.join(ON_CHECK_FAILURE)}, got {q.on_check_failure!r}",
         ),
     ]
+    checks.append((isinstance(spec.timestamps, bool), f"timestamps must be true or false, got {spec.timestamps!r}"))
+    checks += [(False, message) for message in spec.confidence.problems("confidence.")]
     prefixed = {name: f"quantization.{name}" for name in Settings.field_names()}
     checks += [(False, message) for message in q.settings().problems(prefixed)]
     for ok, message in checks:

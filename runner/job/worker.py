@@ -24,7 +24,7 @@ from runner.errors import AudioLoadError
 from runner.inputs.audio import load_audio
 from runner.inputs.manifest import ManifestItem
 from runner.model.ctc import load_checkpoint
-from runner.model.transcribe import DecodeOptions, transcribe_batch
+from runner.model.transcribe import DecodeOptions, frame_seconds, transcribe, word_aligner
 from runner.sysinfo import peak_rss_mb
 from runner.timing import WORKER_STAGES
 
@@ -87,11 +87,16 @@ def transcribe_items(
             rows[i]["text"] = ""  # too short to analyse, or digital silence: no speech (the model may babble)
         else:
             audios[i] = audio
-    for i, text in _transcribe_isolating_failures(model, audios, options, stages).items():
-        if isinstance(text, Exception):
-            mark_failed(rows[i], items[i], f"transcription failed: {type(text).__name__}: {text}")
+    offsets = {i: item.offset or 0.0 for i, item in enumerate(items)}
+    for i, result in _transcribe_isolating_failures(model, audios, offsets, options, stages).items():
+        if isinstance(result, Exception):
+            mark_failed(rows[i], items[i], f"transcription failed: {type(result).__name__}: {result}")
         else:
-            rows[i]["text"] = text
+            rows[i].update(text=result.text, words=result.words, confidence=result.confidence)
+    if options.confidence is not None:  # too short or silent: no words, and nothing to doubt
+        for i, row in enumerate(rows):
+            if row["status"] == "ok" and i not in audios:
+                row.update(words=[], confidence=None)
     return rows, stages
 
 
@@ -123,17 +128,24 @@ def _read(item: ManifestItem, rate: int, timings: dict) -> np.ndarray:
     return load_audio(item.audio_filepath, rate, offset=item.offset, duration=item.duration, timings=timings)
 
 
-def _transcribe_isolating_failures(model, audios: dict[int, np.ndarray], options, timings: dict) -> dict[int, Any]:
-    """Texts by row index; if a batch fails, retry its items one by one so only the culprit fails."""
+def _transcribe_isolating_failures(
+    model, audios: dict[int, np.ndarray], offsets: dict[int, float], options: DecodeOptions, timings: dict
+) -> dict[int, Any]:
+    """`Transcript`s by row index; if a batch fails, retry its items one by one so only the culprit fails."""
     ids = list(audios)
+    aligner = word_aligner(model, options.confidence) if options.confidence is not None else None
+
+    def run(batch: list[int]) -> list:
+        return transcribe(model, [audios[i] for i in batch], options, timings, aligner, [offsets[i] for i in batch])
+
     try:
-        return dict(zip(ids, transcribe_batch(model, [audios[i] for i in ids], options, timings)))
+        return dict(zip(ids, run(ids)))
     except Exception as exc:  # noqa: BLE001 - any failure becomes data, inside the budget
         log.warning("batch failed (%s); retrying items one at a time", exc)
     out: dict[int, Any] = {}
     for i in ids:
         try:
-            out[i] = transcribe_batch(model, [audios[i]], options, timings)[0]
+            out[i] = run([i])[0]
         except Exception as exc:  # noqa: BLE001
             out[i] = exc
     return out
@@ -209,6 +221,7 @@ class ShardWorker:
             "heavy_imports": heavy,
             "cpu": cpu_info()["model"],
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "frame_seconds": frame_seconds(self.model.spec),  # the step of word times
         }
 
 

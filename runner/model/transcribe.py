@@ -28,7 +28,7 @@ import torch
 from runner.model.ctc import LeanCTCModel
 from runner.model.decoding import greedy_decode
 from runner.model.features import feature_lengths, mask_frames, normalize
-from runner.model.words import WordAligner
+from runner.model.words import ConfidenceMethod, WordAligner
 from runner.timing import timed
 
 
@@ -38,6 +38,7 @@ class DecodeOptions:
     window_seconds: float = 40.0  # files longer than this are processed in windows
     context_seconds: float = 5.0  # audio seen on each side of a window, then dropped
     window_batch: int = 2  # windows per forward pass: QuartzNet15x5 peaks at ~550 MB RSS (8: ~900 MB)
+    confidence: ConfidenceMethod | None = None  # words with times and confidence by this method; None: text only
 
 
 def pad_batch(audios: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +69,12 @@ def transcribe_batch(
 def word_aligner(model: LeanCTCModel, method=None) -> WordAligner:
     """The model's `WordAligner`: frames of window stride x subsampling; confidence by `method`
     (a `ConfidenceMethod`; None: NeMo's defaults)."""
-    from runner.model.words import ConfidenceMethod
+    return WordAligner(model.text_decoder, frame_seconds(model.spec), method or ConfidenceMethod())
 
-    spec = model.spec
-    frame = spec.features.hop_length / spec.features.sample_rate * spec.encoder.subsampling
-    return WordAligner(model.text_decoder, frame, method or ConfidenceMethod())
+
+def frame_seconds(spec) -> float:
+    """Seconds per output frame: window stride x subsampling (what NeMo multiplies frame offsets by)."""
+    return spec.features.hop_length / spec.features.sample_rate * spec.encoder.subsampling
 
 
 @torch.inference_mode()

@@ -25,6 +25,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from runner.model.decoding import TextDecoder
@@ -171,29 +172,44 @@ class WordAligner:
         return words, (sum(scores) / len(scores) if scores else None)
 
     def _tokens(self, best: torch.Tensor, frame_conf: torch.Tensor | None) -> list[_Token]:
-        """The collapsed tokens with NeMo's frame offsets and each token's confidence."""
-        blank = self.text.blank_id
-        frames = best.numel()
+        """The collapsed tokens with NeMo's frame offsets and each token's confidence (numpy: a long
+        file has tens of thousands of tokens)."""
+        row = best.numpy()
+        frames = row.size
         if frames == 0:
             return []
-        changed = torch.ones(frames, dtype=torch.bool)
-        changed[1:] = best[1:] != best[:-1]
-        run_starts = torch.nonzero(changed).flatten().tolist()
-        run_ends = run_starts[1:] + [frames]
-        ids = best[run_starts].tolist()
-        conf = frame_conf.tolist() if frame_conf is not None else None
-        emitted = [(s, e, i) for s, e, i in zip(run_starts, run_ends, ids) if i != blank]
+        run_starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+        keep = row[run_starts] != self.text.blank_id
+        starts = run_starts[keep]  # each emitted token's first frame
+        if starts.size == 0:
+            return []
+        ends = np.r_[run_starts[1:], frames][keep]  # ... and the frame after its run
+        conf = self._token_confidence(frame_conf, starts, ends, frames) if frame_conf is not None else None
+        begin = np.r_[max(0, int(starts[0]) - 1), starts[:-1]]  # NeMo: the previous token's frame
         tokens = []
-        for k, (s, e, i) in enumerate(emitted):
-            start = max(0, s - 1) if k == 0 else emitted[k - 1][0]
-            c = None
-            if conf is not None:
-                stop = e if self.method.exclude_blank else (emitted[k + 1][0] if k + 1 < len(emitted) else frames)
-                c = aggregate(conf[s:stop], self.method.aggregation)
+        for k, (i, s, b) in enumerate(zip(row[starts].tolist(), starts.tolist(), begin.tolist())):
             piece, text = self._piece(i)
-            end = start if text and text[0] in self.punctuation and k > 0 else s  # NeMo's _refine_timestamps
-            tokens.append(_Token(i, piece, text, start, end, c))
+            end = b if text and text[0] in self.punctuation and k > 0 else s  # NeMo's _refine_timestamps
+            tokens.append(_Token(i, piece, text, b, end, None if conf is None else conf[k]))
         return tokens
+
+    def _token_confidence(self, frame_conf: torch.Tensor, starts, ends, frames: int) -> list[float]:
+        """Each token's frames aggregated: the frames of its run (blanks excluded, NeMo's default) or from
+        its first frame up to the next token's."""
+        conf = np.r_[frame_conf.numpy().astype(np.float64), 0.0]  # a spare frame: no bound equals len
+        if self.method.exclude_blank:
+            bounds = np.stack([starts, ends], axis=1).ravel()  # [s0, e0, s1, e1, ...]: keep the even spans
+            lengths = ends - starts
+        else:
+            bounds = np.r_[starts, frames]
+            lengths = np.diff(bounds)
+        how = self.method.aggregation
+        ufunc = {"min": np.minimum, "max": np.maximum, "prod": np.multiply, "mean": np.add}[how]
+        out = ufunc.reduceat(conf, bounds)
+        out = out[0::2] if self.method.exclude_blank else out[: len(starts)]
+        if how == "mean":
+            out = out / lengths
+        return out.tolist()
 
     def _piece(self, i: int) -> tuple[str, str]:
         if i not in self._pieces:
@@ -205,9 +221,13 @@ class WordAligner:
         """Token indices of each word (NeMo's `get_words_offsets`, word delimiter " ")."""
         groups: list[list[int]] = []
         built: list[int] = []
+        following_texts: list[str | None] = [None] * len(tokens)  # the next token's text that is not " " or ""
+        for i in range(len(tokens) - 2, -1, -1):
+            t = tokens[i + 1].text
+            following_texts[i] = t if t and t != " " else following_texts[i + 1]
         for i, tok in enumerate(tokens):
             punct = tok.text in self.punctuation and tok.text != " "
-            following = next((t.text for t in tokens[i + 1 :] if t.text and t.text != " "), None)
+            following = following_texts[i]
             if self.subword:
                 starts = tok.piece != tok.text or (tok.text == " " and following not in self.punctuation)
             else:
