@@ -15,7 +15,7 @@ decoder only), `--threads` threads each (torch, ORT intra-op, OpenVINO INFERENCE
 latency hint): NeMo fp32 forward, the lean fp32 model, the runner's int8 as a job runs it
 (`quantize_model` -> artifact bytes -> `build_int8_model(..., "auto")`; engine, activation bits and
 int8 self-check recorded as the loader reports them), ONNX Runtime fp32 and int8 (static QDQ,
-per-channel, vs_peers.onnx_sessions), OpenVINO fp32 (f32 inference precision) and int8 (NNCF
+per-channel, peers.onnx_sessions), OpenVINO fp32 (f32 inference precision) and int8 (NNCF
 post-training quantization of the same ONNX export, calibrated on the same features).
 Speed: x real time (audio seconds / seconds), batch 1 and 8, rounds interleaved (order rotated each
 round); the statistic is the median of `--rounds` timed rounds (>= 3), min and max printed beside it.
@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,8 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_kinds_report import print_arch  # noqa: E402
 from lean_model import ten_second_utterances  # noqa: E402
-from vs_peers import onnx_sessions  # noqa: E402
+from peers import exportable_conformer, onnx_sessions, openvino_models  # noqa: E402
 
 from runner.int8.artifact import build_int8_model  # noqa: E402
 from runner.int8.config import Settings
@@ -125,67 +125,6 @@ def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
         "observer": art.report.get("observer"),
         "gate_int8": art.report.get("gate", {}).get("int8"),
     }
-
-
-@contextmanager
-def exportable_conformer():
-    """During the ONNX export only, two lean Conformer pieces in NeMo's own form (the same values): the
-    `as_strided` `rel_shift` (which the TorchScript exporter cannot give a dynamic time axis) as NeMo's
-    pad-view-slice, and the conv module's channels-last [B, C, 1, T] depthwise conv2d trick as NeMo's
-    transpose + Conv1d (NNCF int8 of the trick's graph fails in OpenVINO for any other length)."""
-    from runner.model import conformer
-
-    def pad_view_slice(bd: torch.Tensor) -> torch.Tensor:
-        x, y, t, n = bd.shape
-        return torch.nn.functional.pad(bd, (1, 0)).view(x, y, -1, t)[:, :, 1:].reshape(x, y, t, n)[..., :t]
-
-    def conv_module(self, x: torch.Tensor, pad_mask) -> torch.Tensor:
-        x = torch.nn.functional.glu(self.pointwise_conv1(x), dim=-1)
-        if pad_mask is not None:
-            x = x.masked_fill(pad_mask, 0.0)
-        y = self.batch_norm(self.depthwise_conv(x.transpose(1, 2)))
-        return self.pointwise_conv2(self.activation(y).transpose(1, 2))
-
-    saved = conformer.rel_shift, conformer.ConformerConvolution.forward
-    conformer.rel_shift, conformer.ConformerConvolution.forward = pad_view_slice, conv_module
-    try:
-        yield
-    finally:
-        conformer.rel_shift, conformer.ConformerConvolution.forward = saved
-
-
-def equal_windows(feats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The same features, concatenated and cut into windows of their median length: NNCF's Transformer
-    preset stacks some per-sample statistics, which needs one shape for every sample."""
-    whole, n = torch.cat(feats, dim=1), int(statistics.median(f.shape[1] for f in feats))
-    return [whole[:, i : i + n] for i in range(0, whole.shape[1] - n + 1, n)]
-
-
-def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: int, transformer: bool) -> dict:
-    """OpenVINO fp32 and NNCF post-training int8 compiled models of the ONNX fp32 export."""
-    import nncf
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(onnx_fp32))
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    fp32 = core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
-    windows = [f.unsqueeze(0).numpy() for f in equal_windows(calibration)]
-    options = {}
-    if transformer:  # NNCF's preset for attention models; per-tensor activations: NNCF puts the per-channel
-        # quantizer of a depthwise conv's input before the transpose to [B, C, T], on the time axis,
-        # and OpenVINO then refuses any other length (nncf 3.4.0)
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
-
-        options = {
-            "model_type": nncf.ModelType.TRANSFORMER,
-            "advanced_parameters": AdvancedQuantizationParameters(
-                activations_quantization_params=QuantizationParameters(per_channel=False)
-            ),
-        }
-    qmodel = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows), **options)
-    int8 = core.compile_model(qmodel, "CPU", config)  # default precision for what stays float: its best
-    return {"ov_fp32": fp32, "ov_int8": int8}
 
 
 def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
@@ -308,43 +247,6 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
         result["speed"][f"b{b}"]["batch"] = min(b, len(feats))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
-
-
-def print_arch(arch: str, r: dict) -> None:
-    info = r["runner_int8"]
-    print(
-        f"\n== {arch}: {r['model']}{' ' + r['size'] if r['size'] else ''}, {r['params'] / 1e6:.1f} M parameters, "
-        f"{r['clips']} x 10 s clips, median of {r['rounds']} rounds; load {r['load_before']} -> {r['load_after']}"
-    )
-    if "error" in info:
-        print(f"runner int8 FAILED: {info['error']}\n{info.get('traceback', '')}")
-    else:
-        extra = {k: info[k] for k in ("activation_bits", "bits") if k in info}
-        print(
-            f"runner int8: engine {info['engine']} (probe {info['probe_seconds']}), {extra or 'bits: not reported'}, "
-            f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s"
-        )
-        print(f"  int8_check: {json.dumps(info.get('int8_check'), default=str)}")
-    if r["load_at_start"] > 0.3 * (os.cpu_count() or 1):  # later load averages include this benchmark's own
-        print(
-            f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
-            "torch's OpenMP threads lose most when a core is taken (same call: 0.6 to 6.5 s here), so these "
-            "speeds are not figures to quote"
-        )
-    speed_b1, speed_b8 = r["speed"]["b1"], r["speed"]["b8"]
-    print(
-        f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
-        f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}"
-    )
-    for name in (k for k in speed_b1 if k != "batch"):
-        cells = [f"{s[name]['median']:8.1f} [{s[name]['min']:.1f}-{s[name]['max']:.1f}]" for s in (speed_b1, speed_b8)]
-        acc = r["accuracy"].get(name, {})
-        figures = (
-            f"{acc['logit_cosine']:8.4f} {acc['argmax_agreement']:7.1%}"
-            if "logit_cosine" in acc
-            else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
-        )
-        print(f"{name:12} {cells[0]:>32} {cells[1]:>32} {figures}")
 
 
 def cpu_tag(cpu: dict) -> str:

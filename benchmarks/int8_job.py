@@ -18,14 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from runner.inputs.manifest import iter_manifest  # noqa: E402
+from repeat_manifest import repeated_manifest  # noqa: E402
+
 from runner.job.run import run_job  # noqa: E402
 from runner.job.spec import JobSpec  # noqa: E402
 from runner.model.nemo_loader import quiet_nemo_logging  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_random_quartznet15x5(path: str) -> None:
@@ -62,22 +63,8 @@ def main() -> None:
         if args.model == "quartznet15x5":
             args.model = str(tmp / "quartznet15x5.nemo")
             build_random_quartznet15x5(args.model)
-        items = list(iter_manifest(args.manifest))
         manifest = tmp / "manifest.jsonl"
-        with open(manifest, "w") as f:
-            for r in range(args.repeat):
-                for item in items:
-                    f.write(
-                        json.dumps(
-                            {
-                                "audio_filepath": item.audio_filepath,
-                                "duration": item.duration,
-                                "text": item.text,
-                                "id": f"r{r}-{item.id}",
-                            }
-                        )
-                        + "\n"
-                    )
+        repeated_manifest(Path(args.manifest), args.repeat, manifest)
         stats = {}
         for precision in ("fp32", "int8"):
             spec = JobSpec.from_dict(

@@ -31,24 +31,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lean_model import rtfx_pair, ten_second_utterances  # noqa: E402
+from peers import onnx_sessions  # noqa: E402
+from repeat_manifest import repeated_manifest  # noqa: E402
+from vs_peers_jobs import job, paired, scaling  # noqa: E402
+from vs_peers_report import plot, print_report, targets  # noqa: E402
 
-from runner.inputs.manifest import iter_manifest  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
-from runner.job.run import run_job  # noqa: E402
-from runner.job.spec import JobSpec  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.sysinfo import cpu_info  # noqa: E402
@@ -56,29 +55,6 @@ from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.training.recipes import build_nemo_model, quartznet15x5_config, randomize_batchnorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def repeated_manifest(src: Path, repeat: int, path: Path) -> tuple[list[str], float]:
-    """`src` repeated `repeat` times with new ids; returns the audio paths and audio seconds."""
-    items = list(iter_manifest(str(src)))
-    paths, seconds = [], 0.0
-    with open(path, "w") as f:
-        for r in range(repeat):
-            for item in items:
-                f.write(
-                    json.dumps(
-                        {
-                            "audio_filepath": item.audio_filepath,
-                            "duration": item.duration,
-                            "text": item.text,
-                            "id": f"r{r}-{item.id}",
-                        }
-                    )
-                    + "\n"
-                )
-                paths.append(item.audio_filepath)
-                seconds += item.duration
-    return paths, seconds
 
 
 def nemo_transcribe(nemo, paths: list[str], seconds: float) -> dict:
@@ -90,227 +66,6 @@ def nemo_transcribe(nemo, paths: list[str], seconds: float) -> dict:
     wall = time.perf_counter() - t0
     print(f"  NeMo transcribe(): {wall:.1f} s", flush=True)
     return {"wall_seconds": round(wall, 2), "audio_seconds": round(seconds, 2), "rtfx": round(seconds / wall, 2)}
-
-
-def spec_dict(model: str, manifest: Path, out: Path, precision: str, workers: int, quant: dict) -> dict:
-    return {
-        "model": model,
-        "manifest": str(manifest),
-        "output": str(out),
-        "precision": precision,
-        "workers": workers,
-        "threads_per_worker": 1,
-        "shard_seconds": 120,
-        "quantization": quant,
-    }
-
-
-def scaling(model: str, src: Path, tmp: Path, counts: list[int], quant: dict, repeat: int, rounds: int) -> dict:
-    """int8 job RTFx with each worker count in `counts` (1 first) on `src` x `repeat`, `rounds` rounds
-    of one run per count, with the artifact the main int8 job made (copied to the cache key of this
-    manifest: no new quantization); then the same counts as plain processes."""
-    from runner.int8.cache import cache_dir
-    from runner.int8.make import cache_key
-
-    manifest = tmp / "scaling.jsonl"
-    _paths, seconds = repeated_manifest(src, repeat, manifest)
-    spec = JobSpec.from_dict(spec_dict(model, manifest, tmp / "x", "int8", counts[-1], quant))
-    (made,) = cache_dir().glob("int8-*.pt")
-    key = cache_key(spec.model, spec.manifest, spec.quantization.calibration_manifest, spec.quantization.settings())
-    (cache_dir() / f"int8-{key[:32]}.pt").write_bytes(made.read_bytes())
-    runs: dict[int, list[float]] = {w: [] for w in counts}
-    cpu: dict[int, dict] = {}
-    for k in range(rounds):
-        for w in runs:
-            stats = job(model, manifest, tmp / f"scale-{w}w-{k}", "int8", w, quant)
-            runs[w].append(stats["rtfx"])
-            if stats["rtfx"] == max(runs[w]):
-                cpu[w] = {**stats["cpu_seconds"], "wall": stats["wall_seconds"]}
-    artifact = made.read_bytes()
-    raw: dict[int, list[float]] = {w: [] for w in counts}
-    for _ in range(rounds):
-        for w in raw:
-            raw[w].append(raw_processes(artifact, spec, w))
-    n = counts[-1]
-    return {
-        "audio_seconds": round(seconds, 1),
-        "repeat": repeat,
-        "workers": counts,
-        "runs": {str(w): v for w, v in runs.items()},
-        "best": {str(w): max(v) for w, v in runs.items()},
-        **paired(runs, n),
-        "speedups": {str(w): paired(runs, w)["speedup"] for w in counts},
-        "cpu_seconds_of_best": {str(w): v for w, v in cpu.items()},
-        "raw_runs": {str(w): v for w, v in raw.items()},
-        "raw_processes": {str(w): max(v) for w, v in raw.items()},
-        **{f"raw_{k}": v for k, v in paired(raw, n).items()},
-        "raw_speedups": {str(w): paired(raw, w)["speedup"] for w in counts},
-    }
-
-
-def paired(runs: dict, n: int) -> dict:
-    """Speed-up of n workers over 1: the median of the rounds' ratios (runs made back to back), and
-    the ratio of the best run of each kind."""
-    ratios = [round(b / a, 3) for a, b in zip(runs[1], runs[n])]
-    return {
-        "speedup": round(statistics.median(ratios), 3),
-        "round_ratios": ratios,
-        "best_of_each_speedup": round(max(runs[n]) / max(runs[1]), 3),
-    }
-
-
-_WORKER = None
-
-
-def _raw_init(artifact: bytes, barrier) -> None:
-    global _WORKER
-    from runner.job.worker import Int8Payload, ShardWorker
-    from runner.model.transcribe import DecodeOptions
-
-    _WORKER = ShardWorker(Int8Payload(artifact, "auto"), 1, DecodeOptions())
-    barrier.wait()
-
-
-def _raw_shard(task) -> float:
-    return _WORKER(*task).audio_seconds
-
-
-def raw_processes(artifact: bytes, spec: JobSpec, workers: int) -> float:
-    """The ceiling for the job's scaling: the same worker code (`ShardWorker`, 1 thread, `auto`) in
-    `workers` plain processes pulling the same shards, no Ray, no driver writing Parquet. Returns
-    RTFx from the first shard handed out (every process has built its model) to the last result."""
-    import multiprocessing as mp
-
-    from runner.job.run import prepare
-    from runner.job.shards import group_items
-
-    plan = prepare(spec)
-    tasks = [
-        (shard.index, batch)
-        for shard, batch in group_items(iter_manifest(spec.manifest), plan.shards, {s.index for s in plan.shards})
-    ]
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(workers + 1)
-    with ctx.Pool(workers, initializer=_raw_init, initargs=(artifact, barrier)) as pool:
-        barrier.wait()
-        t0 = time.perf_counter()
-        audio = sum(pool.imap_unordered(_raw_shard, tasks))
-        wall = time.perf_counter() - t0
-    print(f"  raw processes x{workers}: RTFx {audio / wall:.1f}", flush=True)
-    return round(audio / wall, 2)
-
-
-class CpuAccounting:
-    """CPU seconds each kind of process spent between the workers being ready and the last part
-    written (psutil over every process on the machine): the workers' actors, the driver (this
-    process), Ray's own daemons, everything else. Where a 2-core machine's second worker loses."""
-
-    def __init__(self):
-        self.start: dict[int, tuple[str, float]] = {}
-        self.end: dict[int, tuple[str, float]] = {}
-
-    @staticmethod
-    def _snapshot() -> dict[int, tuple[str, float]]:
-        import psutil
-
-        snap = {}
-        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-            times, cmd = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
-            if times is not None:
-                snap[proc.info["pid"]] = (cmd, times.user + times.system)
-        return snap
-
-    def __call__(self, kind: str, **_data) -> None:
-        if kind == "workers":
-            self.start = self._snapshot()
-        elif kind == "shard":
-            self.end = self._snapshot()
-
-    def seconds(self) -> dict[str, float]:
-        out = {"workers": 0.0, "driver": 0.0, "ray_daemons": 0.0, "other": 0.0}
-        for pid, (cmd, cpu) in self.end.items():
-            used = cpu - self.start.get(pid, (cmd, 0.0))[1]
-            if pid == os.getpid():
-                kind = "driver"
-            elif "ShardWorker" in cmd:  # Ray titles an actor's process ray::ShardWorker[.method]
-                kind = "workers"
-            elif any(
-                k in cmd
-                for k in (
-                    "raylet",
-                    "gcs_server",
-                    "dashboard",
-                    "log_monitor",
-                    "ray/_private",
-                    "default_worker.py",
-                    "ray::IDLE",
-                    "runtime_env",
-                )
-            ):
-                kind = "ray_daemons"
-            else:
-                kind = "other"
-            out[kind] += max(used, 0.0)
-        return {k: round(v, 2) for k, v in out.items()}
-
-
-def job(model: str, manifest: Path, out: Path, precision: str, workers: int, quant: dict) -> dict:
-    spec = JobSpec.from_dict(spec_dict(model, manifest, out, precision, workers, quant))
-    cpu = CpuAccounting()
-    stats = run_job(spec, on_event=cpu).stats
-    stats["cpu_seconds"] = cpu.seconds()
-    stats["peak_rss_mb"] = max((w.get("peak_rss_mb", 0.0) for w in stats["worker_info"].values()), default=None)
-    stats.pop("quantization", None)
-    print(f"  {out.name}: RTFx {stats['rtfx']}, startup {stats['startup_seconds']} s", flush=True)
-    return stats
-
-
-class EncoderLogits(torch.nn.Module):
-    """features [B, F, T] (no padding) -> decoder logits [B, C, T']: the graph ONNX Runtime runs."""
-
-    def __init__(self, lean):
-        super().__init__()
-        self.encoder, self.decoder = lean.encoder, lean.decoder
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        lens = torch.full((feats.shape[0],), feats.shape[2], dtype=torch.long)
-        return self.decoder(self.encoder(feats, lens)[0])
-
-
-def onnx_sessions(lean, calibration: list[torch.Tensor], threads: int, folder: Path) -> dict:
-    """ONNX Runtime fp32 and int8 (static QDQ, per-channel, calibrated on real features) sessions."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    fp32, pre, int8 = folder / "enc_fp32.onnx", folder / "enc_pre.onnx", folder / "enc_int8.onnx"
-    example = calibration[0].unsqueeze(0)
-    torch.onnx.export(
-        EncoderLogits(lean).eval(),
-        (example,),
-        str(fp32),
-        input_names=["feats"],
-        output_names=["logits"],
-        dynamic_axes={"feats": {0: "batch", 2: "time"}},
-        dynamo=False,
-    )
-    quant_pre_process(str(fp32), str(pre))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"feats": f.unsqueeze(0).numpy()} for f in calibration])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return {
-        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for name, path in (("ort_fp32", fp32), ("ort_int8", int8))
-    }
 
 
 def encoder_bench(lean, artifact: bytes, clips: int, threads: int, folder: Path) -> dict:
@@ -344,130 +99,6 @@ def encoder_bench(lean, artifact: bytes, clips: int, threads: int, folder: Path)
         **{name: ort_run(s) for name, s in sessions.items()},
     }
     return {f"b{b}": {k: round(v, 1) for k, v in rtfx_pair(fns, feats, b, repeats=3).items()} for b in (1, 8)}
-
-
-def targets(r: dict) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for the issue's targets on the 2-core machine."""
-    e2e = r["jobs"]["int8"]["rtfx"] / r["nemo_transcribe"]["rtfx"]
-    enc = r["encoder"]["b8"]["eager_int8_onednn"] / r["encoder"]["b8"]["ort_int8"]
-    frac = r["jobs"]["int8"]["stage_fractions"]
-    worst = max((k for k in frac if k != "encoder"), key=frac.get)
-    n = r["scaling"].get("workers", [1, r["workers"]])[-1]
-    scale = r["scaling"]["speedup"]
-    need = 0.9 if n <= 2 else 0.85  # the issue: 2 workers >= 1.8x; 16 workers >= 85% efficiency
-    return [
-        ("int8 job >= 6x NeMo transcribe() fp32, end to end", f"{e2e:.2f}x", e2e >= 6),
-        ("int8 encoder >= 1.25x ONNX Runtime int8, batch 8", f"{enc:.2f}x", enc >= 1.25),
-        (
-            "int8 job: no stage but the encoder > 20% of the time",
-            f"largest: {worst} {100 * frac[worst]:.1f}%",
-            frac[worst] <= 0.20,
-        ),
-        (f"{n} workers >= {need * n:.1f}x 1 worker", f"{scale:.2f}x", scale >= need * n),
-    ]
-
-
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    jobs = r["jobs"]
-    e2e = {
-        "NeMo transcribe()\nfp32": r["nemo_transcribe"]["rtfx"],
-        "runner fp32": jobs["fp32"]["rtfx"],
-        "runner int8": jobs["int8"]["rtfx"],
-    }
-    axes[0, 0].bar(list(e2e), list(e2e.values()), color=["grey", "tab:blue", "tab:green"])
-    axes[0, 0].set(title=f"End to end, {r['cpu']['logical_cpus']} CPUs (RTFx)", ylabel="x real time")
-    names = list(r["encoder"]["b1"])
-    x = np.arange(len(names))
-    for k, b in enumerate(("b1", "b8")):
-        axes[0, 1].bar(x + 0.4 * k - 0.2, [r["encoder"][b][n] for n in names], 0.4, label=f"batch {b[1:]}")
-    axes[0, 1].set_xticks(x, [n.replace("_", "\n", 1) for n in names])
-    axes[0, 1].set(title="Encoder + decoder on 10 s features (RTFx)", ylabel="x real time")
-    axes[0, 1].legend()
-    frac = jobs["int8"]["stage_fractions"]
-    axes[1, 0].barh(list(frac), [100 * v for v in frac.values()], color="tab:green")
-    axes[1, 0].axvline(20, color="red", ls="--", lw=1)
-    axes[1, 0].set(title="int8 job: share of time per stage (see stats.py)", xlabel="%")
-    workers, best = r["scaling"].get("workers", [1, r["workers"]]), r["scaling"]["best"]
-    axes[1, 1].plot(workers, [best[str(w)] for w in workers], "o-", label="int8 job")
-    raw = r["scaling"]["raw_processes"]
-    axes[1, 1].plot(
-        workers, [raw[str(w)] for w in workers], "s-", color="tab:orange", label="same worker code, plain processes"
-    )
-    axes[1, 1].plot(workers, [best["1"] * w for w in workers], "--", color="grey", label="linear")
-    axes[1, 1].set(
-        title=f"Scaling (RTFx by workers, {r['scaling']['audio_seconds'] / 60:.0f} min of audio)",
-        xlabel="workers x 1 thread",
-        xticks=workers,
-    )
-    axes[1, 1].legend()
-    fig.suptitle(f"QuartzNet15x5 architecture, {r['audio_seconds'] / 60:.1f} min of audio; {r['cpu']['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def print_report(r: dict) -> None:
-    jobs, nemo = r["jobs"], r["nemo_transcribe"]
-    print(
-        f"QuartzNet15x5 architecture, {r['utterances']} utterances, {r['audio_seconds'] / 60:.1f} min of audio; "
-        f"CPU {r['cpu']['model']} ({r['cpu']['logical_cpus']} logical, {', '.join(r['cpu']['flags'])}); "
-        f"torch {r['torch']}, onnxruntime {r['onnxruntime']}; load average before {r['load_before']}, "
-        f"after {r['load_after']}"
-    )
-    print(
-        f"NeMo transcribe() fp32, batch 8, {r['threads']} threads: "
-        f"RTFx {nemo['rtfx']:.1f} ({nemo['wall_seconds']:.1f} s)"
-    )
-    for name, s in jobs.items():
-        print(
-            f"runner {name:8}: RTFx {s['rtfx']:7.1f}  wall {s['wall_seconds']:6.1f} s  startup "
-            f"{s['startup_seconds']:6.1f} s  engine {s['engine']:7} worker peak RSS {s['peak_rss_mb']} MB  "
-            f"= {s['rtfx'] / nemo['rtfx']:.2f}x NeMo transcribe()"
-        )
-    print(
-        f"int8 job ({r['workers']} workers) time by stage: "
-        + ", ".join(
-            f"{k} {v:.1f} s ({100 * jobs['int8']['stage_fractions'][k]:.1f}%)"
-            for k, v in jobs["int8"]["stages"].items()
-        )
-    )
-    print(
-        f"cold start: int8 first time (quantize + gate) {jobs['int8_cold']['startup_seconds']:.1f} s, "
-        f"artifact cached {jobs['int8']['startup_seconds']:.1f} s, fp32 {jobs['fp32']['startup_seconds']:.1f} s"
-    )
-    sc = r["scaling"]
-    for w, x in sc.get("speedups", {}).items():
-        if w not in ("1", str(sc.get("workers", [0])[-1])):
-            print(
-                f"  {w} workers: median ratio {x:.2f}x = efficiency {100 * x / int(w):.0f}% (plain processes "
-                f"{sc['raw_speedups'][w]:.2f}x)"
-            )
-    n = str(sc.get("workers", [1, r["workers"]])[-1])
-    print(
-        f"scaling ({sc['audio_seconds'] / 60:.0f} min of audio; RTFx of 1 / {n} workers by round "
-        f"{list(zip(sc['runs']['1'], sc['runs'][n]))}): ratios {sc.get('round_ratios')}, median "
-        f"{sc['speedup']:.2f}x = efficiency {100 * sc['speedup'] / int(n):.0f}% (best of each: "
-        f"{sc['best']['1']:.1f} -> {sc['best'][n]:.1f} = {sc.get('best_of_each_speedup', 0):.2f}x); the same worker "
-        f"code in plain processes (no Ray, no driver): runs {sc.get('raw_runs', sc['raw_processes'])}, "
-        f"{sc['raw_speedup']:.2f}x"
-    )
-    for w, c in sc["cpu_seconds_of_best"].items():
-        print(
-            f"  {w} worker(s), CPU seconds over the {c['wall']:.1f} s of dispatch: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in c.items() if k != "wall")
-        )
-    print(f"encoder + decoder, 10 s features, {r['threads']} threads (RTFx)   batch 1   batch 8")
-    for name in r["encoder"]["b1"]:
-        print(f"  {name:20} {r['encoder']['b1'][name]:8.1f} {r['encoder']['b8'][name]:9.1f}")
-    print("targets:")
-    for name, value, met in r["targets"]:
-        print(f"  {'MET   ' if met else 'MISSED'} {name}: {value}")
 
 
 def save(r: dict, out: Path, name: str) -> None:

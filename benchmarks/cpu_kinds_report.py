@@ -1,0 +1,43 @@
+"""cpu_kinds.py's printed table of one architecture: the runner's int8 facts, then speed and accuracy per system."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def print_arch(arch: str, r: dict) -> None:
+    info = r["runner_int8"]
+    print(
+        f"\n== {arch}: {r['model']}{' ' + r['size'] if r['size'] else ''}, {r['params'] / 1e6:.1f} M parameters, "
+        f"{r['clips']} x 10 s clips, median of {r['rounds']} rounds; load {r['load_before']} -> {r['load_after']}"
+    )
+    if "error" in info:
+        print(f"runner int8 FAILED: {info['error']}\n{info.get('traceback', '')}")
+    else:
+        extra = {k: info[k] for k in ("activation_bits", "bits") if k in info}
+        print(
+            f"runner int8: engine {info['engine']} (probe {info['probe_seconds']}), {extra or 'bits: not reported'}, "
+            f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s"
+        )
+        print(f"  int8_check: {json.dumps(info.get('int8_check'), default=str)}")
+    if r["load_at_start"] > 0.3 * (os.cpu_count() or 1):  # later load averages include this benchmark's own
+        print(
+            f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
+            "torch's OpenMP threads lose most when a core is taken (same call: 0.6 to 6.5 s here), so these "
+            "speeds are not figures to quote"
+        )
+    speed_b1, speed_b8 = r["speed"]["b1"], r["speed"]["b8"]
+    print(
+        f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
+        f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}"
+    )
+    for name in (k for k in speed_b1 if k != "batch"):
+        cells = [f"{s[name]['median']:8.1f} [{s[name]['min']:.1f}-{s[name]['max']:.1f}]" for s in (speed_b1, speed_b8)]
+        acc = r["accuracy"].get(name, {})
+        figures = (
+            f"{acc['logit_cosine']:8.4f} {acc['argmax_agreement']:7.1%}"
+            if "logit_cosine" in acc
+            else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
+        )
+        print(f"{name:12} {cells[0]:>32} {cells[1]:>32} {figures}")
