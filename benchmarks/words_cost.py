@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,10 @@ def one_run(spec: Path, out: Path, cache: Path, workers: int) -> dict:
         "parts_mb": round(sum(p.stat().st_size for p in (out / "transcripts").glob("*.parquet")) / 1e6, 3),
         "engine": stats["engine"],
     }
+
+
+def share_summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
@@ -115,7 +120,7 @@ def main() -> None:
         "wall_seconds": {"off": summary(walls[False]), "on": summary(walls[True])},
         "dispatch_seconds": {"off": summary(dispatch[False]), "on": summary(dispatch[True])},
         "cost": round(med[True] / med[False] - 1, 4),
-        "words_share_of_compute": summary([r["words_share_of_compute"] for r in runs if r["timestamps"]]),
+        "words_share_of_compute": share_summary([r["words_share_of_compute"] for r in runs if r["timestamps"]]),
         "runs": runs,
     }
     out = Path(args.out) / f"words_cost_{args.model if args.model in ('demo', 'quartznet15x5') else 'model'}.json"

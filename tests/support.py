@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from runner.training.corpus import sentences, synthesize_many
@@ -44,76 +45,6 @@ def max_logit_diff(nemo_model, lean, audios) -> float:
     got, got_len = lean(batch, lengths)
     assert torch.equal(ref_len, got_len)
     return max((ref[i, :n] - got[i, :n]).abs().max().item() for i, n in enumerate(got_len.tolist()))
-
-
-def nemo_words(nemo_model, paths: list[str], method) -> list[tuple[list[dict], list[float]]]:
-    """NeMo's own word timestamps (`transcribe(timestamps=True)`) and word confidence (its
-    `ConfidenceConfig` with `method`, a `runner.model.words.ConfidenceMethod`) of `paths`: per file, the
-    words ({word, start_offset, end_offset, start, end}) and their confidence. NeMo 3.0's
-    `_aggregate_token_confidence` passes the timestamp path's text where it expects token ids, so the
-    words' confidence is aggregated here with NeMo's own functions from NeMo's token confidence."""
-    from nemo.collections.asr.parts.utils.asr_confidence_utils import ConfidenceConfig, ConfidenceMethodConfig
-    from omegaconf import OmegaConf, open_dict
-
-    dec = nemo_model.cfg.decoding
-    with open_dict(dec):
-        dec.confidence_cfg = OmegaConf.structured(
-            ConfidenceConfig(
-                preserve_token_confidence=True,
-                exclude_blank=method.exclude_blank,
-                aggregation=method.aggregation,
-                method_cfg=ConfidenceMethodConfig(
-                    name=method.method,
-                    entropy_type=method.entropy_type,
-                    alpha=method.alpha,
-                    entropy_norm=method.entropy_norm,
-                ),
-            )
-        )
-    nemo_model.change_decoding_strategy(dec, verbose=False)
-    hyps = nemo_model.transcribe(paths, batch_size=4, timestamps=True, return_hypotheses=True, verbose=False)
-    nemo_model.eval()  # NeMo 3.0's transcribe() leaves the encoder's BatchNorm in training mode
-    decoding, out = nemo_model.decoding, []
-    for h in hyps[0] if isinstance(hyps, tuple) else hyps:
-        words = h.text.split()
-        ids, prev = [], None
-        for t in h.y_sequence.argmax(-1).tolist():  # the greedy tokens, collapsed
-            if t != prev and t != decoding.blank_id:
-                ids.append(t)
-            prev = t
-        if hasattr(nemo_model, "tokenizer"):
-            conf = decoding._aggregate_token_confidence_subwords_sentencepiece(words, h.token_confidence, ids)
-        elif " ".join(words) == "".join(decoding.vocabulary[i] for i in ids):
-            conf = decoding._aggregate_token_confidence_chars(words, h.token_confidence)
-        else:  # two spaces in a row, or one at an end: NeMo's function assumes one space per word; group by hand
-            chars, conf, run = [decoding.vocabulary[i] for i in ids], [], []
-            for c, tc in zip(chars + [" "], h.token_confidence + [None]):
-                if c != " ":
-                    run.append(tc)
-                elif run:
-                    conf.append(decoding._aggregate_confidence(run))
-                    run = []
-        out.append((h.timestamp["word"], conf))
-    return out
-
-
-def word_agreement(theirs: list[tuple[list[dict], list[float]]], ours, frame_seconds: float) -> dict:
-    """How far our `Transcript`s' words are from NeMo's (`nemo_words`): word lists that differ, words
-    with identical start/end frames, and the largest confidence difference."""
-    words = same_frames = differ = 0
-    conf_diff = 0.0
-    for (their_words, their_conf), mine in zip(theirs, ours, strict=True):
-        if [w["word"] for w in their_words] != [w["word"] for w in mine.words]:
-            differ += 1
-            continue
-        for w, c, m in zip(their_words, their_conf, mine.words):
-            words += 1
-            same_frames += (
-                round(m["start"] / frame_seconds) == w["start_offset"]
-                and round(m["end"] / frame_seconds) == w["end_offset"]
-            )
-            conf_diff = max(conf_diff, abs(c - m["confidence"]))
-    return {"utterances_differ": differ, "words": words, "same_frames": same_frames, "max_confidence_diff": conf_diff}
 
 
 def copy_model(model):
@@ -214,3 +145,52 @@ def running_driver(spec: Path, ready, what: str):
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+
+def check_stage_seconds(out, stats):
+    """Each part's worker stages are present, non-negative and within its compute seconds;
+    stats.json sums them with the driver's write and the Ray overhead."""
+    for path in sorted((out / "transcripts").glob("*.parquet")):
+        meta = json.loads(pq.read_schema(path).metadata[b"asr_runner"])
+        stages = meta["stages"]
+        assert set(stages) == {"read", "resample", "features", "encoder", "decode", "words"}, path.name
+        assert min(stages.values()) >= 0 and sum(stages.values()) <= meta["compute_seconds"] + 1e-3, (path.name, meta)
+    assert set(stats["stages"]) == {
+        "read",
+        "resample",
+        "features",
+        "encoder",
+        "decode",
+        "words",
+        "other",
+        "write",
+        "ray_overhead",
+    }
+    assert min(stats["stages"].values()) >= 0 and stats["stages"]["encoder"] > 0 and stats["stages"]["write"] > 0
+    assert abs(sum(stats["stage_fractions"].values()) - 1) < 1e-3
+
+
+# --- words ------------------------------------------------------------------------------------------
+
+
+def check_words(rows: list[dict], frame_seconds: float) -> None:
+    """Words (`timestamps: true`, the default) spell the row's text, in time order inside the audio, with
+    confidence in [0, 1] (the utterance's is the words' mean); error rows have none."""
+    for r in rows:
+        if r["status"] == "error":
+            assert r["words"] is None and r["confidence"] is None, r
+            continue
+        words = r["words"]
+        assert "".join(w["word"] for w in words) == r["text"].replace(" ", ""), r
+        starts = [w["start"] for w in words]
+        assert starts == sorted(starts)
+        end = r["offset"] + r["duration"] + frame_seconds
+        assert all(r["offset"] <= w["start"] <= w["end"] <= end for w in words), r
+        assert all(0.0 <= w["confidence"] <= 1.0 for w in words)
+        if words:
+            assert abs(r["confidence"] - sum(w["confidence"] for w in words) / len(words)) < 1e-9
+        else:
+            assert r["confidence"] is None

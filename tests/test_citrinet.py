@@ -29,6 +29,7 @@ from runner.model.nemo_loader import check_supported, describe, load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
 from runner.model.words import ConfidenceMethod
 from runner.training.corpus import sentences
+from runner.training.nemo_words import nemo_words, word_agreement
 
 from .support import (
     RATE,
@@ -38,10 +39,8 @@ from .support import (
     copy_model,
     held_out_gate,
     max_logit_diff,
-    nemo_words,
     pad,
     pinned_engine,
-    word_agreement,
     write_manifest,
 )
 

@@ -20,13 +20,12 @@ from runner.job.run import JobFailed, run_job
 from runner.job.run_folder import part_path, read_rows
 from runner.job.spec import load_spec
 from runner.job.worker import transcribe_items
-from runner.metrics import matched_words
 from runner.model.ctc import build_model
 from runner.model.nemo_loader import load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.training.corpus import sentences, synthesize_many
 
-from .support import stamps, write_manifest, write_spec
+from .support import check_stage_seconds, check_words, stamps, write_manifest, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -93,49 +92,6 @@ def assert_worker_texts(out, manifest, model):
             assert [by_id[r["id"]]["text"] for r in expected] == [r["text"] for r in expected]
     finally:
         torch.set_num_threads(threads)
-
-
-def check_words(rows: list[dict], frame_seconds: float) -> None:
-    """Words (`timestamps: true`, the default) spell the row's text, in time order inside the audio, with
-    confidence in [0, 1] (the utterance's is the words' mean); error rows have none."""
-    for r in rows:
-        if r["status"] == "error":
-            assert r["words"] is None and r["confidence"] is None, r
-            continue
-        words = r["words"]
-        assert "".join(w["word"] for w in words) == r["text"].replace(" ", ""), r
-        starts = [w["start"] for w in words]
-        assert starts == sorted(starts)
-        end = r["offset"] + r["duration"] + frame_seconds
-        assert all(r["offset"] <= w["start"] <= w["end"] <= end for w in words), r
-        assert all(0.0 <= w["confidence"] <= 1.0 for w in words)
-        if words:
-            assert abs(r["confidence"] - sum(w["confidence"] for w in words) / len(words)) < 1e-9
-        else:
-            assert r["confidence"] is None
-
-
-def check_stage_seconds(out, stats):
-    """Each part's worker stages are present, non-negative and within its compute seconds;
-    stats.json sums them with the driver's write and the Ray overhead."""
-    for path in sorted((out / "transcripts").glob("*.parquet")):
-        meta = json.loads(pq.read_schema(path).metadata[b"asr_runner"])
-        stages = meta["stages"]
-        assert set(stages) == {"read", "resample", "features", "encoder", "decode", "words"}, path.name
-        assert min(stages.values()) >= 0 and sum(stages.values()) <= meta["compute_seconds"] + 1e-3, (path.name, meta)
-    assert set(stats["stages"]) == {
-        "read",
-        "resample",
-        "features",
-        "encoder",
-        "decode",
-        "words",
-        "other",
-        "write",
-        "ray_overhead",
-    }
-    assert min(stats["stages"].values()) >= 0 and stats["stages"]["encoder"] > 0 and stats["stages"]["write"] > 0
-    assert abs(sum(stats["stage_fractions"].values()) - 1) < 1e-3
 
 
 def test_job_completes_resumes_and_refuses_changed_manifest(ray_local, corpus, tiny_nemo_file, tmp_path):
@@ -425,50 +381,3 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(
     err = capsys.readouterr().err
     assert "on_check_failure is stop" in err and "nothing was transcribed" in err, err
     assert not list((stopped / "transcripts").glob("*.parquet")) and not (stopped / "_SUCCESS").exists()
-
-
-def test_words_are_seconds_of_the_file_convert_to_subtitles_and_can_be_turned_off(ray_local, speech_files, tmp_path):
-    """Two utterances in one file: the second one's segment (`offset`) gets the same words, at the same
-    times in the file, as the whole file; the run converts to SRT that a real parser reads; with
-    `timestamps: false` the columns are null."""
-    import srt
-
-    a, b = (load_audio(p, 16000) for _, p in speech_files[:2])
-    pause = np.random.default_rng(0).normal(0, 0.002, 9600).astype(np.float32)  # 0.6 s of a quiet room
-    path = tmp_path / "two.wav"
-    sf.write(path, np.concatenate([a, pause, b]), 16000)
-    offset = round((len(a) + len(pause)) / 16000, 3)
-    rows = [
-        {"audio_filepath": str(path), "text": f"{speech_files[0][0]} {speech_files[1][0]}"},
-        {"audio_filepath": str(path), "offset": offset, "duration": len(b) / 16000, "text": speech_files[1][0]},
-    ]
-    manifest = write_manifest(tmp_path / "m.jsonl", rows)
-    out = tmp_path / "on"
-    run_job(load_spec(write_spec(tmp_path / "on.yaml", model="demo", manifest=manifest, output=out)))
-    whole, segment = sorted(read_rows(out).to_pylist(), key=lambda r: r["offset"])
-    check_words([whole, segment], 0.04)
-    # The second utterance's words, as the whole file has them (a word's start is the frame of the token
-    # before it, NeMo's definition: after a pause, the space that ended the previous word; so compare ends).
-    later = [w for w in whole["words"] if w["end"] > offset]
-    pairs = matched_words([w["word"] for w in later], [w["word"] for w in segment["words"]])
-    print("whole file:", [w["word"] for w in later], "segment:", [w["word"] for w in segment["words"]])
-    # The demo model was trained on single utterances: around the pause it runs "market the doctor"
-    # together; every later word is the segment's.
-    assert len(pairs) >= len(segment["words"]) - 2 >= 4
-    gaps = sorted(abs(later[i]["end"] - segment["words"][j]["end"]) for i, j in pairs)
-    assert gaps[int(0.9 * len(gaps))] <= 0.041, gaps  # within 2 frames of 20 ms
-    assert segment["words"][0]["start"] >= offset
-
-    assert main(["--quiet", "convert", str(out), "--to", "srt", "--out", str(tmp_path / "srt")]) == 0
-    (subtitle,) = (tmp_path / "srt").glob("*.srt")
-    cues = list(srt.parse(subtitle.read_text()))
-    assert " ".join(c.content.replace("\n", " ") for c in cues).split() == [
-        w["word"] for w in sorted(whole["words"] + segment["words"], key=lambda w: w["start"])
-    ]
-
-    off = tmp_path / "off"
-    spec = write_spec(tmp_path / "off.yaml", model="demo", manifest=manifest, output=off, timestamps=False)
-    run_job(load_spec(spec))
-    assert all(r["words"] is None and r["confidence"] is None for r in read_rows(off).to_pylist())
-    assert json.loads((off / "job.json").read_text())["fingerprint"]["words"] is None
-    assert main(["--quiet", "convert", str(off), "--to", "vtt", "--out", str(tmp_path / "vtt")]) == 2

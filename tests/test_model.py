@@ -11,8 +11,9 @@ from runner.model.decoding import greedy_decode
 from runner.model.nemo_loader import describe, load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
 from runner.model.words import ConfidenceMethod
+from runner.training.nemo_words import nemo_words, word_agreement
 
-from .support import max_logit_diff, nemo_words, pad, word_agreement
+from .support import max_logit_diff, pad
 
 
 def test_tiny_logits_match_nemo_on_mixed_lengths(tiny_nemo, tiny_lean, speech):
