@@ -1,5 +1,6 @@
 """int8 post-training static quantization: fusion, engines, the accuracy gate, the artifact, the CLI."""
 
+import io
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from runner.int8.engines import (
 )
 from runner.int8.model import with_activation_bits
 from runner.int8.pipeline import GateFailed, quantize_model
+from runner.int8.report import QuantizationReport
 from runner.metrics import wer
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 
@@ -75,6 +77,12 @@ def test_gate_passes_and_reports(artifact):
     assert report["observer"] in report["observers"]
     assert report["engine"] in available_engines() and report["activation_bits"] == activation_bits(report["engine"])
     assert artifact.recipe["weights"].startswith("qint8 per-channel")
+    # Typed where it crosses modules; in the artifact's bytes the same plain JSON object as ever.
+    assert isinstance(report, QuantizationReport) and report.passed and report.observer == report["observer"]
+    raw = torch.load(io.BytesIO(artifact.to_bytes()), weights_only=True)["report"]
+    assert type(raw) is dict and raw == report.to_dict() and json.loads(json.dumps(raw, default=str))
+    again = QuantizationReport.from_dict(raw)
+    assert again == report and list(again.to_dict()) == list(raw) and not again.extra
 
 
 @pytest.mark.parametrize("engine", available_engines())

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.int8.report import QuantizationReport
 
 _CONSOLE = None
 
@@ -172,18 +176,18 @@ def pct(value: float | None, sign: str = "") -> str:
     return "-" if value is None else f"{100 * value:{sign}.2f}%"
 
 
-def print_report(report: dict) -> None:
+def print_report(report: QuantizationReport) -> None:
     """The quantization report as tables: gate, observers, engines, fp32 fallback."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(soft_wrap=True)
-    gate = report.get("gate", {})
+    gate = report.gate
     t = Table(title="int8 accuracy gate", show_header=False)
     t.add_row(
         "held-out utterances",
         f"{gate.get('utterances')} ({gate.get('seconds', 0):.0f} s), "
-        f"calibration on {report.get('calibration', {}).get('utterances')} others",
+        f"calibration on {report.calibration.get('utterances')} others",
     )
     if gate.get("chunks", 1) > 1:
         early = gate.get("chunks_read", 0) < gate["chunks"]
@@ -193,11 +197,11 @@ def print_report(report: dict) -> None:
             f"{gate.get('chunks_read')} of {gate['chunks']} chunks of "
             f"{gate.get('planned_utterances')} utterances{stopped}",
         )
-    if report.get("phase_seconds"):
+    if report.phase_seconds:
         t.add_row(
             "quantized in",
-            f"{report.get('seconds', 0):.1f} s ("
-            + ", ".join(f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items() if v)
+            f"{report.seconds or 0:.1f} s ("
+            + ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_seconds.items() if v)
             + ")",
         )
     t.add_row("measure", gate.get("mode", "-"))
@@ -210,48 +214,49 @@ def print_report(report: dict) -> None:
         "logit cosine / frame agreement", f"{int8.get('logit_cosine', 0):.4f} / {pct(int8.get('frame_agreement'))}"
     )
     t.add_row("increase / limit", f"{pct(gate.get('increase'))} / {pct(gate.get('max_wer_increase'))}")
-    t.add_row("kept in fp32", ", ".join(report.get("fp32_units", [])) or "none")
+    t.add_row("kept in fp32", ", ".join(report.fp32_units) or "none")
     t.add_row("result", "[green]passed[/]" if gate.get("passed") else "[red]FAILED[/]")
     console.print(t)
-    obs = Table(title=f"activation observers (chosen: {report.get('observer')})")
+    obs = Table(title=f"activation observers (chosen: {report.observer})")
     for col in ("observer", "WER vs fp32", "logit error", "WER"):
         obs.add_column(col)
-    for name, fig in report.get("observers", {}).items():
+    for name, fig in report.observers.items():
         obs.add_row(name, pct(fig["wer_vs_fp32"]), f"{fig['logit_error']:.5f}", pct(fig.get("wer")))
     console.print(obs)
     print_bits(console, report)
-    if report.get("engine_seconds_per_audio_second"):
-        eng = Table(title=f"engines on this CPU (gate ran on {report.get('engine')})")
+    probe = report.extra.get("engine_seconds_per_audio_second")  # reports of releases that probed on the driver
+    if probe:
+        eng = Table(title=f"engines on this CPU (gate ran on {report.engine})")
         eng.add_column("engine")
         eng.add_column("probe speed (x real time)")
-        for name, sec in sorted(report["engine_seconds_per_audio_second"].items(), key=lambda kv: kv[1]):
+        for name, sec in sorted(probe.items(), key=lambda kv: kv[1]):
             eng.add_row(name, f"{1 / sec:,.0f}x" if sec > 0 else "-")
         console.print(eng)
-    if report.get("sensitivity"):
+    if report.sensitivity:
         sens = Table(
             title="layer sensitivity (logit error with the layer kept in fp32; all-int8: "
-            f"{report['sensitivity'][0]['logit_error_all_int8']:.5f})"
+            f"{report.sensitivity[0]['logit_error_all_int8']:.5f})"
         )
         sens.add_column("layer")
         sens.add_column("logit error")
-        for row in report["sensitivity"]:
+        for row in report.sensitivity:
             sens.add_row(row["unit"], f"{row['logit_error_with_unit_in_fp32']:.5f}")
         console.print(sens)
 
 
-def print_bits(console, report: dict) -> None:
+def print_bits(console, report: QuantizationReport) -> None:
     """Which activation bits each kind of CPU will use, and what its workers' self-check expects."""
     from rich.table import Table
 
     from runner.int8.engines import BITS_BY_CPU_KIND
     from runner.int8.self_check import expected
 
-    cpu = report.get("cpu", {})
+    cpu = report.cpu
     t = Table(title="int8 on each kind of CPU (calibrated once; every worker checks itself before it transcribes)")
     t.add_column("CPU kind: engines")
     t.add_column("activations")
     t.add_column("self-check expects (cosine / frames)")
-    reference = report.get("self_check") or {}
+    reference = report.self_check
     for kind, bits in BITS_BY_CPU_KIND:
         fig = expected(reference, bits)
         expects = "-" if not fig else f"{fig['logit_cosine']:.4f} / {pct(fig['frame_agreement'])}"
@@ -259,5 +264,5 @@ def print_bits(console, report: dict) -> None:
     console.print(t)
     console.print(
         f"this CPU: {cpu.get('model', '?')} ({' '.join(cpu.get('flags', [])) or 'no SIMD flags read'}); "
-        f"the gate ran {report.get('activation_bits')}-bit activations on {report.get('engine')}"
+        f"the gate ran {report.activation_bits}-bit activations on {report.engine}"
     )

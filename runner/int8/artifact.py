@@ -34,6 +34,7 @@ from runner.errors import InputError, QuantizationError
 from runner.int8 import self_check as int8_check
 from runner.int8.engines import activation_bits, resolve_engine
 from runner.int8.model import Int8CTCModel, load_int8
+from runner.int8.report import QuantizationReport
 from runner.model.arch import ModelSpec
 from runner.model.features import MelFeatures
 
@@ -49,7 +50,7 @@ class Artifact:
     int8: dict  # engine-neutral state dict of the quantized encoder + decoder
     float_units: list[int] = field(default_factory=list)  # units kept in fp32 by the accuracy gate
     recipe: dict = field(default_factory=dict)  # observers, dtypes: how the int8 weights were made
-    report: dict = field(default_factory=dict)  # calibration, gate figures, sensitivity, engine timings
+    report: QuantizationReport = field(default_factory=QuantizationReport)  # calibration, gate, sensitivity, ...
     reference: dict = field(default_factory=dict)  # fp32 features + logits every worker checks its int8 against
 
     def to_bytes(self) -> bytes:
@@ -63,7 +64,7 @@ class Artifact:
                     "int8": self.int8,
                     "float_units": list(self.float_units),
                     "recipe": self.recipe,
-                    "report": self.report,
+                    "report": self.report.to_dict(),
                     "reference": self.reference,
                 },
                 buf,
@@ -90,7 +91,7 @@ class Artifact:
             raw["int8"],
             list(raw["float_units"]),
             raw["recipe"],
-            raw["report"],
+            QuantizationReport.from_dict(raw["report"]),
             raw["reference"],
         )
 

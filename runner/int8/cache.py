@@ -24,6 +24,7 @@ from runner.errors import InputError
 from runner.inputs.manifest import ManifestItem, file_sha256
 from runner.int8 import artifact as artifact_io
 from runner.int8.artifact import Artifact
+from runner.int8.report import QuantizationReport
 from runner.model.ctc import load_checkpoint, save_checkpoint
 from runner.model.nemo_loader import load_any
 
@@ -119,7 +120,7 @@ def artifact_path(key: str) -> Path:
     return cache_dir() / f"int8-{key[:32]}.pt"
 
 
-def cached_artifact(inputs: dict) -> tuple[bytes, dict] | None:
+def cached_artifact(inputs: dict) -> tuple[bytes, QuantizationReport] | None:
     """The cached artifact made from `inputs` and its report, checked against its own record; None when there
     is none, it is damaged, or it was made from other inputs."""
     path = artifact_path(inputs["cache_key"])
@@ -131,7 +132,7 @@ def cached_artifact(inputs: dict) -> tuple[bytes, dict] | None:
     except InputError:
         log.warning("ignoring a damaged cached artifact %s", path)
         return None
-    made_from = report.get("inputs") or {}
+    made_from = report.inputs
     if any(made_from.get(k) != inputs[k] for k in ("cache_key", "model_sha256")):
         log.warning(
             "ignoring the cached artifact %s: its record says it was made from other inputs "

@@ -14,6 +14,7 @@ from runner.int8 import cache as int8_cache
 from runner.int8.artifact import sha256 as artifact_sha256
 from runner.int8.config import Settings
 from runner.int8.pipeline import RECIPE_VERSION, quantize_model
+from runner.int8.report import QuantizationReport
 from runner.int8.samples import Samples, draw_samples, read_items
 from runner.model.nemo_loader import load_any
 
@@ -25,7 +26,7 @@ class MadeArtifact:
     see docs/int8.md) and whether it came from the cache."""
 
     data: bytes
-    report: dict
+    report: QuantizationReport
     from_cache: bool
 
     @property

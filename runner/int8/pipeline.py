@@ -34,6 +34,7 @@ from runner.int8.engines import activation_bits, engine_scope, resolve_engine
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
 from runner.int8.model import Int8CTCModel, calibrate, convert, fallback_possible, prepare, rebuild, with_float_units
 from runner.int8.observers import use_observer
+from runner.int8.report import QuantizationReport
 from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
 from runner.model.ctc import LeanCTCModel
 from runner.sysinfo import cpu_info, int8_flags
@@ -48,7 +49,7 @@ RECIPE_VERSION = 4  # bump when the recipe changes what an artifact holds: inval
 class GateFailed(QuantizationError):
     """int8 accuracy stayed outside the tolerance even with `max_fp32_layers` units in fp32."""
 
-    def __init__(self, message: str, report: dict):
+    def __init__(self, message: str, report: QuantizationReport):
         super().__init__(message)
         self.report = report
 
@@ -101,7 +102,7 @@ def quantize_model(
     report["fp32_units"] = [qenc.unit_names()[u] for u in kept] if passed else []
     if not passed:
         report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
-        raise GateFailed(_failure_message(report, settings), report)
+        raise GateFailed(_failure_message(report, settings), QuantizationReport.from_dict(report))
     with clock("self_check"):
         art = _artifact(model, qenc, kept, chosen, engine, bits, gate, report)
         _check_reproduced(art, engine, bits)
@@ -110,6 +111,7 @@ def quantize_model(
         "int8": round((_nbytes(art.int8) + _nbytes(art.features)) / 1e6, 2),
     }
     report["seconds"], report["phase_seconds"] = clock.total(), clock.phases
+    art.report = QuantizationReport.from_dict(report)  # complete now: typed from here on
     return art
 
 
@@ -192,8 +194,8 @@ def _failure_message(report: dict, settings: Settings) -> str:
 def _artifact(
     model: LeanCTCModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet, report: dict
 ) -> Artifact:
-    """The artifact workers load: int8 weights, the fp32 front end, the units kept in fp32, the recipe, the
-    report (shared: later figures land in it too) and the self-check reference."""
+    """The artifact workers load: int8 weights, the fp32 front end, the units kept in fp32, the recipe and
+    the self-check reference (recorded in `report`); `quantize_model` sets the report once it is complete."""
     reference = _self_check_reference(model, qenc, engine, bits, gate)
     report["self_check"] = {
         "utterances": len(reference["frames"]),
@@ -209,13 +211,7 @@ def _artifact(
         "version": RECIPE_VERSION,
     }
     return Artifact(
-        model.spec,
-        model.features.state_dict(),
-        qenc.state_dict(),
-        sorted(kept),
-        recipe=recipe,
-        report=report,
-        reference=reference,
+        model.spec, model.features.state_dict(), qenc.state_dict(), sorted(kept), recipe=recipe, reference=reference
     )
 
 

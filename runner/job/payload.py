@@ -67,8 +67,8 @@ def int8_payload(spec: JobSpec, on_event: EventHandler, pinned: str | None = Non
         "from_cache": source != "made",
         "source": source,
         "seconds": round(time.perf_counter() - t0, 2),
-        "fp32_units": report.get("fp32_units", []),
-        "gate": report.get("gate", {}),
+        "fp32_units": report.fp32_units,
+        "gate": report.gate,
     }
     on_event(EventKind.QUANTIZED, **info)
     q = spec.quantization

@@ -238,7 +238,7 @@ def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_ev
     if quant:
         if quant["source"] != "job":
             write_atomic(out / ARTIFACT_FILE, payload.artifact)
-        write_json(out / QUANTIZATION_FILE, quant["report"])
+        write_json(out / QUANTIZATION_FILE, quant["report"].to_dict())
     todo_seconds = sum(plan.shards[i].seconds for i in todo)
     on_event(
         EventKind.PLANNED,
