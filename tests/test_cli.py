@@ -1,5 +1,6 @@
 """The CLI and the loader's checks: real .nemo files, unsupported models, exit codes."""
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -91,3 +92,17 @@ def test_export_then_transcribe_from_the_installed_console_script(tiny_nemo_file
     lines = dict(line.split("\t", 1) for line in out.stdout.strip().splitlines())
     expected = transcribe_batch(load_model(lean), [load_audio(p, 16000) for p in paths])
     assert [lines[p] for p in paths] == expected
+
+    # --words: one JSON line per file, the same text, its words with times and confidence
+    out = subprocess.run(
+        [str(exe), "transcribe", "--quiet", "--words", str(lean), *paths[:2]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["audio_filepath"] for r in rows] == paths[:2] and [r["text"] for r in rows] == expected[:2]
+    for r in rows:
+        assert [w["word"] for w in r["words"]] == r["text"].split() and 0 <= r["confidence"] <= 1
+        assert all(0 <= w["start"] <= w["end"] and 0 <= w["confidence"] <= 1 for w in r["words"])

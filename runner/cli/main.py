@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--window-seconds", type=float, default=40.0, help="longer files go in windows of this size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--words",
+        action="store_true",
+        help="one JSON line per file: path, text, words with start/end seconds and confidence (NeMo's defaults)",
+    )
     p.set_defaults(func=_cmd_transcribe)
 
     p = sub.add_parser("run", parents=[common], help="run (or resume) a transcription job from a YAML spec")
@@ -172,17 +177,20 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def _cmd_transcribe(args) -> int:
+    import json
+
     import torch
 
     from runner.inputs.audio import load_audio
     from runner.model.nemo_loader import load_any
-    from runner.model.transcribe import DecodeOptions, transcribe_batch
+    from runner.model.transcribe import DecodeOptions, transcribe, word_aligner
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_any(args.model)
     rate = model.spec.features.sample_rate
     options = DecodeOptions(batch_size=args.batch_size, window_seconds=args.window_seconds)
+    aligner = word_aligner(model) if args.words else None
     failed = 0
     for path in args.audio:
         try:
@@ -192,9 +200,13 @@ def _cmd_transcribe(args) -> int:
             failed += 1
             continue
         start = time.perf_counter()
-        text = transcribe_batch(model, [audio], options)[0]
+        result = transcribe(model, [audio], options, aligner=aligner)[0]
         log.info("%s: %.1f s audio in %.2f s", path, len(audio) / rate, time.perf_counter() - start)
-        print(f"{path}\t{text}")
+        if aligner is None:
+            print(f"{path}\t{result.text}")
+        else:
+            line = {"audio_filepath": path, "text": result.text, "words": result.words, "confidence": result.confidence}
+            print(json.dumps(line, ensure_ascii=False))
     return 1 if failed else 0
 
 
