@@ -47,6 +47,15 @@ def build_random_quartznet15x5(path: Path) -> None:
     model.save_to(str(path))
 
 
+def model_file(name: str, tmp: Path) -> Path:
+    """`quartznet15x5` (built into `tmp` with random weights), `demo` (the bundled model) or a .nemo path."""
+    if name == "quartznet15x5":
+        model = tmp / "quartznet15x5.nemo"
+        build_random_quartznet15x5(model)
+        return model
+    return ROOT / "runner/data/demo_quartznet.nemo" if name == "demo" else Path(name).resolve()
+
+
 def write_manifest(path: Path, hours: float) -> float:
     """The bundled test set repeated (ids r<k>-<id>) until it holds `hours` of audio; returns its seconds."""
     rows = [json.loads(line) for line in open(ROOT / "manifests/demo/test.jsonl")]
@@ -125,13 +134,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="first-run-") as tmp:
         tmp = Path(tmp)
-        if args.model == "quartznet15x5":
-            model = tmp / "quartznet15x5.nemo"
-            build_random_quartznet15x5(model)
-        elif args.model == "demo":
-            model = ROOT / "runner/data/demo_quartznet.nemo"
-        else:
-            model = Path(args.model).resolve()
+        model = model_file(args.model, tmp)
         if args.hours > 0:
             manifest = tmp / "manifest.jsonl"
             audio = write_manifest(manifest, args.hours)

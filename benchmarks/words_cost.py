@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from first_run import build_random_quartznet15x5, summary, write_manifest  # noqa: E402
+from first_run import model_file, summary, write_manifest  # noqa: E402
 
 
 def one_run(spec: Path, out: Path, cache: Path, workers: int) -> dict:
@@ -72,11 +72,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="words-cost-") as tmp:
         tmp = Path(tmp)
-        if args.model == "quartznet15x5":
-            model = tmp / "quartznet15x5.nemo"
-            build_random_quartznet15x5(model)
-        else:
-            model = ROOT / "runner/data/demo_quartznet.nemo" if args.model == "demo" else Path(args.model).resolve()
+        model = model_file(args.model, tmp)
         manifest = tmp / "manifest.jsonl"
         audio = write_manifest(manifest, args.hours)
         specs = {}

@@ -28,10 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def nemo_parity(methods) -> list[dict]:
-    from runner.inputs.audio import load_audio
     from runner.model.nemo_loader import load_any, quiet_nemo_logging
-    from runner.model.transcribe import DecodeOptions, transcribe, word_aligner
-    from runner.training.nemo_words import nemo_words, word_agreement
+    from runner.training.nemo_words import compare_with_nemo
 
     quiet_nemo_logging()
     import nemo.collections.asr as nemo_asr
@@ -42,13 +40,9 @@ def nemo_parity(methods) -> list[dict]:
     nemo_model = nemo_asr.models.ASRModel.restore_from(str(model_path), map_location="cpu")
     nemo_model.eval()
     lean = load_any(model_path)
-    audios = [load_audio(p, 16000) for p in paths]
     out = []
     for method in methods:
-        theirs = nemo_words(nemo_model, paths, method)
-        aligner = word_aligner(lean, method)
-        ours = transcribe(lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
-        figures = word_agreement(theirs, ours, aligner.frame_seconds)
+        figures, _ = compare_with_nemo(nemo_model, lean, paths, method)
         out.append({"method": method.__dict__, "utterances": len(paths), **figures})
     return out
 

@@ -26,10 +26,10 @@ from runner.model.conv import SqueezeExcite
 from runner.model.ctc import build_model
 from runner.model.decoding import TextDecoder
 from runner.model.nemo_loader import check_supported, describe, load_nemo
-from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.model.words import ConfidenceMethod
 from runner.training.corpus import sentences
-from runner.training.nemo_words import nemo_words, word_agreement
+from runner.training.nemo_words import compare_with_nemo
 
 from .support import (
     RATE,
@@ -264,14 +264,7 @@ def test_citrinet_int8_job_on_local_ray_writes_transcripts(ray_local, citrinet_f
 
 def test_words_times_and_confidence_match_nemo_for_sentencepiece(citrinet_nemo, citrinet_lean, speech_files):
     """Subword words (pieces joined at `▁`) with NeMo's start/end frames and confidence within 1e-4."""
-    from runner.inputs.audio import load_audio
-
     paths = [p for _, p in speech_files[:24]]
-    method = ConfidenceMethod()
-    theirs = nemo_words(citrinet_nemo, paths, method)
-    aligner = word_aligner(citrinet_lean, method)
-    audios = [load_audio(p, 16000) for p in paths]
-    ours = transcribe(citrinet_lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
-    figures = word_agreement(theirs, ours, aligner.frame_seconds)
+    figures, _ = compare_with_nemo(citrinet_nemo, citrinet_lean, paths, ConfidenceMethod())
     assert figures["utterances_differ"] == 0 and figures["words"] >= 60, figures
     assert figures["same_frames"] == figures["words"] and figures["max_confidence_diff"] <= 1e-4, figures

@@ -21,9 +21,9 @@ from runner.int8.pipeline import quantize_model
 from runner.metrics import cer, wer
 from runner.model.ctc import build_model
 from runner.model.nemo_loader import check_supported, describe, load_nemo
-from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.model.words import ConfidenceMethod
-from runner.training.nemo_words import nemo_words, word_agreement
+from runner.training.nemo_words import compare_with_nemo
 
 from .support import calibration_audio, held_out_gate, max_logit_diff, pad, pinned_engine, write_manifest
 
@@ -270,15 +270,8 @@ def test_long_file_windows_cost_no_accuracy(fastconformer_lean, long_speech):
 
 def test_words_times_and_confidence_match_nemo_for_fastconformer(fastconformer_nemo, fastconformer_lean, speech_files):
     """The Conformer family (frames of 10 ms x its subsampling): NeMo's words, frames and confidence."""
-    from runner.inputs.audio import load_audio
-
     paths = [p for _, p in speech_files[:16]]
-    method = ConfidenceMethod()
-    theirs = nemo_words(fastconformer_nemo, paths, method)
-    aligner = word_aligner(fastconformer_lean, method)
-    audios = [load_audio(p, 16000) for p in paths]
-    ours = transcribe(fastconformer_lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
-    figures = word_agreement(theirs, ours, aligner.frame_seconds)
-    assert aligner.frame_seconds == pytest.approx(0.01 * fastconformer_lean.spec.encoder.subsampling)
+    figures, _ = compare_with_nemo(fastconformer_nemo, fastconformer_lean, paths, ConfidenceMethod())
+    assert figures["frame_seconds"] == pytest.approx(0.01 * fastconformer_lean.spec.encoder.subsampling)
     assert figures["utterances_differ"] == 0 and figures["words"] >= 40, figures
     assert figures["same_frames"] == figures["words"] and figures["max_confidence_diff"] <= 1e-4, figures

@@ -9,9 +9,9 @@ from runner.metrics import cer
 from runner.model.ctc import build_model, load_checkpoint, save_checkpoint
 from runner.model.decoding import greedy_decode
 from runner.model.nemo_loader import describe, load_nemo
-from runner.model.transcribe import DecodeOptions, transcribe, transcribe_batch, word_aligner
+from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.model.words import ConfidenceMethod
-from runner.training.nemo_words import nemo_words, word_agreement
+from runner.training.nemo_words import compare_with_nemo
 
 from .support import max_logit_diff, pad
 
@@ -102,13 +102,7 @@ def test_greedy_decoding_merges_repeats_and_drops_blanks():
 def test_words_times_and_confidence_match_nemo(tiny_nemo, tiny_lean, speech_files, method):
     """Word strings and start/end frames as NeMo's `transcribe(timestamps=True)`; confidence within 1e-4
     of NeMo's for the same method (character vocabulary)."""
-    from runner.inputs.audio import load_audio
-
-    paths = [p for _, p in speech_files]
-    theirs = nemo_words(tiny_nemo, paths, method)
-    aligner = word_aligner(tiny_lean, method)
-    ours = transcribe(tiny_lean, [load_audio(p, 16000) for p in paths], DecodeOptions(batch_size=4), aligner=aligner)
-    figures = word_agreement(theirs, ours, aligner.frame_seconds)
+    figures, ours = compare_with_nemo(tiny_nemo, tiny_lean, [p for _, p in speech_files], method)
     assert figures["utterances_differ"] == 0 and figures["words"] >= 100, figures
     assert figures["same_frames"] == figures["words"], figures
     assert figures["max_confidence_diff"] <= 1e-4, figures

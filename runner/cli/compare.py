@@ -44,7 +44,7 @@ def compare_runs(a: Path, b: Path) -> dict:
     """The comparison of run folders A and B; raises `InputError` (exit 2) if either is not a finished run."""
     a, b = Path(a).resolve(), Path(b).resolve()
     label_a, label_b = _labels(a, b)
-    run_a, run_b = _run_summary(a, label_a), _run_summary(b, label_b)
+    (run_a, words_a), (run_b, words_b) = _run_summary(a, label_a), _run_summary(b, label_b)
     return {
         "a": run_a,
         "b": run_b,
@@ -56,14 +56,16 @@ def compare_runs(a: Path, b: Path) -> dict:
         "wer_difference": _difference(run_a["wer"], run_b["wer"]),
         "cer_difference": _difference(run_a["cer"], run_b["cer"]),
         "agreement": agreement(a, b, same_manifest=run_a["manifest_sha256"] == run_b["manifest_sha256"]),
-        "words": word_agreement(a, b, run_a["frame_seconds"] or run_b["frame_seconds"])
-        if run_a["confidence_check"] and run_b["confidence_check"]
+        "words": word_agreement(words_a, words_b, run_a["frame_seconds"] or run_b["frame_seconds"])
+        if words_a and words_b
         else None,
     }
 
 
-def _run_summary(out: Path, label: str) -> dict:
+def _run_summary(out: Path, label: str) -> tuple[dict, dict[str, tuple] | None]:
+    """The run's figures, and its words by id (`_ok_words`: the `words` column, read once)."""
     job, stats = _read_finished_run(out)
+    words = _ok_words(out)
     workers = list((stats.get("worker_info") or {}).values())
     rss = [w["peak_rss_mb"] for w in workers if w.get("peak_rss_mb")]
     return {
@@ -75,37 +77,33 @@ def _run_summary(out: Path, label: str) -> dict:
         # None for runs made before workers reported their memory
         "peak_rss_mb": {"max": max(rss), "mean": round(sum(rss) / len(rss), 1), "workers": len(rss)} if rss else None,
         "frame_seconds": next((w["frame_seconds"] for w in workers if w.get("frame_seconds")), None),
-        "confidence_check": _confidence_check(out),  # None: the run has no words (timestamps: false)
-    }
+        "confidence_check": _confidence_check(words),  # None: the run has no words (timestamps: false)
+    }, words
 
 
-def _confidence_check(out: Path) -> dict | None:
+def _ok_words(out: Path) -> dict[str, tuple[str | None, list[dict]]] | None:
+    """id -> (reference, words) of the run's ok rows; None when the run has no words (timestamps: false).
+    Read as Python rows: Arrow's join takes no list columns."""
+    rows = read_rows(out, ["id", "status", "reference", "words"]).to_pylist()
+    words = {r["id"]: (r["reference"], r["words"]) for r in rows if r["status"] == "ok" and r["words"] is not None}
+    return words or None
+
+
+def _confidence_check(words: dict[str, tuple] | None) -> dict | None:
     """How often the run's low-confidence words are wrong against the references (rows with one)."""
-    table = read_rows(out, ["status", "reference", "words"])
-    rows = [
-        (r["reference"], r["words"])
-        for r in table.to_pylist()
-        if r["status"] == "ok" and r["words"] is not None and r["reference"] is not None
-    ]
-    if not any(r["words"] is not None for r in table.to_pylist() if r["status"] == "ok"):
+    if words is None:
         return None
-    return {k: _round(v) for k, v in confidence_usefulness(rows).items()}
+    usefulness = confidence_usefulness([(ref, w) for ref, w in words.values() if ref is not None])
+    return {k: _round(v) for k, v in usefulness.items()}
 
 
-def word_agreement(a: Path, b: Path, frame_seconds: float | None) -> dict:
+def word_agreement(words_a: dict[str, tuple], words_b: dict[str, tuple], frame_seconds: float | None) -> dict:
     """How far B's word times and confidence are from A's, over the ids ok in both with words."""
-    words_b = _word_rows(b)
-    pairs = [(w, words_b[i]) for i, w in _word_rows(a).items() if words_b.get(i) is not None]
+    pairs = [(w, words_b[i][1]) for i, (_, w) in words_a.items() if i in words_b]
     figures = word_timing_figures(pairs, frame_seconds or 0.0)
     if frame_seconds is None:
         figures["within_one_frame"] = None
     return {**{k: _round(v) for k, v in figures.items()}, "frame_seconds": frame_seconds}
-
-
-def _word_rows(out: Path) -> dict[str, list[dict]]:
-    """id -> words of the run's ok rows that have them (Arrow's join takes no list columns)."""
-    table = read_rows(out, ["id", "status", "words"])
-    return {r["id"]: r["words"] for r in table.to_pylist() if r["status"] == "ok" and r["words"] is not None}
 
 
 def _round(value):

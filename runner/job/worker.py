@@ -25,6 +25,7 @@ from runner.inputs.audio import load_audio
 from runner.inputs.manifest import ManifestItem
 from runner.model.ctc import load_checkpoint
 from runner.model.transcribe import DecodeOptions, frame_seconds, transcribe, word_aligner
+from runner.model.words import WordAligner
 from runner.sysinfo import peak_rss_mb
 from runner.timing import WORKER_STAGES
 
@@ -69,7 +70,7 @@ class ShardResult:
 
 
 def transcribe_items(
-    model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions
+    model, items: Sequence[ManifestItem], shard: int, options: DecodeOptions, aligner: WordAligner | None = None
 ) -> tuple[list[dict], dict]:
     """Rows (Parquet schema) for `items`, in their order; and seconds spent per stage:
     read (decode from file), resample, features, encoder, decode (greedy CTC)."""
@@ -87,8 +88,10 @@ def transcribe_items(
             rows[i]["text"] = ""  # too short to analyse, or digital silence: no speech (the model may babble)
         else:
             audios[i] = audio
+    if aligner is None and options.confidence is not None:
+        aligner = word_aligner(model, options.confidence)
     offsets = {i: item.offset or 0.0 for i, item in enumerate(items)}
-    for i, result in _transcribe_isolating_failures(model, audios, offsets, options, stages).items():
+    for i, result in _transcribe_isolating_failures(model, audios, offsets, options, aligner, stages).items():
         if isinstance(result, Exception):
             mark_failed(rows[i], items[i], f"transcription failed: {type(result).__name__}: {result}")
         else:
@@ -129,11 +132,10 @@ def _read(item: ManifestItem, rate: int, timings: dict) -> np.ndarray:
 
 
 def _transcribe_isolating_failures(
-    model, audios: dict[int, np.ndarray], offsets: dict[int, float], options: DecodeOptions, timings: dict
+    model, audios: dict[int, np.ndarray], offsets: dict[int, float], options: DecodeOptions, aligner, timings: dict
 ) -> dict[int, Any]:
     """`Transcript`s by row index; if a batch fails, retry its items one by one so only the culprit fails."""
     ids = list(audios)
-    aligner = word_aligner(model, options.confidence) if options.confidence is not None else None
 
     def run(batch: list[int]) -> list:
         return transcribe(model, [audios[i] for i in batch], options, timings, aligner, [offsets[i] for i in batch])
@@ -168,6 +170,8 @@ class ShardWorker:
         else:
             self.model, self.engine = _fp32_model(payload.spec, payload.state_dict), "fp32"
         self.load_seconds = time.perf_counter() - t0
+        # built once per worker (vocabulary punctuation, token texts), not per shard
+        self.aligner = word_aligner(self.model, options.confidence) if options.confidence is not None else None
 
     def _load_int8(self, payload: Int8Payload) -> None:
         """The self-checked int8 model; if its check fails at every activation width, the fp32 model
@@ -201,7 +205,7 @@ class ShardWorker:
 
     def __call__(self, shard: int, items: list[ManifestItem]) -> ShardResult:
         t0 = time.perf_counter()
-        rows, stages = transcribe_items(self.model, items, shard, self.options)
+        rows, stages = transcribe_items(self.model, items, shard, self.options, self.aligner)
         audio = sum(r["duration"] or 0.0 for r in rows if r["status"] == "ok")
         return ShardResult(
             shard, rows, audio, time.perf_counter() - t0, self.name, self.engine, stages, round(peak_rss_mb(), 1)

@@ -77,3 +77,16 @@ def word_agreement(theirs: list[tuple[list[dict], list[float]]], ours, frame_sec
         "same_frames": int(same_frames),
         "max_confidence_diff": float(conf_diff),
     }
+
+
+def compare_with_nemo(nemo_model, lean, paths: list[str], method) -> tuple[dict, list]:
+    """NeMo's words of `paths` (`nemo_words`) against the lean model's with the same confidence `method`,
+    batched by 4 as NeMo's: `word_agreement`'s figures (with the frame step) and the lean `Transcript`s."""
+    from runner.inputs.audio import load_audio
+    from runner.model.transcribe import DecodeOptions, transcribe, word_aligner
+
+    theirs = nemo_words(nemo_model, paths, method)
+    aligner = word_aligner(lean, method)
+    audios = [load_audio(p, lean.spec.features.sample_rate) for p in paths]
+    ours = transcribe(lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
+    return {**word_agreement(theirs, ours, aligner.frame_seconds), "frame_seconds": aligner.frame_seconds}, ours
