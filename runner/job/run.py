@@ -12,9 +12,11 @@ job's workers on it. Order of work, so bad input costs nothing:
    (`runner.job.payload`); the `WorkerPayload` is `ray.put` once;
 4. one actor per worker (`num_cpus=threads_per_worker`), a bounded number of shards in
    flight per actor, each result written as an atomic Parquet part by the driver;
-5. past the error budget, counted over the whole job: send no more shards, write the parts of
+5. a long line's segments (shards of their own) are kept in `segments/` as they return, and joined into
+   the line's one row once all are in (`runner.job.segments`);
+6. past the error budget, counted over the whole job: send no more shards, write the parts of
    those already sent (their compute is spent), then stop cleanly (exit 1) without `_SUCCESS`;
-6. all shards done: `stats.json`, then `_SUCCESS`.
+7. all shards done: `stats.json`, then `_SUCCESS`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ from runner.job.run_folder import (
     write_json,
     write_part,
 )
+from runner.job.segments import (
+    SplitLines,
+    line_norms,
+    model_spec,
+    remove_segment_temporaries,
+    rewritten_parts,
+    segments_to_run,
+)
 from runner.job.shards import Plan, group_items, prepare
 from runner.job.spec import JobSpec
 from runner.job.stats import RunTotals, job_stats
@@ -82,7 +92,7 @@ def recorded_job(spec: JobSpec) -> dict | None:
 
 def fingerprint(spec: JobSpec, plan: Plan) -> dict:
     """What a resumed run must share with the original for its parts to be reusable."""
-    shard_rows = json.dumps([s.to_list()[:4] for s in plan.shards]).encode()
+    shard_rows = json.dumps([s.to_list()[:4] + s.to_list()[5:] for s in plan.shards]).encode()  # spans too
     import torch
 
     from runner import __version__
@@ -98,6 +108,7 @@ def fingerprint(spec: JobSpec, plan: Plan) -> dict:
         "torch": str(torch.__version__),  # kernels (int8 ones above all) change with torch
         "asr_runner": __version__,
         "shard_seconds": spec.shard_seconds,
+        "split": [spec.split_seconds, spec.segment_seconds],  # which lines were split, and how finely
         "words": dataclasses.asdict(spec.confidence) if spec.timestamps else None,  # what the `words` column holds
         "items": plan.items,
         "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
@@ -154,13 +165,15 @@ def claim_output(spec: JobSpec, plan: Plan, fp: dict, resume: bool, extra: dict 
     out.mkdir(parents=True, exist_ok=True)
     (out / SUCCESS_FILE).unlink(missing_ok=True)
     remove_stale_temporaries(out)
+    remove_segment_temporaries(out)
     write_json(
         job_file,
         {
             "spec": spec.to_dict(),
             "fingerprint": fp,
             "plan": [s.to_list() for s in plan.shards],
-            "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"],
+            "plan_columns": ["shard", "first_line", "last_line", "items", "seconds"]
+            + ["segment_start", "segment_end", "cut", "segment", "segments"],  # segments of a split line only
             **(extra or {}),
         },
     )
@@ -172,6 +185,7 @@ def _why(keys: list[str], old: dict, new: dict) -> str:
         "model_sha256": "the model file changed",
         "precision": "precision changed",
         "shard_seconds": "shard_seconds changed",
+        "split": "split_seconds or segment_seconds changed",
         "quantization": "the int8 quantization settings or engine policy changed",
         "torch": f"torch {old.get('torch') or '(not recorded)'} wrote it, this is torch {new.get('torch')}",
         "asr_runner": f"asr-runner {old.get('asr_runner') or '(older)'} wrote it, this is {new.get('asr_runner')}",
@@ -187,6 +201,8 @@ def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[i
     parts = existing_parts(out)  # files past the plan (part-99999...) are not ours: left alone, never read
     todo, retry = [], {}
     for shard in plan.shards:
+        if shard.segment is not None:
+            continue  # below, line by line
         path = parts.get(shard.index)
         if path is None or not part_is_valid(path, shard.index, shard.items):
             if path is not None:
@@ -198,7 +214,7 @@ def shards_to_run(spec: JobSpec, plan: Plan, retry_errors: bool) -> tuple[list[i
             if errors:
                 todo.append(shard.index)
                 retry[shard.index] = errors
-    return todo, retry
+    return sorted(todo + segments_to_run(out, plan, parts, retry_errors)), retry
 
 
 def run_job(
@@ -232,7 +248,9 @@ def run_job(
 def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started) -> RunResult:
     out = Path(spec.output)
     todo, retry = shards_to_run(spec, plan, retry_errors)
-    _check_budget(spec, plan, _failed_in_finished_parts(out, plan, set(todo)))  # nothing to run can fix it
+    _check_budget(
+        spec, plan, _failed_in_finished_parts(out, plan, rewritten_parts(plan, todo))
+    )  # nothing to run can fix it
     payload, quant = worker_payload(spec, recorded, on_event) if todo else (None, None)
     claim_output(spec, plan, fp, resuming, {"int8_artifact_sha256": quant["sha256"]} if quant else None)
     if quant:
@@ -253,7 +271,10 @@ def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_ev
         started=started,
         quantize_seconds=quant["seconds"] if made_now else 0.0,
         quantization={k: v for k, v in (quant or {}).items() if k != "report"} or None,
+        split=plan.split.to_dict() if plan.split_lines else None,
     )
+    if plan.split.seconds:  # finding the pauses, on the driver, when the job was planned now
+        totals.stages["split"] = plan.split.seconds
     if todo:
         _run_on_ray(spec, plan, todo, retry, payload, address, on_event, totals, t_start)
     _check_budget(spec, plan, _failed_in_finished_parts(out, plan, set()))  # the whole job, whatever ran now
@@ -284,40 +305,45 @@ def _run_on_ray(spec, plan, todo, retry, payload, address, on_event, totals: Run
         totals.engines, totals.worker_info = pool.engines, pool.infos  # the pool's own dicts: replacements too
         on_event(EventKind.WORKERS, names=pool.names, engines=pool.engines, startup=totals.startup_seconds)
         t0 = time.perf_counter()
-        _dispatch(spec, plan, todo, retry, pool, on_event, totals)
+        # split lines: the workers sum each line's log-mel statistics first, so its segments are the whole line
+        model = model_spec(payload) if any(plan.shards[i].segment is not None for i in todo) else None
+        norms = line_norms(pool, plan, todo, spec, model, totals) if model is not None else {}
+        _dispatch(spec, plan, todo, retry, pool, model, norms, on_event, totals)
         totals.wall_seconds = time.perf_counter() - t0
         totals.worker_heavy_imports = pool.heavy_imports  # replacements included
 
 
-def _dispatch(spec, plan, todo, retry, pool: ShardPool, on_event, totals: RunTotals) -> None:
+def _dispatch(spec, plan, todo, retry, pool: ShardPool, model, norms, on_event, totals: RunTotals) -> None:
     """Send the shards to the pool and write each part as it returns. Once the error budget is broken,
     no more shards are sent; those already sent are finished and written, then `JobFailed` is raised."""
     out = Path(spec.output)
     budget = spec.max_failed_items(plan.items)
-    failed = _failed_in_finished_parts(out, plan, set(todo))
+    failed = _failed_in_finished_parts(out, plan, rewritten_parts(plan, todo))
     items = iter_manifest(spec.manifest, read_missing_durations=False)
+    lines = SplitLines(out, plan, todo, model, spec.confidence if spec.timestamps else None)
 
     def work():
         for shard, batch in group_items(items, plan.shards, set(todo)):
             if failed > budget:  # read as each shard is about to be sent
                 return
+            if shard.segment is not None:  # with its line's log-mel statistics
+                batch = [dataclasses.replace(batch[0], norm=norms.get(shard.first_segment))]
             yield shard, _only(batch, retry.get(shard.index))
 
     for shard, rows, result in pool.map(work()):
         if shard.index in retry:
             rows = _merge(read_part(part_path(out, shard.index)).to_pylist(), rows)
         t0 = time.perf_counter()
-        write_part(
-            out,
-            shard.index,
-            rows,
-            {
-                "worker": result.worker,
-                "engine": result.engine,
-                "compute_seconds": result.compute_seconds,
-                "stages": result.stages,
-            },
-        )
+        meta = {
+            "worker": result.worker,
+            "engine": result.engine,
+            "compute_seconds": result.compute_seconds,
+            "stages": result.stages,
+        }
+        if shard.segment is None:
+            write_part(out, shard.index, rows, meta)
+        else:
+            rows = lines.add(shard, rows[0])  # the line's row once its last segment is in; else none
         totals.add_shard(result, time.perf_counter() - t0)
         was_within = failed <= budget
         failed += sum(r["status"] == "error" for r in rows)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from runner.errors import InputError
 
 WORD = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("confidence", pa.float64())])
+SPAN = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("cut", pa.string())])
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -45,6 +46,9 @@ SCHEMA = pa.schema(
         # audio file (`offset` included) and a confidence in [0, 1]; `confidence`: the utterance's.
         ("words", pa.list_(WORD)),
         ("confidence", pa.float64()),
+        # a line longer than `split_seconds`: the segments it was transcribed in, seconds in the audio file
+        # (`offset` included), and how each ends: pause | forced (no pause near the target) | end; else null
+        ("segments", pa.list_(SPAN)),
     ]
 )
 

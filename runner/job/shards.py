@@ -1,21 +1,26 @@
 """Shard plan: consecutive manifest lines packed into shards of about `shard_seconds` of audio.
 
-Deterministic (the same manifest and `shard_seconds` give the same plan) and stable (shard
+Deterministic (the same manifest, audio and settings give the same plan) and stable (shard
 numbers follow manifest order), so a part file on disk always means the same lines. The plan
-holds line ranges, not items: it stays small for million-line manifests. `prepare` validates a
-job's manifest and plans it (or takes the plan a resumed job recorded).
+holds line ranges, not items: it stays small for million-line manifests. A line longer than
+`split_seconds` becomes several shards of one segment each (`runner.inputs.split`: cut at pauses),
+so one long recording keeps every worker busy; the plan records each segment's span. `prepare`
+validates a job's manifest and plans it (or takes the plan a resumed job recorded).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from runner.errors import InputError
 from runner.inputs.manifest import ManifestItem, check_unique_ids, file_sha256, iter_manifest
+from runner.inputs.split import SegmentItem, Span, SplitFigures, split_line
 from runner.job.spec import JobSpec
 
 UNKNOWN_DURATION = 0.0  # unreadable items weigh nothing; they become error rows quickly
+SPLIT_SEARCH_SECONDS = 10.0  # a cut may move this far (at most a quarter segment) from its target to a pause
 
 
 @dataclass(frozen=True)
@@ -25,21 +30,48 @@ class Shard:
     last_line: int
     items: int
     seconds: float
+    span: Span | None = None  # a segment of one long line (`first_line`); None: whole lines
+    segment: tuple[int, int] | None = None  # (the segment's number in its line, the line's segments)
 
     def to_list(self) -> list:
-        return [self.index, self.first_line, self.last_line, self.items, round(self.seconds, 3)]
+        row = [self.index, self.first_line, self.last_line, self.items, round(self.seconds, 3)]
+        if self.span is not None and self.segment is not None:
+            row += [self.span.start, self.span.end, self.span.cut, self.segment[0], self.segment[1]]
+        return row
 
     @classmethod
     def from_list(cls, row: list) -> Shard:
-        return cls(int(row[0]), int(row[1]), int(row[2]), int(row[3]), float(row[4]))
+        shard = cls(int(row[0]), int(row[1]), int(row[2]), int(row[3]), float(row[4]))
+        if len(row) > 5:
+            span = Span(float(row[5]), float(row[6]), str(row[7]))
+            shard = cls(*shard.to_list()[:4], shard.seconds, span, (int(row[8]), int(row[9])))
+        return shard
+
+    @property
+    def first_segment(self) -> int:
+        """The shard of its line's first segment (whose part holds the joined line); itself when whole lines."""
+        return self.index - self.segment[0] if self.segment is not None else self.index
 
 
-def plan_shards(items: Iterable[ManifestItem], shard_seconds: float) -> list[Shard]:
-    """Cut the item stream into shards once a shard reaches `shard_seconds`."""
+Splitter = Callable[[ManifestItem], "list[Span] | None"]
+
+
+def plan_shards(items: Iterable[ManifestItem], shard_seconds: float, split: Splitter | None = None) -> list[Shard]:
+    """Cut the item stream into shards once a shard reaches `shard_seconds`; a line that `split`
+    cuts into spans becomes one shard per span, after the shard before it is closed."""
     shards: list[Shard] = []
     first = last = count = 0
     seconds = 0.0
     for item in items:
+        spans = split(item) if split is not None else None
+        if spans:
+            if count:
+                shards.append(Shard(len(shards), first, last, count, seconds))
+                count, seconds = 0, 0.0
+            for k, span in enumerate(spans):
+                seg = Shard(len(shards), item.line, item.line, 1, span.end - span.start, span, (k, len(spans)))
+                shards.append(seg)
+            continue
         if count == 0:
             first = item.line
         last, count = item.line, count + 1
@@ -54,15 +86,20 @@ def plan_shards(items: Iterable[ManifestItem], shard_seconds: float) -> list[Sha
 
 def group_items(
     items: Iterable[ManifestItem], shards: list[Shard], wanted: set[int]
-) -> Iterator[tuple[Shard, list[ManifestItem]]]:
-    """One streaming pass over the manifest, yielding the items of each wanted shard in order."""
+) -> Iterator[tuple[Shard, list[ManifestItem | SegmentItem]]]:
+    """One streaming pass over the manifest, yielding the items of each wanted shard in order
+    (a segment shard: its line's item as a `SegmentItem`)."""
     it = iter(items)
     pending: list[ManifestItem] = []
+    line_item: ManifestItem | None = None  # the split line whose segments are being yielded
     for shard in shards:
-        batch = []
-        for item in _until(it, pending, shard.last_line):
-            if item.line >= shard.first_line:
-                batch.append(item)
+        if shard.span is not None and line_item is not None and line_item.line == shard.first_line:
+            batch = [line_item]
+        else:
+            batch = [item for item in _until(it, pending, shard.last_line) if item.line >= shard.first_line]
+        if shard.span is not None and shard.segment is not None:
+            line_item = batch[0]
+            batch = [SegmentItem(line_item, shard.span, *shard.segment)]
         if shard.index in wanted:
             yield shard, batch
 
@@ -86,6 +123,17 @@ class Plan:
     seconds: float
     with_text: int
     manifest_sha256: str
+    split: SplitFigures = field(default_factory=SplitFigures)  # what splitting long lines cost now
+
+    def segments_of(self, shard: Shard) -> list[Shard]:
+        """Every segment shard of `shard`'s line (`shard` must be a segment shard)."""
+        first = shard.first_segment
+        return self.shards[first : first + shard.segment[1]]
+
+    @property
+    def split_lines(self) -> list[int]:
+        """The first segment shard of every split line."""
+        return [s.index for s in self.shards if s.segment is not None and s.segment[0] == 0]
 
 
 def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
@@ -99,6 +147,15 @@ def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
     sha = file_sha256(spec.manifest)
     shards = _recorded_shards(recorded, sha)
     counts = {"items": 0, "seconds": 0.0, "with_text": 0}
+    figures = SplitFigures()
+
+    def split(item: ManifestItem) -> list[Span] | None:
+        if not spec.split_seconds or item.duration is None or item.duration <= spec.split_seconds:
+            return None
+        t0 = time.perf_counter()
+        spans = split_line(item, spec.segment_seconds, SPLIT_SEARCH_SECONDS, figures)
+        figures.seconds += time.perf_counter() - t0
+        return spans
 
     def counted():
         items = iter_manifest(spec.manifest, read_missing_durations=shards is None)
@@ -109,14 +166,14 @@ def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
             yield item
 
     if shards is None:
-        shards = plan_shards(counted(), spec.shard_seconds)
+        shards = plan_shards(counted(), spec.shard_seconds, split)
     else:
         for _ in counted():
             pass
         counts["seconds"] = sum(s.seconds for s in shards)
     if not shards:
         raise InputError(f"{spec.manifest}: the manifest has no items")
-    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], sha)
+    return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], sha, figures)
 
 
 def _recorded_shards(recorded: dict | None, manifest_sha256: str) -> list[Shard] | None:

@@ -65,6 +65,10 @@ class JobSpec:
     max_failed: float = 0.01  # error budget: a fraction of items, or a count if >= 1
     batch_size: int = 8  # utterances per forward pass inside a worker
     window_seconds: float = 40.0  # longer files are encoded in windows
+    # A line longer than `split_seconds` is cut into segments of about `segment_seconds`, at pauses, which
+    # run on all workers at once and are joined back into its one row (`runner.inputs.split`); 0: never split.
+    split_seconds: float = 300.0
+    segment_seconds: float = 120.0
     # A shard (or, once its shard timed out, one item) that runs longer is stopped: its worker is replaced, and
     # an item that hangs alone becomes an error row. auto | seconds | null (no limit). See `time_limit`.
     shard_timeout_seconds: str | float | None = "auto"
@@ -158,6 +162,20 @@ def verify(spec: JobSpec, where: str) -> None:
         (
             _number(spec.window_seconds) and spec.window_seconds >= 5,
             f"window_seconds must be a number >= 5, got {spec.window_seconds!r}",
+        ),
+        (
+            _number(spec.split_seconds) and spec.split_seconds >= 0,
+            f"split_seconds must be a number of seconds >= 0 (0: never split), got {spec.split_seconds!r}",
+        ),
+        (
+            _number(spec.segment_seconds) and spec.segment_seconds >= 30,
+            f"segment_seconds must be a number >= 30, got {spec.segment_seconds!r}",
+        ),
+        (
+            not (_number(spec.split_seconds) and _number(spec.segment_seconds))
+            or not spec.split_seconds
+            or spec.split_seconds >= spec.segment_seconds,
+            f"split_seconds ({spec.split_seconds!r}) must be 0 or at least segment_seconds ({spec.segment_seconds!r})",
         ),
         (
             spec.shard_timeout_seconds in (None, "auto")

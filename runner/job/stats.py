@@ -25,6 +25,7 @@ class RunTotals:
     started: float | None = None  # epoch seconds the user's command started: `total_seconds` counts from it
     quantize_seconds: float = 0.0  # int8 artifact made now; 0 when cached or fp32
     quantization: dict | None = None  # int8: artifact sha256, source, seconds, fp32 units, gate
+    split: dict | None = None  # long lines split when the job was planned: lines, segments, cuts, seconds
     startup_seconds: float = 0.0  # run_job's start -> every worker up (ray, quantize/load)
     wall_seconds: float = 0.0  # first shard dispatched -> last part written
     workers: int = 0  # workers the job started with (replacements do not add to it)
@@ -66,16 +67,19 @@ class RunTotals:
         the rest of that compute (row bookkeeping). `ray_overhead` is what the workers did not spend
         computing: worker-seconds available minus the summed compute seconds (dispatch, result
         transfer, idle workers waiting for a shard or at the tail of the job). `write` is the driver's
-        Parquet writing, which overlaps the workers' time; fractions are of the sum of all stages.
+        Parquet writing, which overlaps the workers' time; `split` the driver's search for pauses to cut
+        long lines at, when it planned the job (before the workers start); fractions are of the sum of all
+        stages.
         """
         if not self.stages:
             return {"stages": {}, "stage_fractions": {}}
         available = self.workers * self.wall_seconds
-        worker = {k: v for k, v in self.stages.items() if k != "write"}
+        worker = {k: v for k, v in self.stages.items() if k not in ("write", "split")}
         stages = {
             **worker,
             "other": max(0.0, self.compute_seconds - sum(worker.values())),
             "write": self.stages.get("write", 0.0),
+            **({"split": self.stages["split"]} if "split" in self.stages else {}),
             "ray_overhead": max(0.0, available - self.compute_seconds),
         }
         total = sum(stages.values()) or 1.0
@@ -121,6 +125,9 @@ def job_stats(spec: JobSpec, out: Path, totals: RunTotals) -> dict:
         "worker_info": totals.worker_info,
         "int8_check": worst_int8_check(totals.worker_info),
         "quantization": totals.quantization,  # int8: artifact sha256, cache, fp32 units, gate
+        # lines split into segments at plan time (`runner.inputs.split`): how many, the cuts (at a pause or
+        # forced), and what finding the pauses cost the driver (seconds, audio seconds it read)
+        "split": totals.split,
         **totals.stage_breakdown(),
     }
 

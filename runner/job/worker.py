@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import socket
 import sys
@@ -23,11 +24,13 @@ import numpy as np
 from runner.errors import AudioLoadError
 from runner.inputs.audio import load_audio
 from runner.inputs.manifest import ManifestItem
+from runner.inputs.split import SegmentItem
 from runner.model.ctc import load_checkpoint
-from runner.model.transcribe import DecodeOptions, frame_seconds, transcribe, word_aligner
+from runner.model.features import FeatureSums
+from runner.model.transcribe import DecodeOptions, frame_seconds, long_log_probs, raw_log_mel, transcribe, word_aligner
 from runner.model.words import WordAligner
 from runner.sysinfo import peak_rss_mb
-from runner.timing import WORKER_STAGES
+from runner.timing import WORKER_STAGES, timed
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,10 @@ def transcribe_items(
     read (decode from file), resample, features, encoder, decode (greedy CTC)."""
     rate = model.spec.features.sample_rate
     rows, audios, stages = [], {}, dict.fromkeys(WORKER_STAGES, 0.0)
+    if aligner is None and options.confidence is not None:
+        aligner = word_aligner(model, options.confidence)
+    if items and isinstance(items[0], SegmentItem):
+        return [transcribe_segment(model, seg, shard, options, aligner, stages) for seg in items], stages
     for i, item in enumerate(items):
         rows.append(item_row(item, shard))
         try:
@@ -88,8 +95,6 @@ def transcribe_items(
             rows[i]["text"] = ""  # too short to analyse, or digital silence: no speech (the model may babble)
         else:
             audios[i] = audio
-    if aligner is None and options.confidence is not None:
-        aligner = word_aligner(model, options.confidence)
     offsets = {i: item.offset or 0.0 for i, item in enumerate(items)}
     for i, result in _transcribe_isolating_failures(model, audios, offsets, options, aligner, stages).items():
         if isinstance(result, Exception):
@@ -103,8 +108,110 @@ def transcribe_items(
     return rows, stages
 
 
-def item_row(item: ManifestItem, shard: int) -> dict:
-    """The item's row (Parquet schema) before it is transcribed: status ok, no text yet."""
+def transcribe_segment(
+    model, seg: SegmentItem, shard: int, options: DecodeOptions, aligner: WordAligner | None, stages: dict
+) -> dict:
+    """One segment of a long line -> its frames: the best class and (with words) the confidence of each
+    output frame whose start lies in the segment's span, numbered from the line's start.
+
+    The output frames of a line lie on one grid (a frame every hop x subsampling samples from the line's
+    first sample), so the spans of a line's segments share out its frames exactly. The segment is read
+    with `context_seconds` of audio on each side, on that grid, so its encoder sees what lies around the
+    cut; the context's frames are dropped here and the driver decodes the line's frames in one pass.
+    Its log-mel is normalized with the whole line's statistics (`seg.norm`, summed from every segment's
+    `segment_feature_sums`), so a segment's frames are the whole line's.
+    """
+    if seg.sums_only:
+        return segment_feature_sums(model, seg, shard, stages)
+    row = item_row(seg, shard)
+    features = model.spec.features
+    step = features.hop_length * model.spec.encoder.subsampling
+    context = math.ceil(options.context_seconds * features.sample_rate / step)
+    first, last, read_first, audio = _read_span(seg, features.sample_rate, step, context, row, stages)
+    if audio is None:
+        return row
+    try:
+        log_probs = long_log_probs(model, audio, options, stages, norm=seg.norm)
+        kept = log_probs[first - read_first : None if last is None else last - read_first]
+        with timed(stages, "decode"):
+            best = kept.argmax(dim=-1)
+        with timed(stages, "words"):
+            confidence = aligner.confidences(kept.unsqueeze(0)) if aligner is not None else None
+    except Exception as exc:  # noqa: BLE001 - a failing segment becomes data, inside the budget
+        mark_failed(row, seg, f"transcription failed: {type(exc).__name__}: {exc}")
+        return row
+    row.update(
+        first_frame=first, best=best.tolist(), frame_confidence=None if confidence is None else confidence[0].tolist()
+    )
+    return row
+
+
+def segment_feature_sums(model, seg: SegmentItem, shard: int, stages: dict) -> dict:
+    """What a segment's own log-mel frames add to its line's normalization statistics (`FeatureSums`),
+    read with a margin of a few frames so each frame is computed as in the whole line."""
+    row = item_row(seg, shard)
+    features = model.spec.features
+    sub = model.spec.encoder.subsampling
+    margin = math.ceil(features.n_fft / features.hop_length) + 1
+    # feature frames, on the output frames' grid: the segments' sums cover the line's frames exactly once
+    first, last, read_first, audio = _read_span(
+        seg, features.sample_rate, features.hop_length, margin, row, stages, sub
+    )
+    if audio is None:
+        return row
+    try:
+        with timed(stages, "features"):
+            own = raw_log_mel(model, audio)[:, first - read_first : None if last is None else last - read_first]
+            row["sums"] = FeatureSums.of(own)
+    except Exception as exc:  # noqa: BLE001
+        mark_failed(row, seg, f"features failed: {type(exc).__name__}: {exc}")
+    return row
+
+
+def _read_span(seg: SegmentItem, rate: int, unit: int, margin: int, row: dict, stages: dict, per_frame: int = 1):
+    """The segment's frames of `unit` samples: its first, its end (None: the line's end), the first one read,
+    and the samples read (`margin` frames more on each side, within the line); None after marking `row`
+    failed when the audio cannot be read. `per_frame`: frames per output frame (the grid cuts lie on)."""
+    span, item = seg.span, seg.item
+    step = unit * per_frame
+    first = math.ceil(span.start * rate / step - 1e-6) * per_frame
+    last = None if span.cut == "end" else math.ceil(span.end * rate / step - 1e-6) * per_frame
+    read_first = max(0, first - margin)
+    begin = read_first * unit / rate
+    length = None if item.duration is None else item.duration - begin
+    if last is not None:
+        wanted = (last + margin - read_first) * unit / rate
+        length = wanted if length is None else min(length, wanted)
+    try:
+        audio = load_audio(item.audio_filepath, rate, offset=item.offset + begin, duration=length, timings=stages)
+    except AudioLoadError as exc:
+        mark_failed(row, seg, str(exc))
+        return first, last, read_first, None
+    return first, last, read_first, audio
+
+
+def item_row(item: ManifestItem | SegmentItem, shard: int) -> dict:
+    """The item's row (Parquet schema) before it is transcribed: status ok, no text yet; for a segment,
+    its row in `segments/` (`runner.job.segments.SEGMENT_SCHEMA`), no frames yet."""
+    if isinstance(item, SegmentItem):
+        return {
+            "id": item.id,
+            "audio_filepath": item.audio_filepath,
+            "offset": item.item.offset,
+            "reference": item.item.text,
+            "shard": shard,
+            "segment": item.index,
+            "segments": item.count,
+            "start": item.span.start,
+            "end": item.span.end,
+            "cut": item.span.cut,
+            "duration": item.duration,
+            "status": "ok",
+            "error": None,
+            "first_frame": None,
+            "best": None,
+            "frame_confidence": None,
+        }
     return {
         "id": item.id,
         "audio_filepath": item.audio_filepath,
@@ -117,10 +224,11 @@ def item_row(item: ManifestItem, shard: int) -> dict:
         "shard": shard,
         "words": None,
         "confidence": None,
+        "segments": None,
     }
 
 
-def mark_failed(row: dict, item: ManifestItem, reason: str) -> None:
+def mark_failed(row: dict, item: ManifestItem | SegmentItem, reason: str) -> None:
     """Make `row` an error row whose reason names the item's id and path."""
     reason = reason.removeprefix(f"{item.audio_filepath}: ")  # audio errors start with the path: say it once
     row.update(status="error", text=None, error=f"id {item.id} ({item.audio_filepath}): {reason}")

@@ -20,16 +20,16 @@ if TYPE_CHECKING:
 def greedy_ids(log_probs: torch.Tensor, lengths: torch.Tensor, blank_id: int) -> list[list[int]]:
     """log-probs [B, T, C], frame counts [B] -> token ids per utterance."""
     best = log_probs.argmax(dim=-1)
-    out = []
-    for row, n in zip(best, lengths.tolist()):
-        row = row[: int(n)]
-        if row.numel() == 0:
-            out.append([])
-            continue
-        keep = torch.ones_like(row, dtype=torch.bool)
-        keep[1:] = row[1:] != row[:-1]
-        out.append([t for t in row[keep].tolist() if t != blank_id])
-    return out
+    return [collapse(row[: int(n)], blank_id) for row, n in zip(best, lengths.tolist())]
+
+
+def collapse(best: torch.Tensor, blank_id: int) -> list[int]:
+    """The best class of each frame [T] -> token ids: repeats merged, blanks dropped."""
+    if best.numel() == 0:
+        return []
+    keep = torch.ones_like(best, dtype=torch.bool)
+    keep[1:] = best[1:] != best[:-1]
+    return [t for t in best[keep].tolist() if t != blank_id]
 
 
 def ids_to_text(ids: Sequence[int], vocabulary: Sequence[str]) -> str:

@@ -8,6 +8,7 @@ weights are loaded. Dither is a training-time augmentation and is never applied.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -154,3 +155,53 @@ def normalize(x: torch.Tensor, frames: torch.Tensor, kind: str) -> torch.Tensor:
 def mask_frames(x: torch.Tensor, frames: torch.Tensor, value: float) -> torch.Tensor:
     invalid = torch.arange(x.shape[-1]).unsqueeze(0) >= frames.unsqueeze(1)
     return x.masked_fill(invalid.unsqueeze(1), value)
+
+
+@dataclass(frozen=True)
+class FeatureSums:
+    """Per-bin sums of raw log-mel frames [n_mels] (float64): what a part of a file adds to its
+    normalization statistics. Parts add up exactly; `LineNorm.combine` turns their total into NeMo's
+    statistics, so parts of one long file, featurized apart, normalize as the whole file does."""
+
+    total: tuple[float, ...]
+    squares: tuple[float, ...]
+    count: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> FeatureSums:
+        """The sums of raw log-mel frames [n_mels, F]."""
+        x = x.double()
+        return cls(tuple(x.sum(dim=1).tolist()), tuple(x.pow(2).sum(dim=1).tolist()), int(x.shape[1]))
+
+
+@dataclass(frozen=True)
+class LineNorm:
+    """Normalization statistics given from outside (per bin; `all_features`: one value repeated)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def combine(cls, parts: list[FeatureSums], kind: str) -> LineNorm | None:
+        """NeMo's `per_feature` / `all_features` statistics of the frames of all `parts` (unbiased std
+        plus its guard); None for other normalizations (nothing to share)."""
+        if kind not in ("per_feature", "all_features") or not parts:
+            return None
+        total = np.sum([p.total for p in parts], axis=0)
+        squares = np.sum([p.squares for p in parts], axis=0)
+        count = float(sum(p.count for p in parts))
+        if kind == "all_features":
+            total, squares, count = (
+                np.full_like(total, total.sum()),
+                np.full_like(squares, squares.sum()),
+                count * len(total),
+            )
+        mean = total / count
+        var = np.maximum(squares - count * mean**2, 0.0) / (count - 1.0) if count > 1 else np.zeros_like(mean)
+        return cls(tuple(mean.tolist()), tuple((np.sqrt(var) + STD_GUARD).tolist()))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw log-mel [n_mels, F] -> normalized with these statistics."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).unsqueeze(1)
+        std = torch.tensor(self.std, dtype=x.dtype).unsqueeze(1)
+        return (x - mean) / std

@@ -27,7 +27,7 @@ import torch
 
 from runner.model.ctc import LeanCTCModel
 from runner.model.decoding import greedy_decode
-from runner.model.features import feature_lengths, mask_frames, normalize
+from runner.model.features import LineNorm, feature_lengths, mask_frames, normalize
 from runner.model.words import ConfidenceMethod, WordAligner
 from runner.timing import timed
 
@@ -125,11 +125,16 @@ def _decode(model, log_probs, lengths, offsets, aligner: WordAligner | None, tim
 
 @torch.inference_mode()
 def long_log_probs(
-    model: LeanCTCModel, audio: np.ndarray, options: DecodeOptions, timings: dict | None = None
+    model: LeanCTCModel,
+    audio: np.ndarray,
+    options: DecodeOptions,
+    timings: dict | None = None,
+    norm: LineNorm | None = None,
 ) -> torch.Tensor:
-    """[T', C] log-probabilities of one long file, computed in bounded-memory windows."""
+    """[T', C] log-probabilities of one long file, computed in bounded-memory windows; `norm`: normalization
+    statistics to use instead of the file's own (a segment of a longer one)."""
     with timed(timings, "features"):
-        feats = whole_file_features(model, audio, chunk_frames=6000)
+        feats = whole_file_features(model, audio, chunk_frames=6000, norm=norm)
     sub = model.spec.encoder.subsampling
     fps = model.spec.features.sample_rate / model.spec.features.hop_length
     window = max(sub, int(options.window_seconds * fps) // sub * sub)
@@ -159,14 +164,31 @@ def _encode_windows(model, feats, spans, context, sub) -> list[torch.Tensor]:
     return out
 
 
-def whole_file_features(model: LeanCTCModel, audio: np.ndarray, chunk_frames: int) -> torch.Tensor:
-    """Normalized log-mel [n_mels, F] of one file, computed `chunk_frames` frames at a time."""
+def whole_file_features(
+    model: LeanCTCModel, audio: np.ndarray, chunk_frames: int, norm: LineNorm | None = None
+) -> torch.Tensor:
+    """Normalized log-mel [n_mels, F] of one file, computed `chunk_frames` frames at a time (with the
+    statistics `norm` when given, else the file's own)."""
+    cfg = model.features.cfg
+    if cfg.exact_pad:  # rare; the chunked STFT below assumes centered frames
+        signal = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+        return model.features(signal.unsqueeze(0), torch.tensor([signal.numel()]))[0][0]
+    x = raw_log_mel(model, audio, chunk_frames).unsqueeze(0)
+    frames_t = torch.tensor([x.shape[2]])
+    if norm is not None and cfg.normalize in ("per_feature", "all_features"):
+        x = norm.apply(x[0]).unsqueeze(0)
+    elif cfg.normalize:
+        x = normalize(x, frames_t, cfg.normalize)
+    return mask_frames(x, frames_t, cfg.pad_value)[0]
+
+
+def raw_log_mel(model: LeanCTCModel, audio: np.ndarray, chunk_frames: int = 6000) -> torch.Tensor:
+    """Log-mel [n_mels, F] of one file before normalization, `chunk_frames` frames at a time; each frame
+    as in the whole-file computation (the file's edges padded as NeMo pads them)."""
     mel = model.features
     cfg = mel.cfg
     signal = torch.from_numpy(np.asarray(audio, dtype=np.float32))
     n = torch.tensor([signal.numel()])
-    if cfg.exact_pad:  # rare; the chunked STFT below assumes centered frames
-        return mel(signal.unsqueeze(0), n)[0][0]
     frames = int(feature_lengths(cfg, n)[0])
     half = cfg.n_fft // 2
     chunks = []
@@ -180,11 +202,7 @@ def whole_file_features(model: LeanCTCModel, audio: np.ndarray, chunk_frames: in
         if hi > signal.numel():
             seg[max(0, signal.numel() - lo) :] = 0.0
         chunks.append(mel.spectrum_to_log_mel(mel.stft(seg.unsqueeze(0), center=False))[0])
-    x = torch.cat(chunks, dim=1).unsqueeze(0)
-    frames_t = torch.tensor([frames])
-    if cfg.normalize:
-        x = normalize(x, frames_t, cfg.normalize)
-    return mask_frames(x, frames_t, cfg.pad_value)[0]
+    return torch.cat(chunks, dim=1)
 
 
 def _padded_slice(signal: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
