@@ -196,7 +196,7 @@ def _spec(tmp_path: Path, manifest: Path, out: str, **keys) -> Path:
 
 
 @pytest.mark.slow
-def test_a_split_int8_job_gives_the_unsplit_one_rows(ray_local, talk_manifest, tmp_path, monkeypatch):
+def test_a_split_int8_job_gives_the_unsplit_one_rows(ray_local, talk_manifest, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path / "cache"))
     quant = "{calibration_items: 30, gate_items: 30, max_wer_increase: 0.05}"
     assert (
@@ -213,6 +213,7 @@ def test_a_split_int8_job_gives_the_unsplit_one_rows(ray_local, talk_manifest, t
         )
         == 0
     )
+    assert "long lines split" in capsys.readouterr().out  # the run summary says how the line was cut
     split = {r["id"]: r for r in read_rows(tmp_path / "split").to_pylist()}
     whole = {r["id"]: r for r in read_rows(tmp_path / "whole").to_pylist()}
     assert sorted(split) == sorted(whole) == sorted(i.id for i in iter_manifest(talk_manifest))  # one row a line

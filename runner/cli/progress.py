@@ -28,9 +28,18 @@ class LogProgress:
         }  # FINISHED: the CLI prints the run's figures itself
         handlers.get(kind, lambda **_: None)(**data)
 
-    def on_planned(self, shards, todo, items, seconds, todo_seconds):
+    def on_planned(self, shards, todo, items, seconds, todo_seconds, split=None):
         self.total, self.todo = todo_seconds, todo
         log.info("%d items, %.1f h of audio in %d shards; %d to run", items, seconds / 3600, shards, todo)
+        if split:
+            log.info(
+                "%d long line(s) split into %d segments (%d cut at pauses, %d forced) in %.2f s",
+                split["lines"],
+                split["segments"],
+                split["at_pause"],
+                split["forced"],
+                split["seconds"],
+            )
 
     def on_quantizing(self, model):
         log.info("int8: calibrating and checking accuracy for %s (done once, then cached)", model)
@@ -95,8 +104,8 @@ class RichProgress(LogProgress):
         self.main: int | None = None
         self.workers: dict[str, list] = {}  # name -> [engine, shards done, last shard, audio seconds]
 
-    def on_planned(self, shards, todo, items, seconds, todo_seconds):
-        super().on_planned(shards, todo, items, seconds, todo_seconds)
+    def on_planned(self, shards, todo, items, seconds, todo_seconds, split=None):
+        super().on_planned(shards, todo, items, seconds, todo_seconds, split)
         self.main = self.progress.add_task("transcribing", total=max(todo_seconds, 1e-9), info="starting workers")
         self.live.update(self._render())
         self.live.start()

@@ -46,6 +46,15 @@ def print_stats(stats: dict, out: Path) -> None:
     ]
     if stats.get("int8_check"):
         rows.append(("int8 self-check (worst worker)", int8_check_line(stats["int8_check"])))
+    split = stats.get("split")
+    if split:
+        rows.append(
+            (
+                "long lines split",
+                f"{split['lines']} into {split['segments']} segments ({split['at_pause']} cut at pauses, "
+                f"{split['forced']} forced)",
+            )
+        )
     fractions = sorted((stats.get("stage_fractions") or {}).items(), key=lambda kv: -kv[1])
     if fractions:
         rows.append(("time by stage", ", ".join(f"{k} {100 * v:.0f}%" for k, v in fractions)))

@@ -265,6 +265,7 @@ def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_ev
         items=plan.items,
         seconds=plan.seconds,
         todo_seconds=todo_seconds,
+        split=plan.split.to_dict() if plan.split.lines else None,
     )
     made_now = quant is not None and quant["source"] == "made"
     totals = RunTotals(

@@ -8,6 +8,7 @@ read or transcribed becomes an error row naming its id and path; the shard alway
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -131,7 +132,9 @@ def transcribe_segment(
     if audio is None:
         return row
     try:
-        log_probs = long_log_probs(model, audio, options, stages, norm=seg.norm)
+        # one pass over the segment and its context: no windows inside it, each would add its own context
+        whole = dataclasses.replace(options, window_seconds=len(audio) / features.sample_rate + 1.0)
+        log_probs = long_log_probs(model, audio, whole, stages, norm=seg.norm)
         kept = log_probs[first - read_first : None if last is None else last - read_first]
         with timed(stages, "decode"):
             best = kept.argmax(dim=-1)
