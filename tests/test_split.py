@@ -64,6 +64,10 @@ def test_targets_are_evenly_spaced():
     assert targets(100.0, 120.0) == []
     assert targets(240.0, 120.0) == [120.0]
     assert targets(250.0, 120.0) == pytest.approx([250 / 3, 500 / 3])
+    # with the workers known: whole rounds of segments (16 min on 2 workers: 10 of 96 s, not 9 of 107 s)
+    assert targets(961.0, 120.0, workers=2) == pytest.approx([96.1 * k for k in range(1, 10)])
+    assert len(targets(961.0, 120.0, workers=1)) == 8 and len(targets(7200.0, 120.0, workers=16)) == 63
+    assert len(targets(300.0, 120.0, workers=16)) == 2  # fewer segments than workers: not made smaller
 
 
 # --- real speech -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,12 +238,22 @@ def run_job(
     check_model_file(spec.model)
     resuming = resume or retry_errors
     recorded = recorded_job(spec) if resuming else None
-    plan = prepare(spec, recorded)
+    plan = prepare(spec, recorded, expected_workers(spec, address))
     fp = fingerprint(spec, plan)
     check_output(spec, fp, resuming)  # before the lock: never a lock file in a folder that is not ours
     with driver_lock(Path(spec.output)):
         check_output(spec, fp, resuming)
         return _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started)
+
+
+def expected_workers(spec: JobSpec, address: str | None) -> int | None:
+    """How many workers the job will start, when the driver can tell before Ray starts: the spec's, or one
+    per `threads_per_worker` CPUs of this machine for a local cluster; None on a cluster not yet joined."""
+    if spec.workers:
+        return spec.workers
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+    return None
 
 
 def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started) -> RunResult:

@@ -136,13 +136,14 @@ class Plan:
         return [s.index for s in self.shards if s.segment is not None and s.segment[0] == 0]
 
 
-def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
+def prepare(spec: JobSpec, recorded: dict | None = None, workers: int | None = None) -> Plan:
     """Validate every manifest line and plan shards; raises `ManifestError` (exit 2) first.
 
     `recorded` (a resumed job's `job.json`): its plan is reused when the manifest is the one it was
     made from, so the plan never moves because a file became readable (an unreadable file weighs
     0 s when the plan is made; once repaired it would weigh its length and move every boundary
-    after it). Audio headers are then not read at all.
+    after it). Audio headers are then not read at all. `workers`: how many the job will have, when known
+    (a long line's segments then come in whole rounds of them).
     """
     sha = file_sha256(spec.manifest)
     shards = _recorded_shards(recorded, sha)
@@ -153,7 +154,7 @@ def prepare(spec: JobSpec, recorded: dict | None = None) -> Plan:
         if not spec.split_seconds or item.duration is None or item.duration <= spec.split_seconds:
             return None
         t0 = time.perf_counter()
-        spans = split_line(item, spec.segment_seconds, SPLIT_SEARCH_SECONDS, figures)
+        spans = split_line(item, spec.segment_seconds, SPLIT_SEARCH_SECONDS, figures, workers)
         figures.seconds += time.perf_counter() - t0
         return spans
 
