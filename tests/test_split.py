@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -236,7 +237,10 @@ def test_a_split_int8_job_gives_the_unsplit_one_rows(ray_local, talk_manifest, t
     assert stats["split"]["line_stats_seconds"] > 0
     plan = json.loads((tmp_path / "split" / "job.json").read_text())["plan"]
     assert sum(len(row) > 5 for row in plan) == len(long["segments"])
-    assert len(list((tmp_path / "split" / "transcripts").glob("part-*.parquet"))) == 3  # clip, talk, clip
+    parts = sorted((tmp_path / "split" / "transcripts").glob("part-*.parquet"))
+    assert len(parts) == 3  # clip, talk, clip
+    record = json.loads(pq.ParquetFile(parts[1]).schema_arrow.metadata[b"asr_runner"])
+    assert record["joined_segments"] == len(long["segments"]) and record["engines"] == [stats["engine"]]
 
 
 @pytest.mark.slow
@@ -259,6 +263,9 @@ def test_a_resume_recomputes_only_the_lost_segments(ray_local, talk_manifest, tm
     parts_after = stamps(out)
     assert all(parts_after[k] == v for k, v in parts_before.items())  # the clips' parts untouched
     assert read_rows(out).to_pylist() == first
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["split"]["lines"] == 1 and stats["split"]["segments"] == len(segments)  # from the recorded plan
+    assert "split" not in stats["stages"]  # no pause was looked for again
     ids = [i.id for i in iter_manifest(talk_manifest)]
     reliability(
         "segments of a long file lost",

@@ -33,12 +33,12 @@ class LogProgress:
         log.info("%d items, %.1f h of audio in %d shards; %d to run", items, seconds / 3600, shards, todo)
         if split:
             log.info(
-                "%d long line(s) split into %d segments (%d cut at pauses, %d forced) in %.2f s",
+                "%d long line(s) split into %d segments (%d cut at pauses, %d forced)%s",
                 split["lines"],
                 split["segments"],
                 split["at_pause"],
                 split["forced"],
-                split["seconds"],
+                f" in {split['seconds']:.2f} s" if split["seconds"] else ", as the job's plan records",
             )
 
     def on_quantizing(self, model):

@@ -259,9 +259,8 @@ def expected_workers(spec: JobSpec, address: str | None) -> int | None:
 def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started) -> RunResult:
     out = Path(spec.output)
     todo, retry = shards_to_run(spec, plan, retry_errors)
-    _check_budget(
-        spec, plan, _failed_in_finished_parts(out, plan, rewritten_parts(plan, todo))
-    )  # nothing to run can fix it
+    # over the budget already, with what stays as it is: nothing run now can fix it
+    _check_budget(spec, plan, _failed_in_finished_parts(out, plan, rewritten_parts(plan, todo)))
     payload, quant = worker_payload(spec, recorded, on_event) if todo else (None, None)
     claim_output(spec, plan, fp, resuming, {"int8_artifact_sha256": quant["sha256"]} if quant else None)
     if quant:
@@ -355,7 +354,7 @@ def _dispatch(spec, plan, todo, retry, pool: ShardPool, model, norms, on_event, 
         if shard.segment is None:
             write_part(out, shard.index, rows, meta)
         else:
-            rows = lines.add(shard, rows[0])  # the line's row once its last segment is in; else none
+            rows = lines.add(shard, rows[0], meta)  # the line's row once its last segment is in; else none
         totals.add_shard(result, time.perf_counter() - t0)
         was_within = failed <= budget
         failed += sum(r["status"] == "error" for r in rows)

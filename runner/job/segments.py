@@ -33,6 +33,7 @@ class SegmentsLost(RunnerError):
 
 
 SEGMENTS_DIR = "segments"
+META_KEY = b"asr_runner"
 SEGMENT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # the line's
@@ -59,14 +60,25 @@ def segment_path(out: Path, shard: int) -> Path:
     return out / SEGMENTS_DIR / f"seg-{shard:05d}.parquet"
 
 
-def write_segment(out: Path, shard: int, row: dict) -> Path:
+def write_segment(out: Path, shard: int, row: dict, metadata: dict | None = None) -> Path:
+    """`segments/seg-NNNNN.parquet`, atomically, with page CRCs, a digest of the row and `metadata` (the
+    worker and engine that made it) in the footer, as the parts have."""
     table = pa.Table.from_pylist([row], schema=SEGMENT_SCHEMA)
-    table = table.replace_schema_metadata({DIGEST_KEY: _digest(table).encode()})
+    meta = {DIGEST_KEY: _digest(table).encode(), META_KEY: json.dumps(metadata or {}).encode()}
+    table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     path = segment_path(out, shard)
     write_atomic(path, sink.getvalue().to_pybytes())
     return path
+
+
+def segment_metadata(out: Path, shard: int) -> dict:
+    """What `write_segment` recorded about the segment (worker, engine); {} when unreadable."""
+    try:
+        return json.loads((pq.ParquetFile(segment_path(out, shard)).schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+    except Exception:  # noqa: BLE001 - only for the record
+        return {}
 
 
 def read_segment(out: Path, shard: int) -> dict | None:
@@ -265,8 +277,9 @@ class SplitLines:
         if self.waiting:
             self.joiner = LineJoiner(model, confidence)
 
-    def add(self, shard: Shard, row: dict) -> list[dict]:
-        write_segment(self.out, shard.index, row)
+    def add(self, shard: Shard, row: dict, metadata: dict) -> list[dict]:
+        """Keep a returned segment; once it is its line's last, the line's row (written to its part)."""
+        write_segment(self.out, shard.index, row, metadata)
         first = shard.first_segment
         self.waiting[first].discard(shard.index)
         if self.waiting[first]:
@@ -280,7 +293,14 @@ class SplitLines:
                 f"segment files of shards {missing} are missing or damaged in {self.out}; run again with --resume"
             )
         line = self.joiner.join(rows, first)
-        write_part(self.out, first, [line], {"joined_segments": len(rows)})
+        made = [segment_metadata(self.out, s.index) for s in segments]
+        record = {key: sorted({m[key] for m in made if m.get(key)}) for key in ("worker", "engine")}
+        write_part(
+            self.out,
+            first,
+            [line],
+            {"joined_segments": len(rows), "workers": record["worker"], "engines": record["engine"]},
+        )
         return [line]
 
 

@@ -172,6 +172,8 @@ def prepare(spec: JobSpec, recorded: dict | None = None, workers: int | None = N
         for _ in counted():
             pass
         counts["seconds"] = sum(s.seconds for s in shards)
+        cuts = [s.span.cut for s in shards if s.span is not None]  # the split the recorded plan made (not timed now)
+        figures = SplitFigures(cuts.count("end"), len(cuts), cuts.count("pause"), cuts.count("forced"))
     if not shards:
         raise InputError(f"{spec.manifest}: the manifest has no items")
     return Plan(shards, counts["items"], counts["seconds"], counts["with_text"], sha, figures)
