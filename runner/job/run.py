@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ from runner.job.segments import (
     rewritten_parts,
     segments_to_run,
 )
-from runner.job.shards import Plan, group_items, prepare
+from runner.job.shards import Plan, expected_workers, group_items, prepare
 from runner.job.spec import JobSpec
 from runner.job.stats import RunTotals, job_stats
 
@@ -244,16 +243,6 @@ def run_job(
     with driver_lock(Path(spec.output)):
         check_output(spec, fp, resuming)
         return _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started)
-
-
-def expected_workers(spec: JobSpec, address: str | None) -> int | None:
-    """How many workers the job will start, when the driver can tell before Ray starts: the spec's, or one
-    per `threads_per_worker` CPUs of this machine for a local cluster; None on a cluster not yet joined."""
-    if spec.workers:
-        return spec.workers
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        return max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
-    return None
 
 
 def _run_locked(spec, plan, fp, resuming, retry_errors, recorded, address, on_event, t_start, started) -> RunResult:

@@ -10,6 +10,7 @@ validates a job's manifest and plans it (or takes the plan a resumed job recorde
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +135,16 @@ class Plan:
     def split_lines(self) -> list[int]:
         """The first segment shard of every split line."""
         return [s.index for s in self.shards if s.segment is not None and s.segment[0] == 0]
+
+
+def expected_workers(spec: JobSpec, address: str | None) -> int | None:
+    """How many workers the job will start, when the driver can tell before Ray starts: the spec's, or one
+    per `threads_per_worker` CPUs of this machine for a local cluster; None on a cluster not yet joined."""
+    if spec.workers:
+        return spec.workers
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+    return None
 
 
 def prepare(spec: JobSpec, recorded: dict | None = None, workers: int | None = None) -> Plan:
