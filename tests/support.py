@@ -120,6 +120,22 @@ def stamps(out: Path, pattern: str = "part-*.parquet") -> dict[str, tuple[int, i
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "transcripts").glob(pattern)}
 
 
+def kill_a_worker_after_first_shard(killed: list[int]):
+    """A job's `on_event` that SIGKILLs one ShardWorker process when the first shard (part or segment) is in,
+    and records its pid in `killed`."""
+    import psutil
+
+    def on_event(kind, **data):
+        if kind == "shard" and not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("ShardWorker" in part for part in (proc.info["cmdline"] or [])):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    break
+
+    return on_event
+
+
 @contextmanager
 def running_driver(spec: Path, ready, what: str):
     """`asr-runner run SPEC` in its own process, yielded once `ready()` holds (it must still be running

@@ -25,7 +25,14 @@ from runner.model.nemo_loader import load_nemo
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.training.corpus import sentences, synthesize_many
 
-from .support import check_stage_seconds, check_words, stamps, write_manifest, write_spec
+from .support import (
+    check_stage_seconds,
+    check_words,
+    kill_a_worker_after_first_shard,
+    stamps,
+    write_manifest,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -251,20 +258,11 @@ def test_retry_errors_reruns_only_error_rows_and_logs_progress(ray_local, corpus
 def test_killed_worker_is_replaced_and_nothing_is_lost(
     ray_local, corpus, tiny_nemo_file, tmp_path, caplog, reliability
 ):
-    import psutil
-
     folder, manifest, rows = corpus
     out = tmp_path / "killed"
     spec = load_spec(make_spec(folder, manifest, tiny_nemo_file, out, shard_seconds=20))
-    killed = []
-
-    def on_event(kind, **data):
-        if kind == "shard" and not killed:  # first shard written: SIGKILL one worker process
-            for proc in psutil.process_iter(["cmdline"]):
-                if any("ShardWorker" in part for part in (proc.info["cmdline"] or [])):
-                    proc.kill()
-                    killed.append(proc.pid)
-                    break
+    killed: list[int] = []
+    on_event = kill_a_worker_after_first_shard(killed)
 
     caplog.set_level("WARNING", logger="runner")
     result = run_job(spec, on_event=on_event)

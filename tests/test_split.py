@@ -26,7 +26,7 @@ from runner.model.transcribe import DecodeOptions, transcribe, word_aligner
 from runner.model.words import ConfidenceMethod
 from runner.training.long_recording import long_recording
 
-from .support import demo_rows, stamps, write_manifest, write_spec
+from .support import demo_rows, kill_a_worker_after_first_shard, stamps, write_manifest, write_spec
 
 RATE = 16000
 
@@ -306,20 +306,10 @@ def test_a_broken_long_file_is_one_error_row_and_retry_errors_repairs_it(ray_loc
 def test_a_killed_worker_in_a_long_file_costs_its_segments_only(
     ray_local, talk_manifest, tmp_path, caplog, reliability
 ):
-    import psutil
-
     out = tmp_path / "killed"
     spec = load_spec(_spec(tmp_path, talk_manifest, "killed"))
-    killed = []
-
-    def on_event(kind, **data):
-        if kind == "shard" and not killed:  # the first part or segment is in: SIGKILL one worker process
-            for proc in psutil.process_iter(["cmdline"]):
-                if any("ShardWorker" in part for part in (proc.info["cmdline"] or [])):
-                    proc.kill()
-                    killed.append(proc.pid)
-                    break
-
+    killed: list[int] = []
+    on_event = kill_a_worker_after_first_shard(killed)  # the first part or segment is in
     caplog.set_level("WARNING", logger="runner")
     run_job(spec, on_event=on_event)
     assert killed

@@ -54,6 +54,7 @@ SCHEMA = pa.schema(
 
 JOB_FILE, STATS_FILE, SUCCESS_FILE, PARTS_DIR = "job.json", "stats.json", "_SUCCESS", "transcripts"
 DIGEST_KEY = b"asr_runner_rows_sha256"  # footer metadata: sha256 of the part's rows
+META_KEY = b"asr_runner"  # footer metadata: who made the part (worker, engine, stage seconds), JSON
 PART_NAME = re.compile(r"part-(\d{5,})\.parquet")
 QUANTIZATION_FILE = "quantization.json"  # int8 runs: the artifact's report (gate, sensitivity, engines)
 ARTIFACT_FILE = "int8-model.pt"  # int8 runs: the artifact every part was made with (a resume uses it)
@@ -86,14 +87,17 @@ def write_json(path: Path, data: Any) -> None:
 def write_part(out: Path, shard: int, rows: list[dict], metadata: dict | None = None) -> Path:
     """Write one shard's rows as `transcripts/part-NNNNN.parquet`, atomically, with page CRCs and a
     digest of its rows in the footer (`part_is_valid` checks both)."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    meta = {DIGEST_KEY: _rows_digest(table).encode()}
+    return write_checked(part_path(out, shard), pa.Table.from_pylist(rows, schema=SCHEMA), metadata)
+
+
+def write_checked(path: Path, table: pa.Table, metadata: dict | None = None) -> Path:
+    """`table` as Parquet at `path`, atomically, with page CRCs and, in the footer, the digest of its rows
+    (`rows_digest`) and `metadata` (JSON under META_KEY); parts and a split line's segment files alike."""
+    meta = {DIGEST_KEY: rows_digest(table).encode()}
     if metadata:
-        meta[b"asr_runner"] = json.dumps(metadata).encode()
-    table = table.replace_schema_metadata(meta)
+        meta[META_KEY] = json.dumps(metadata).encode()
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-    path = part_path(out, shard)
+    pq.write_table(table.replace_schema_metadata(meta), sink, compression="zstd", write_page_checksum=True)
     write_atomic(path, sink.getvalue().to_pybytes())
     return path
 
@@ -116,12 +120,13 @@ def part_is_valid(path: Path, shard: int, expected_rows: int) -> bool:
     except Exception:  # noqa: BLE001 - any read failure means "not a finished part"
         return False
     return (
-        table.num_rows == expected_rows and set(table["shard"].to_pylist()) <= {shard} and digest == _rows_digest(table)
+        table.num_rows == expected_rows and set(table["shard"].to_pylist()) <= {shard} and digest == rows_digest(table)
     )
 
 
-def _rows_digest(table: pa.Table) -> str:
-    rows = table.select(SCHEMA.names).to_pylist()
+def rows_digest(table: pa.Table) -> str:
+    """SHA-256 of a table's rows (its own schema's columns, in order) as sorted-key JSON."""
+    rows = table.select(table.schema.names).to_pylist()
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 

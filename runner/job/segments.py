@@ -12,7 +12,6 @@ first segment shard, with the spans in its `segments` column (where the cuts fel
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -22,7 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner.errors import RunnerError
-from runner.job.run_folder import DIGEST_KEY, part_is_valid, read_part, write_atomic, write_part
+from runner.job.run_folder import (
+    DIGEST_KEY,
+    META_KEY,
+    part_is_valid,
+    read_part,
+    rows_digest,
+    write_atomic,
+    write_checked,
+    write_part,
+)
 from runner.job.shards import Plan, Shard
 
 log = logging.getLogger(__name__)
@@ -33,7 +41,6 @@ class SegmentsLost(RunnerError):
 
 
 SEGMENTS_DIR = "segments"
-META_KEY = b"asr_runner"
 SEGMENT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # the line's
@@ -61,44 +68,25 @@ def segment_path(out: Path, shard: int) -> Path:
 
 
 def write_segment(out: Path, shard: int, row: dict, metadata: dict | None = None) -> Path:
-    """`segments/seg-NNNNN.parquet`, atomically, with page CRCs, a digest of the row and `metadata` (the
-    worker and engine that made it) in the footer, as the parts have."""
-    table = pa.Table.from_pylist([row], schema=SEGMENT_SCHEMA)
-    meta = {DIGEST_KEY: _digest(table).encode(), META_KEY: json.dumps(metadata or {}).encode()}
-    table = table.replace_schema_metadata(meta)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-    path = segment_path(out, shard)
-    write_atomic(path, sink.getvalue().to_pybytes())
-    return path
+    """`segments/seg-NNNNN.parquet`, checked as a part is (`run_folder.write_checked`: page CRCs, digest),
+    with `metadata` (the worker and engine that made it) in the footer."""
+    return write_checked(segment_path(out, shard), pa.Table.from_pylist([row], schema=SEGMENT_SCHEMA), metadata)
 
 
-def segment_metadata(out: Path, shard: int) -> dict:
-    """What `write_segment` recorded about the segment (worker, engine); {} when unreadable."""
-    try:
-        return json.loads((pq.ParquetFile(segment_path(out, shard)).schema_arrow.metadata or {}).get(META_KEY, b"{}"))
-    except Exception:  # noqa: BLE001 - only for the record
-        return {}
-
-
-def read_segment(out: Path, shard: int) -> dict | None:
-    """The segment's row when its file reads in full (page CRCs), matches its digest and is this shard's;
-    else None (the segment is recomputed)."""
+def read_segment(out: Path, shard: int) -> tuple[dict, dict] | None:
+    """(the segment's row, what `write_segment` recorded about it) when its file reads in full (page CRCs),
+    matches its digest and is this shard's; else None (the segment is recomputed)."""
     path = segment_path(out, shard)
     try:
-        footer = pq.ParquetFile(path)
-        digest = (footer.schema_arrow.metadata or {}).get(DIGEST_KEY, b"").decode()
+        footer = pq.ParquetFile(path).schema_arrow.metadata or {}
         table = pq.read_table(path, schema=SEGMENT_SCHEMA, page_checksum_verification=True)
+        metadata = json.loads(footer.get(META_KEY, b"{}"))
     except Exception:  # noqa: BLE001 - missing, cut short, flipped bytes: not a finished segment
         return None
-    if table.num_rows != 1 or digest != _digest(table) or table["shard"][0].as_py() != shard:
+    digest = footer.get(DIGEST_KEY, b"").decode()
+    if table.num_rows != 1 or digest != rows_digest(table) or table["shard"][0].as_py() != shard:
         return None
-    return table.to_pylist()[0]
-
-
-def _digest(table: pa.Table) -> str:
-    rows = table.select(SEGMENT_SCHEMA.names).to_pylist()
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return table.to_pylist()[0], metadata
 
 
 def remove_segment_temporaries(out: Path) -> None:
@@ -251,7 +239,7 @@ def segments_to_run(out: Path, plan: Plan, parts: dict[int, Path], retry_errors:
         if joined and (not retry_errors or read_part(path, ["status"])["status"][0].as_py() == "ok"):
             continue
         rows = [read_segment(out, s.index) for s in segments]
-        redo = [s.index for s, r in zip(segments, rows) if r is None or (retry_errors and r["status"] != "ok")]
+        redo = [s.index for s, r in zip(segments, rows) if r is None or (retry_errors and r[0]["status"] != "ok")]
         # every segment in but the line not joined (the driver stopped in between): one is run again, and
         # the line is joined when it returns
         todo += redo or [segments[-1].index]
@@ -286,14 +274,14 @@ class SplitLines:
             return []
         del self.waiting[first]
         segments = self.plan.segments_of(shard)
-        rows = [read_segment(self.out, s.index) for s in segments]
-        if any(r is None for r in rows):  # a segment file lost under our feet: the next --resume redoes it
-            missing = [s.index for s, r in zip(segments, rows) if r is None]
+        read = [read_segment(self.out, s.index) for s in segments]
+        if any(r is None for r in read):  # a segment file lost under our feet: the next --resume redoes it
+            missing = [s.index for s, r in zip(segments, read) if r is None]
             raise SegmentsLost(
                 f"segment files of shards {missing} are missing or damaged in {self.out}; run again with --resume"
             )
+        rows, made = [r[0] for r in read], [r[1] for r in read]
         line = self.joiner.join(rows, first)
-        made = [segment_metadata(self.out, s.index) for s in segments]
         record = {key: sorted({m[key] for m in made if m.get(key)}) for key in ("worker", "engine")}
         write_part(
             self.out,
