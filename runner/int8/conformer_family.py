@@ -120,6 +120,8 @@ class QuantizedConformer(nn.Module):
         self.spec = model.spec
         self.encoder = copy.deepcopy(model.encoder)
         self.decoder = copy.deepcopy(model.decoder)
+        if model.head is not None:  # a transducer's prediction + joint networks: fp32, carried in the state dict
+            self.head = copy.deepcopy(model.head)
         self.float_units: frozenset[int] = frozenset()
 
     def unit_names(self) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from runner.int8.self_check import logit_figures, summarize, texts
+from runner.int8.self_check import compared, summarize, texts
 from runner.metrics import cer, edit_distance, normalize_text, wer
 from runner.model.ctc import LeanCTCModel
 from runner.model.transcribe import pad_batch
@@ -63,7 +63,7 @@ class GateSet:
         self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: list[str] | None, chunks: int = CHUNKS
     ):
         self.model = model
-        self.text_decoder = model.text_decoder
+        self.reader = model.reader
         self.rate = model.spec.features.sample_rate
         self.references = [normalize_text(r) for r in references] if references else None
         self.audios = audios
@@ -90,7 +90,7 @@ class GateSet:
             logits, lens = self.model.logits(feats, frames)
             self.batches.append((feats, frames, ids))
             self.fp32.append((logits, lens))
-            self.fp32_texts.update(zip(ids, texts(logits, lens, self.text_decoder)))
+            self.fp32_texts.update(zip(ids, texts(logits, lens, self.reader)))
         self.read += 1
 
     def read_all(self) -> None:
@@ -150,8 +150,8 @@ class GateSet:
         done = self._cache.setdefault(key, []) if key is not None else []
         for (feats, frames, ids), (ref_logits, _) in zip(self.batches[len(done) :], self.fp32[len(done) :]):
             logits, lens = run(feats, frames)
-            found = dict(zip(ids, texts(logits, lens, self.text_decoder)))
-            done.append((logit_figures(logits, ref_logits, lens), found))
+            found = dict(zip(ids, texts(logits, lens, self.reader)))
+            done.append((compared(logits, ref_logits, lens, self.reader), found))
         found = {i: t for _, batch in done for i, t in batch.items()}
         ids = self.ids
         figures = summarize([sums for sums, _ in done])

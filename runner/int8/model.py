@@ -30,7 +30,7 @@ from runner.int8 import conformer_family, conv_family
 from runner.int8.engines import activation_bits, engine_scope
 from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanCTCModel, LogitReader
 from runner.model.decoding import TextDecoder
 
 
@@ -139,7 +139,12 @@ class Int8CTCModel(nn.Module):
         self.features = features
         self.qencoder = qencoder
         self.engine = engine
-        self.text_decoder = TextDecoder.from_spec(spec)  # token ids -> text, built once per model
+        self.head = getattr(qencoder, "head", None)  # a transducer's prediction + joint networks (fp32)
+        self.reader = LogitReader(spec, self.head)
+
+    @property
+    def text_decoder(self) -> TextDecoder:
+        return self.reader.text_decoder
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         feats, frames = self.features(audio, lengths)
@@ -147,7 +152,7 @@ class Int8CTCModel(nn.Module):
 
     def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
         logits, lens = self.logits(feats, frames)
-        return torch.log_softmax(logits.transpose(1, 2), dim=-1), lens
+        return self.reader.outputs(logits), lens
 
     def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder output [B, C, T'] before log-softmax (what the accuracy gate compares), and lengths."""

@@ -293,7 +293,7 @@ def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gat
     reference = gate.reference(REFERENCE_ITEMS, REFERENCE_SECONDS)
     for b in sorted({bits, 7}, reverse=True):
         variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
-        reference["expected"][b] = measure(variant.logits, reference, model.text_decoder)
+        reference["expected"][b] = measure(variant.logits, reference, model.reader)
     return reference
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from runner.metrics import normalize_text, wer
-from runner.model.decoding import greedy_decode
 
 REFERENCE_SECONDS = 20.0  # audio the reference holds (a check costs one int8 pass over it)
 REFERENCE_ITEMS = 4
@@ -56,19 +55,24 @@ def summarize(sums: Sequence[dict]) -> dict:
     }
 
 
-def texts(logits: torch.Tensor, lens: torch.Tensor, text_decoder) -> list[str]:
-    """Normalized greedy transcripts of [B, C, T] logits."""
-    return [normalize_text(t) for t in greedy_decode(torch.log_softmax(logits.transpose(1, 2), -1), lens, text_decoder)]
+def texts(logits: torch.Tensor, lens: torch.Tensor, reader) -> list[str]:
+    """Normalized greedy transcripts of a model's [B, X, T] logits (`reader`: its `LogitReader`)."""
+    return [normalize_text(t) for t in reader.texts(reader.outputs(logits), lens)]
+
+
+def compared(a: torch.Tensor, b: torch.Tensor, lens: torch.Tensor, reader) -> dict:
+    """`logit_figures` of two models' logits on the classes (a transducer's: its joint at the start symbol)."""
+    if reader.head is None:
+        return logit_figures(a, b, lens)
+    return logit_figures(reader.class_logits(a), reader.class_logits(b), lens)
 
 
 @torch.inference_mode()
-def measure(run: Logits, reference: dict, text_decoder) -> dict:
+def measure(run: Logits, reference: dict, reader) -> dict:
     """Figures of an int8 model's logits (`run(feats, frames)`) against the reference's fp32 logits."""
     out, lens = run(reference["features"], reference["frames"])
-    figures = summarize([logit_figures(out, reference["logits"], reference["lengths"])])
-    figures["wer_vs_fp32"] = wer(
-        texts(reference["logits"], reference["lengths"], text_decoder), texts(out, lens, text_decoder)
-    )
+    figures = summarize([compared(out, reference["logits"], reference["lengths"], reader)])
+    figures["wer_vs_fp32"] = wer(texts(reference["logits"], reference["lengths"], reader), texts(out, lens, reader))
     return {k: round(v, 6) for k, v in figures.items()}
 
 
@@ -90,7 +94,7 @@ def passes(figures: dict, target: dict | None) -> bool:
 def check(model, reference: dict) -> dict:
     """The self-check of an int8 model (`Int8CTCModel`): its figures, engine, activation bits and verdict."""
     bits = model.qencoder.activation_bits
-    figures = measure(model.logits, reference, model.text_decoder)
+    figures = measure(model.logits, reference, model.reader)
     target = expected(reference, bits)
     return {
         "engine": model.engine,

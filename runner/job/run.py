@@ -233,8 +233,11 @@ def run_job(
     started = time.time() if started is None else started
     t_start = time.perf_counter()
     from runner.model.nemo_loader import check_model_file
+    from runner.model.nemo_transducer import is_transducer
 
-    check_model_file(spec.model)
+    if is_transducer(check_model_file(spec.model) or "") and spec.split_seconds:
+        log.info("a transducer's long recordings are transcribed whole, in windows (split_seconds applies to CTC)")
+        spec = dataclasses.replace(spec, split_seconds=0)
     resuming = resume or retry_errors
     recorded = recorded_job(spec) if resuming else None
     plan = prepare(spec, recorded, expected_workers(spec, address))

@@ -123,11 +123,33 @@ class ConformerSpec:
 
 
 ENCODER_SPECS = {"conv-ctc": EncoderSpec, "conformer-ctc": ConformerSpec}  # by ModelSpec.family
+TRANSDUCER_KINDS = ("rnnt", "tdt")
+JOINT_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+@dataclass(frozen=True)
+class TransducerSpec:
+    """The transducer head of NeMo's `EncDecRNNT(BPE)Model` (RNN-T or TDT loss) or of a hybrid model's
+    transducer decoder: `RNNTDecoder` (embedding + LSTM, blank as padding) and `RNNTJoint`, decoded
+    greedily as NeMo's label-looping `greedy_batch` does (`runner.model.transducer`)."""
+
+    kind: str  # rnnt | tdt
+    pred_hidden: int  # embedding width and the LSTM's output width
+    pred_rnn_layers: int = 1
+    rnn_hidden: int = -1  # the LSTM's hidden size when it projects to pred_hidden; -1: pred_hidden
+    joint_hidden: int = 640
+    activation: str = "relu"  # the joint's: relu | sigmoid | tanh
+    durations: tuple[int, ...] = ()  # TDT: the frame advance of each duration output
+    max_symbols: int | None = 10  # emissions per frame before the decoder moves on (None: no limit)
+
+    @property
+    def lstm_hidden(self) -> int:
+        return self.rnn_hidden if self.rnn_hidden > 0 else self.pred_hidden
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a CTC model without NeMo, except its weights."""
+    """Everything needed to rebuild a CTC or transducer model without NeMo, except its weights."""
 
     features: FeatureConfig
     encoder: EncoderSpec | ConformerSpec  # which one: `family`
@@ -135,6 +157,12 @@ class ModelSpec:
     family: str = "conv-ctc"
     source: dict = field(default_factory=dict)  # NeMo class names, for messages and reports
     tokenizer: TokenizerSpec | None = None  # None: character vocabulary, tokens joined as they are
+    transducer: TransducerSpec | None = None  # None: a CTC model (ConvASRDecoder)
+
+    @property
+    def head(self) -> str:
+        """What turns encoder frames into tokens: ctc, rnnt or tdt."""
+        return "ctc" if self.transducer is None else self.transducer.kind
 
     @property
     def num_classes(self) -> int:
@@ -163,7 +191,14 @@ class ModelSpec:
             family=family,
             source=dict(data.get("source", {})),
             tokenizer=TokenizerSpec(**data["tokenizer"]) if data.get("tokenizer") else None,
+            transducer=_transducer(data.get("transducer")),
         )
+
+
+def _transducer(data: dict | None) -> TransducerSpec | None:
+    if not data:
+        return None
+    return TransducerSpec(**{**data, "durations": tuple(data.get("durations", ()))})
 
 
 def same_padding(block: BlockSpec) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""The lean CTC model: NeMo's CTC models (conv family and Conformers) rebuilt from plain torch modules.
+"""The lean model: NeMo's CTC models (conv family and Conformers) and transducers (FastConformer
+RNN-T/TDT) rebuilt from plain torch modules.
 
 Built from a `ModelSpec`, it never imports NeMo, so a worker starts in about a second. The encoder
 comes from `runner.model.conv` or `runner.model.conformer`; the checkpoint format written here is what
@@ -15,8 +16,9 @@ from torch import nn
 
 from runner.model.arch import ModelSpec
 from runner.model.conv import ConvEncoder
-from runner.model.decoding import TextDecoder
+from runner.model.decoding import TextDecoder, greedy_decode
 from runner.model.features import MelFeatures
+from runner.model.transducer import FrameLinear, TransducerHead
 
 CHECKPOINT_FORMAT = "asr-runner/lean-ctc/1"
 
@@ -30,33 +32,70 @@ def make_encoder(spec: ModelSpec) -> nn.Module:
     return ConvEncoder(spec)
 
 
+def make_decoder(spec: ModelSpec, channels: int) -> nn.Module:
+    """CTC: the 1x1 conv to the classes. Transducer: the joint's encoder projection (run once per frame)."""
+    if spec.transducer is not None:
+        return FrameLinear(channels, spec.transducer.joint_hidden)
+    return nn.Conv1d(channels, spec.num_classes, 1, bias=True)
+
+
+class LogitReader:
+    """What the `logits` [B, X, T'] of a model (fp32 or int8) mean: for CTC, class logits; for a transducer,
+    projected encoder frames that its `TransducerHead` decodes."""
+
+    def __init__(self, spec: ModelSpec, head: TransducerHead | None):
+        self.spec = spec
+        self.head = head
+        self.text_decoder = TextDecoder.from_spec(spec)
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-frame outputs [B, T', X]: CTC log-probabilities, or the transducer's projected frames."""
+        if self.head is None:
+            return torch.log_softmax(logits.transpose(1, 2), dim=-1)
+        return logits.transpose(1, 2)
+
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, C, T'] class logits per frame, to compare int8 with fp32 (transducers: `start_logits`)."""
+        return logits if self.head is None else self.head.start_logits(logits)
+
+    def texts(self, outputs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Greedy transcripts of per-frame `outputs` [B, T', X]."""
+        if self.head is None:
+            return greedy_decode(outputs, lengths, self.text_decoder)
+        return [self.text_decoder(ids) for ids in self.head.greedy(outputs, lengths).tokens]
+
+
 class LeanCTCModel(nn.Module):
-    """audio -> log-mel -> conv encoder -> 1x1 conv decoder -> CTC log-probabilities."""
+    """audio -> log-mel -> encoder -> CTC log-probabilities, or a transducer's projected encoder frames
+    (`forward_features`), which `reader` turns into text."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.features = MelFeatures(spec.features)
         self.encoder = make_encoder(spec)
-        self.decoder = nn.Conv1d(self.encoder.out_channels, spec.num_classes, 1, bias=True)
-        self.text_decoder = TextDecoder.from_spec(spec)  # token ids -> text, built once per model
+        self.decoder = make_decoder(spec, self.encoder.out_channels)
+        self.head = TransducerHead(spec) if spec.transducer is not None else None
+        self.reader = LogitReader(spec, self.head)
+
+    @property
+    def text_decoder(self) -> TextDecoder:
+        """Token ids -> text, built once per model."""
+        return self.reader.text_decoder
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [B, T] and sample counts [B] -> log-probs [B, T', C] and frame counts [B]."""
+        """audio [B, T] and sample counts [B] -> per-frame outputs [B, T', X] (`LogitReader.outputs`), frame counts."""
         feats, frames = self.features(audio, lengths)
         return self.forward_features(feats, frames)
 
     def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
-        enc, lens = self.encoder(feats, frames)
-        return self.log_probs(enc), lens
+        logits, lens = self.logits(feats, frames)
+        return self.reader.outputs(logits), lens
 
     def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder output [B, C, T'] before log-softmax, and output lengths."""
+        """Decoder output [B, X, T'] (CTC: before log-softmax), and output lengths."""
         enc, lens = self.encoder(feats, frames)
         return self.decoder(enc), lens
-
-    def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.decoder(encoded).transpose(1, 2), dim=-1)
 
 
 def save_checkpoint(spec: ModelSpec, state_dict: dict, path: str | os.PathLike | io.BytesIO) -> None:

@@ -21,6 +21,16 @@ from runner.model.arch import FeatureConfig, ModelSpec, TokenizerSpec
 from runner.model.decoding import TextDecoder
 from runner.model.nemo_archive import WEIGHTS, NemoArchive
 from runner.model.nemo_config import _conformer_encoder, _encoder, _features_from_config, check_conformer_options  # noqa: F401
+from runner.model.nemo_transducer import (
+    BPE_MODELS,
+    HYBRID_MODELS,
+    check_transducer,
+    chosen_head,
+    is_transducer,
+    rename_head,
+    transducer_spec,
+)
+from runner.model.nemo_transducer import SUPPORTED_TEXT as TRANSDUCER_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +43,7 @@ SUPPORTED = {
 SUPPORTED_TEXT = (
     "EncDecCTCModel (character vocabulary) or EncDecCTCModelBPE (SentencePiece `bpe` tokenizer) "
     "with AudioToMelSpectrogramPreprocessor, ConvASREncoder or ConformerEncoder, and ConvASRDecoder "
-    "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC)"
+    "(QuartzNet, Jasper, Citrinet, Conformer-CTC and FastConformer-CTC); or " + TRANSDUCER_TEXT
 )
 TOKENIZER_TYPES = ("bpe",)  # NeMo's tokenizer.type for SentencePiece; `wpe` (WordPiece) and `agg` are not supported
 _LEGACY = (
@@ -57,6 +67,15 @@ def check_supported(config: dict[str, Any], where: str) -> None:
         "decoder": (config.get("decoder") or {}).get("_target_", ""),
     }
     names = {k: v.rsplit(".", 1)[-1] for k, v in found.items()}
+    if is_transducer(names["model"]) and names["preprocessor"] in SUPPORTED["preprocessor"]:
+        check_transducer(config, where)
+        _check_tokenizer_config(names["model"], config.get("tokenizer"), where)
+        check_conformer_options(config["encoder"], where)
+        if names["model"] in HYBRID_MODELS:
+            ctc = ((config.get("aux_ctc") or {}).get("decoder") or {}).get("_target_", "").rsplit(".", 1)[-1]
+            if ctc != "ConvASRDecoder":
+                raise UnsupportedModelError(f"{where}: hybrid model with CTC decoder {ctc or '?'}, not ConvASRDecoder")
+        return
     if all(names[k] in SUPPORTED[k] for k in SUPPORTED):
         _check_tokenizer_config(names["model"], config.get("tokenizer"), where)
         if names["encoder"] == "ConformerEncoder":
@@ -67,44 +86,30 @@ def check_supported(config: dict[str, Any], where: str) -> None:
 
 
 def _check_tokenizer_config(model: str, tokenizer: Any, where: str) -> None:
-    if model != "EncDecCTCModelBPE":
+    if model not in BPE_MODELS:
         return
     tokenizer = tokenizer or {}
     kind = tokenizer.get("type")
     if str(kind).lower() not in TOKENIZER_TYPES or tokenizer.get("custom_tokenizer"):  # NeMo lower()s the type
         found = "custom_tokenizer" if tokenizer.get("custom_tokenizer") else f"tokenizer.type={kind!r}"
         raise UnsupportedModelError(
-            f"{where}: EncDecCTCModelBPE with {found} is not supported; only NeMo's "
+            f"{where}: {model} with {found} is not supported; only NeMo's "
             "SentencePiece tokenizer (tokenizer.type: bpe) can be shipped to the workers"
         )
     if tokenizer.get("special_tokens") is not None:  # NeMo's ASR mixin builds SentencePieceTokenizer(model_path)
         raise UnsupportedModelError(f"{where}: {_LEGACY}")  # alone; special tokens were the legacy form
 
 
-def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    """Spec and lean-model weights of a `.nemo` CTC checkpoint, read from the archive (no NeMo import)."""
+def load_nemo(path: str | Path, head: str | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of a `.nemo` checkpoint, read from the archive (no NeMo import).
+    `head`: a hybrid model's decoder to use, `rnnt` (its default) or `ctc`."""
     where = str(path)
     with NemoArchive(Path(path)) as archive:
         config = archive.read_config()
         check_supported(config, where)
-        names = {k: (config.get(k) or {}).get("_target_", "").rsplit(".", 1)[-1] for k in ("encoder", "decoder")}
         model = config["target"].rsplit(".", 1)[-1]
-        conformer = names["encoder"] == "ConformerEncoder"
-        dcfg = config["decoder"]
-        if model == "EncDecCTCModelBPE":
-            tokenizer, vocabulary = _tokenizer_from_archive(config["tokenizer"], dcfg.get("vocabulary"), archive, where)
-        else:
-            tokenizer, vocabulary = None, dcfg.get("vocabulary")
-            if not vocabulary:
-                raise UnsupportedModelError(f"{where}: no decoder.vocabulary; a character model needs its labels")
-        spec = ModelSpec(
-            features=_features_from_config(config["preprocessor"], where),
-            encoder=_conformer_encoder(config["encoder"], where) if conformer else _encoder(config["encoder"], where),
-            vocabulary=tuple(vocabulary),
-            family="conformer-ctc" if conformer else "conv-ctc",
-            source={"model": model, **names, "file": where},
-            tokenizer=tokenizer,
-        )
+        head = chosen_head(model, head, where)
+        spec = _spec(config, model, head, where, lambda tcfg, lab: _tokenizer_from_archive(tcfg, lab, archive, where))
         weights = archive.open(WEIGHTS, "not a NeMo checkpoint saved by save_to()", seekable=True)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -112,7 +117,38 @@ def load_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
             raise InputError(f"{where}: {WEIGHTS} unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{where}: {WEIGHTS} is not a state dict of tensors")
+    if is_transducer(model):
+        state = rename_head(state, head)
     return spec, lean_state_dict(state, where, copy=False)
+
+
+def _spec(config: dict, model: str, head: str, where: str, read_tokenizer) -> ModelSpec:
+    """The lean description of a supported config; `read_tokenizer(tokenizer_cfg, labels)` gives a
+    subword model's (TokenizerSpec, pieces)."""
+    names = {k: (config.get(k) or {}).get("_target_", "").rsplit(".", 1)[-1] for k in ("encoder", "decoder")}
+    conformer = names["encoder"] == "ConformerEncoder"
+    transducer = is_transducer(model)
+    if transducer:
+        labels = (config.get("joint") or {}).get("vocabulary") or config.get("labels")
+        if head == "ctc":
+            names["decoder"] = "ConvASRDecoder (aux_ctc)"
+    else:
+        labels = config["decoder"].get("vocabulary")
+    if model in BPE_MODELS:
+        tokenizer, vocabulary = read_tokenizer(config["tokenizer"], labels)
+    else:
+        tokenizer, vocabulary = None, labels
+        if not vocabulary:
+            raise UnsupportedModelError(f"{where}: no vocabulary (labels); a character model needs its labels")
+    return ModelSpec(
+        features=_features_from_config(config["preprocessor"], where),
+        encoder=_conformer_encoder(config["encoder"], where) if conformer else _encoder(config["encoder"], where),
+        vocabulary=tuple(vocabulary),
+        family="conformer-ctc" if conformer else "conv-ctc",
+        source={"model": model, **names, "file": where, **({"head": head} if transducer else {})},
+        tokenizer=tokenizer,
+        transducer=transducer_spec(config, where) if transducer and head == "rnnt" else None,
+    )
 
 
 def load_nemo_with_nemo(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
@@ -154,10 +190,20 @@ def _tokenizer_from_archive(
     return TokenizerSpec.sentencepiece(proc.serialized_model_proto()), pieces
 
 
-def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    """Spec and lean-model weights of an in-memory NeMo `EncDecCTCModel`."""
+def describe(model, where: str = "model", head: str | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Spec and lean-model weights of an in-memory NeMo model (CTC, transducer or hybrid: `head`)."""
     cfg = _to_container(model.cfg)
-    check_supported({"target": f"x.{type(model).__name__}", **cfg}, where)
+    name = type(model).__name__
+    check_supported({"target": f"x.{name}", **cfg}, where)
+    if is_transducer(name):
+        head = chosen_head(name, head, where)
+
+        def read_tokenizer(tcfg, labels):
+            tok = _tokenizer(model, where, labels)
+            return tok, tuple(labels)
+
+        spec = _spec(cfg, name, head, where, read_tokenizer)
+        return spec, lean_state_dict(rename_head(model.state_dict(), head), where)
     conformer = type(model.encoder).__name__ == "ConformerEncoder"
     spec = ModelSpec(
         features=_features(model.preprocessor.featurizer, cfg["preprocessor"], where),
@@ -175,7 +221,7 @@ def describe(model, where: str = "model") -> tuple[ModelSpec, dict[str, torch.Te
     return spec, lean_state_dict(model.state_dict(), where)
 
 
-def _tokenizer(model, where: str) -> TokenizerSpec | None:
+def _tokenizer(model, where: str, labels=None) -> TokenizerSpec | None:
     """The SentencePiece model of a subword model, as bytes in the spec; None for character models."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -191,9 +237,10 @@ def _tokenizer(model, where: str) -> TokenizerSpec | None:
         )
     proto = tokenizer.tokenizer.serialized_model_proto()
     pieces = [tokenizer.tokenizer.id_to_piece(i) for i in range(tokenizer.tokenizer.get_piece_size())]
-    if pieces != list(model.decoder.vocabulary):
+    labels = list(model.decoder.vocabulary if labels is None else labels)
+    if pieces != labels:
         raise UnsupportedModelError(
-            f"{where}: the decoder's vocabulary ({len(model.decoder.vocabulary)} labels) is "
+            f"{where}: the decoder's vocabulary ({len(labels)} labels) is "
             f"not the tokenizer's {len(pieces)} pieces in id order; cannot decode its outputs"
         )
     return TokenizerSpec.sentencepiece(proto)
@@ -241,6 +288,7 @@ _RENAMES = (
     (re.compile(r"^encoder\.encoder\."), "encoder.blocks."),
     (re.compile(r"^encoder\.(pre_encode|layers|out_proj)\."), r"encoder.\1."),  # Conformer: same names
     (re.compile(r"^decoder\.decoder_layers\.0\."), "decoder."),
+    (re.compile(r"^(head|decoder\.linear)\."), r"\1."),  # a transducer's, renamed by `rename_head`
 )
 
 
@@ -258,13 +306,17 @@ def lean_state_dict(nemo_state: dict[str, torch.Tensor], where: str, copy: bool 
     return out
 
 
-def check_model_file(path: str | Path) -> None:
-    """Cheap checks before any work: the file exists, and a .nemo holds a supported model."""
+def check_model_file(path: str | Path) -> str | None:
+    """Cheap checks before any work: the file exists, and a .nemo holds a supported model. Returns
+    the `.nemo` model's class name (None for a lean checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: model file not found; set `model` in the job spec")
     if tarfile.is_tarfile(path):
-        check_supported(read_nemo_config(path), str(path))
+        config = read_nemo_config(path)
+        check_supported(config, str(path))
+        return str(config.get("target", "")).rsplit(".", 1)[-1]
+    return None
 
 
 def load_any(path: str | Path):

@@ -109,6 +109,9 @@ def transcribe(
 
 
 def _decode(model, log_probs, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
+    """Transcripts of per-frame outputs [B, T', X] (CTC log-probabilities or a transducer's projected frames)."""
+    if model.head is not None:
+        return _decode_transducer(model, log_probs, lengths, offsets, aligner, timings)
     with timed(timings, "decode"):
         texts = greedy_decode(log_probs, lengths, model.text_decoder)
     if aligner is None:
@@ -120,6 +123,29 @@ def _decode(model, log_probs, lengths, offsets, aligner: WordAligner | None, tim
         for b, (text, n, offset) in enumerate(zip(texts, lengths.tolist(), offsets)):
             words, confidence = aligner.words(best[b, :n], None if conf is None else conf[b, :n], offset)
             out.append(Transcript(text, words, confidence))
+        return out
+
+
+def _decode_transducer(model, frames, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
+    """Greedy transducer decoding (prediction + joint networks, `TransducerHead.greedy`), then words."""
+    confidence = aligner is not None and aligner.method is not None
+    with timed(timings, "decode"):
+        hyps = model.head.greedy(frames, lengths, keep_log_probs=confidence)
+        texts = [model.text_decoder(ids) for ids in hyps.tokens]
+    if aligner is None:
+        return [Transcript(text) for text in texts]
+    tdt = model.spec.transducer.kind == "tdt"
+    with timed(timings, "words"):
+        out = []
+        for b, (text, offset) in enumerate(zip(texts, offsets)):
+            words, conf = aligner.transducer_words(
+                hyps.tokens[b],
+                hyps.frames[b],
+                hyps.durations[b] if tdt else None,
+                hyps.log_probs[b] if confidence else None,
+                offset,
+            )
+            out.append(Transcript(text, words, conf))
         return out
 
 

@@ -154,7 +154,35 @@ class WordAligner:
     ) -> tuple[list[dict], float | None]:
         """`best`: the argmax class of each valid frame [T]; `frame_conf`: their confidence [T] or None.
         -> words [{word, start, end, confidence}] (seconds in the file) and the utterance's confidence."""
-        tokens = self._tokens(best, frame_conf)
+        return self._words(self._tokens(best, frame_conf), offset)
+
+    def transducer_words(
+        self,
+        ids: Sequence[int],
+        frames: Sequence[int],
+        durations: Sequence[int] | None,
+        log_probs: torch.Tensor | None,
+        offset: float = 0.0,
+    ) -> tuple[list[dict], float | None]:
+        """Words of one transducer hypothesis: its tokens, the frame each was emitted at and (TDT) its
+        duration, and the joint's log-probabilities at each emission [N, C] (for confidence; None: none).
+
+        Times are NeMo's transducer offsets (`compute_rnnt_timestamps`): a token spans its frame and the
+        next (RNN-T) or its frame and its duration (TDT; punctuation takes the previous token's end and
+        no time). A token's confidence is that of the step that emitted it (NeMo's, blanks excluded)."""
+        conf = None
+        if log_probs is not None and self.method is not None and len(ids):
+            conf = frame_confidence(torch.log_softmax(log_probs.float(), dim=-1), self.method).tolist()
+        tokens: list[_Token] = []
+        for k, (i, frame) in enumerate(zip(ids, frames)):
+            piece, text = self._piece(i)
+            start, end = frame, frame + (durations[k] if durations is not None else 1)
+            if durations is not None and text and text[0] in self.punctuation and k > 0:
+                start = end = tokens[-1].end
+            tokens.append(_Token(i, piece, text, start, end, None if conf is None else conf[k]))
+        return self._words(tokens, offset)
+
+    def _words(self, tokens: list[_Token], offset: float) -> tuple[list[dict], float | None]:
         groups = self._word_groups(tokens)
         words = []
         for n, group in enumerate(groups):
