@@ -151,8 +151,9 @@ def store_artifact(data: bytes, inputs: dict) -> None:
 
 
 # --------------------------------------------------------------------------- lean fp32 checkpoints
-def fp32_cache_path(model_path: str, model_sha256: str | None = None) -> Path:
-    return cache_dir() / f"fp32-{(model_sha256 or file_sha256(model_path))[:32]}.pt"
+def fp32_cache_path(model_path: str, model_sha256: str | None = None, decoder: str | None = None) -> Path:
+    """The lean fp32 checkpoint's place in the cache (a hybrid model's chosen head: its own file)."""
+    return cache_dir() / f"fp32-{(model_sha256 or file_sha256(model_path))[:32]}{'-' + decoder if decoder else ''}.pt"
 
 
 def save_fp32_checkpoint(model, path: Path) -> bytes:
@@ -162,10 +163,10 @@ def save_fp32_checkpoint(model, path: Path) -> bytes:
     return buf.getvalue()
 
 
-def fp32_checkpoint(model_path: str) -> bytes:
+def fp32_checkpoint(model_path: str, decoder: str | None = None) -> bytes:
     """The lean fp32 checkpoint of a model (loads without NeMo), for workers whose int8 fails its
     self-check: cached beside the artifacts, so a job with a cached artifact does not load NeMo."""
-    path = fp32_cache_path(model_path)
+    path = fp32_cache_path(model_path, decoder=decoder)
     if path.is_file():
         data = path.read_bytes()
         try:
@@ -174,4 +175,4 @@ def fp32_checkpoint(model_path: str) -> bytes:
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("ignoring a damaged cached fp32 checkpoint %s", path)
 
-    return save_fp32_checkpoint(load_any(model_path), path)
+    return save_fp32_checkpoint(load_any(model_path, decoder), path)

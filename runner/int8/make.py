@@ -48,8 +48,10 @@ def artifact_inputs(
     settings: Settings,
     samples: Samples | None = None,
     model_sha256: str | None = None,
+    decoder: str | None = None,
 ) -> dict:
-    """What the artifact is made from, with its cache key (`runner.int8.cache.inputs_record`)."""
+    """What the artifact is made from, with its cache key (`runner.int8.cache.inputs_record`); `decoder`:
+    a hybrid model's chosen head, part of the key when given."""
     samples = samples or draw_samples(manifest, calibration_manifest, settings)
     manifests = {
         "manifest": file_sha256(manifest),
@@ -58,7 +60,7 @@ def artifact_inputs(
     return int8_cache.inputs_record(
         model_sha256 or file_sha256(model_path),
         manifests,
-        asdict(settings),
+        {**asdict(settings), **({"decoder": decoder} if decoder else {})},
         RECIPE_VERSION,
         samples.calibration,
         samples.gate,
@@ -71,6 +73,7 @@ def make_artifact(
     calibration_manifest: str | None = None,
     settings: Settings = Settings(),
     use_cache: bool = True,
+    decoder: str | None = None,
 ) -> MadeArtifact:
     """The artifact for a model and manifest, from the cache when the same inputs made one before.
 
@@ -81,13 +84,13 @@ def make_artifact(
     """
     samples = draw_samples(manifest, calibration_manifest, settings)
     model_sha256 = file_sha256(model_path)
-    inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256)
+    inputs = artifact_inputs(model_path, manifest, calibration_manifest, settings, samples, model_sha256, decoder)
     if use_cache and (cached := int8_cache.cached_artifact(inputs)) is not None:
         return MadeArtifact(*cached, from_cache=True)
 
-    model = load_any(model_path)
+    model = load_any(model_path, decoder)
     if use_cache:
-        int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256))
+        int8_cache.save_fp32_checkpoint(model, int8_cache.fp32_cache_path(model_path, model_sha256, decoder))
     rate = model.spec.features.sample_rate
     cal_audio, cal_items, cal_skipped = read_items(
         samples.calibration, rate, settings.max_seconds, samples.calibration_items

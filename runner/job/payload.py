@@ -36,7 +36,7 @@ def fp32_payload(spec: JobSpec) -> Fp32Payload:
     from runner.job.worker import Fp32Payload
     from runner.model.nemo_loader import load_any  # reads .nemo archives itself: no NeMo import
 
-    model = load_any(spec.model)
+    model = load_any(spec.model, spec.decoder)
     return Fp32Payload(model.spec.to_dict(), model.state_dict())
 
 
@@ -59,7 +59,11 @@ def int8_payload(spec: JobSpec, on_event: EventHandler, pinned: str | None = Non
     else:
         on_event(EventKind.QUANTIZING, model=spec.model)
         made = make_artifact(
-            spec.model, spec.manifest, spec.quantization.calibration_manifest, spec.quantization.settings()
+            spec.model,
+            spec.manifest,
+            spec.quantization.calibration_manifest,
+            spec.quantization.settings(),
+            decoder=spec.decoder,
         )
         data, report, source = made.data, made.report, "cache" if made.from_cache else "made"
     info = {
@@ -73,7 +77,7 @@ def int8_payload(spec: JobSpec, on_event: EventHandler, pinned: str | None = Non
     on_event(EventKind.QUANTIZED, **info)
     q = spec.quantization
     # put apart in Ray's store, fetched by a worker only if its int8 fails the self-check
-    fallback = Deferred(fp32_checkpoint(spec.model)) if q.on_check_failure == "fp32" else None
+    fallback = Deferred(fp32_checkpoint(spec.model, spec.decoder)) if q.on_check_failure == "fp32" else None
     return Int8Payload(data, q.engine, q.on_check_failure, fallback), {"report": report, **info}
 
 

@@ -110,6 +110,7 @@ def fingerprint(spec: JobSpec, plan: Plan) -> dict:
         "shard_seconds": spec.shard_seconds,
         "split": [spec.split_seconds, spec.segment_seconds],  # which lines were split, and how finely
         "words": dataclasses.asdict(spec.confidence) if spec.timestamps else None,  # what the `words` column holds
+        **({"decoder": spec.decoder} if spec.decoder else {}),  # a hybrid model's head
         "items": plan.items,
         "plan_sha256": hashlib.sha256(shard_rows).hexdigest(),
     }

@@ -76,6 +76,8 @@ class JobSpec:
     # (`runner.model.words`); `confidence` chooses the method (NeMo's ConfidenceConfig names and defaults).
     timestamps: bool = True
     confidence: ConfidenceMethod = field(default_factory=ConfidenceMethod)
+    # A hybrid transducer/CTC model's head: rnnt (its transducer, the model's default) or ctc; None: the default.
+    decoder: str | None = None
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +191,7 @@ def verify(spec: JobSpec, where: str) -> None:
         ),
     ]
     checks.append((isinstance(spec.timestamps, bool), f"timestamps must be true or false, got {spec.timestamps!r}"))
+    checks.append((spec.decoder in (None, "rnnt", "ctc"), f"decoder must be rnnt or ctc, got {spec.decoder!r}"))
     checks += [(False, message) for message in spec.confidence.problems("confidence.")]
     prefixed = {name: f"quantization.{name}" for name in Settings.field_names()}
     checks += [(False, message) for message in q.settings().problems(prefixed)]

@@ -319,15 +319,16 @@ def check_model_file(path: str | Path) -> str | None:
     return None
 
 
-def load_any(path: str | Path):
-    """Lean fp32 model from a `.nemo` file or a lean checkpoint (neither imports NeMo)."""
+def load_any(path: str | Path, head: str | None = None):
+    """Lean fp32 model from a `.nemo` file or a lean checkpoint (neither imports NeMo); `head`: a hybrid
+    model's decoder (`load_nemo`)."""
     from runner.model.ctc import build_model, load_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: model file not found")
     if tarfile.is_tarfile(path):
-        return build_model(*load_nemo(path))
+        return build_model(*load_nemo(path, head))
     try:
         return build_model(*load_checkpoint(path))
     except Exception as exc:
