@@ -69,9 +69,22 @@ class TransducerHead(nn.Module):
         self.out = nn.Linear(t.joint_hidden, spec.num_classes + len(t.durations))
 
     def predict(self, labels: torch.Tensor, state):
-        """One prediction step for labels [B] (the blank is the zero start symbol) -> projected output [B, H], state."""
-        out, state = self.lstm(self.embed(labels).unsqueeze(0), state)
-        return self.pred(out[0]), state
+        """One prediction step for labels [B] (the blank is the zero start symbol) -> projected output [B, H], state
+        ((h, c), each [layers, B, hidden]; None: zeros)."""
+        x = self.embed(labels)
+        if state is None:
+            layers, batch = self.lstm.num_layers, labels.shape[0]
+            state = (x.new_zeros(layers, batch, self.lstm_out), x.new_zeros(layers, batch, self.lstm.hidden_size))
+        if isinstance(self.lstm, nn.LSTM) and not self.lstm.proj_size:
+            x, state = lstm_step(self.lstm, x, state)
+        else:  # an int8 (dynamic) LSTM, or one with a projection: torch's own
+            out, state = self.lstm(x.unsqueeze(0), state)
+            x = out[0]
+        return self.pred(x), state
+
+    @property
+    def lstm_out(self) -> int:
+        return getattr(self.lstm, "proj_size", 0) or self.lstm.hidden_size
 
     def joint(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Projected encoder frames + projected prediction output [..., H] -> log-probabilities over
@@ -153,6 +166,24 @@ class TransducerHead(nn.Module):
         labels = log_probs[:, : self.classes].max(dim=-1)[1]
         values = torch.tensor(self.duration_values, dtype=torch.long)
         return labels, values[log_probs[:, self.classes :].argmax(dim=-1)]
+
+
+def lstm_step(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+    """One time step of `lstm` (no projection) on x [B, input]: torch's own LSTM arithmetic, gate order
+    i, f, g, o. nn.LSTM on one step re-lays out its weights for oneDNN at every call (measured: 13 ms for
+    a 2-layer 640-unit step at batch 1 on 2 cores, against 2 ms here, within 1e-6 of it)."""
+    h0, c0 = state
+    hs, cs = [], []
+    for layer in range(lstm.num_layers):
+        gates = torch.addmm(getattr(lstm, f"bias_ih_l{layer}"), x, getattr(lstm, f"weight_ih_l{layer}").t())
+        gates = torch.addmm(gates, h0[layer], getattr(lstm, f"weight_hh_l{layer}").t())
+        gates += getattr(lstm, f"bias_hh_l{layer}")
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c0[layer] + torch.sigmoid(i) * torch.tanh(g)
+        x = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(x)
+        cs.append(c)
+    return x, (torch.stack(hs), torch.stack(cs))
 
 
 def _collect(steps: list, batch: int, classes: int, keep_log_probs: bool) -> Hypotheses:
