@@ -137,6 +137,7 @@ class GateSet:
             "frames": frames,
             "logits": logits[rows][:, :, : int(lens.max())].contiguous(),
             "lengths": lens,
+            "texts": [self.fp32_texts[ids[r]] for r in rows.tolist()],  # fp32's transcripts (normalized)
             "seconds": round(total, 2),
             "expected": {},
         }
@@ -148,10 +149,11 @@ class GateSet:
         logit similarity, WER/CER with references. `key` names a variant whose per-batch results are kept,
         so scoring it again after `read_more` runs only the new batches."""
         done = self._cache.setdefault(key, []) if key is not None else []
+        reader = getattr(run, "reader", self.reader)  # the variant's own (a transducer's int8 prediction network)
         for (feats, frames, ids), (ref_logits, _) in zip(self.batches[len(done) :], self.fp32[len(done) :]):
             logits, lens = run(feats, frames)
-            found = dict(zip(ids, texts(logits, lens, self.reader)))
-            done.append((compared(logits, ref_logits, lens, self.reader), found))
+            found = dict(zip(ids, texts(logits, lens, reader)))
+            done.append((compared(logits, ref_logits, lens, reader), found))
         found = {i: t for _, batch in done for i, t in batch.items()}
         ids = self.ids
         figures = summarize([sums for sums, _ in done])

@@ -161,6 +161,12 @@ class Int8CTCModel(nn.Module):
             return self.qencoder(feats, frames)
 
 
+def int8_reader(qenc: nn.Module, engine: str) -> LogitReader:
+    """How an int8 model built from `qenc` on `engine` reads its logits (a transducer: with its int8 LSTM)."""
+    head = getattr(qenc, "head", None)
+    return LogitReader(qenc.spec, None if head is None else int8_prediction_network(head, engine))
+
+
 def int8_prediction_network(head: nn.Module, engine: str) -> nn.Module:
     """A copy of a transducer head whose LSTM is dynamic int8 (int8 weights, activations quantized per step
     with 7-bit range on x86), packed for `engine`; the embedding and the joint stay fp32.

@@ -32,7 +32,16 @@ from runner.int8.artifact import Artifact, build_int8_model
 from runner.int8.config import Settings
 from runner.int8.engines import activation_bits, engine_scope, resolve_engine
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
-from runner.int8.model import Int8CTCModel, calibrate, convert, fallback_possible, prepare, rebuild, with_float_units
+from runner.int8.model import (
+    Int8CTCModel,
+    calibrate,
+    convert,
+    fallback_possible,
+    int8_reader,
+    prepare,
+    rebuild,
+    with_float_units,
+)
 from runner.int8.observers import use_observer
 from runner.int8.report import QuantizationReport
 from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
@@ -164,6 +173,7 @@ def _runner(qenc, engine: str, bits: int):
         with engine_scope(engine):
             return variant(feats, frames)
 
+    run.reader = int8_reader(variant, engine)  # a transducer's texts come from its int8 prediction network
     return run
 
 
@@ -293,7 +303,7 @@ def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gat
     reference = gate.reference(REFERENCE_ITEMS, REFERENCE_SECONDS)
     for b in sorted({bits, 7}, reverse=True):
         variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
-        reference["expected"][b] = measure(variant.logits, reference, model.reader)
+        reference["expected"][b] = measure(variant.logits, reference, variant.reader)
     return reference
 
 
