@@ -24,25 +24,26 @@ def fake_nemo(path: Path, config: dict) -> Path:
     return path
 
 
-CONFORMER_RNNT = {  # a transducer (FastConformer-RNNT): not a CTC model
-    "target": "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel",
+CANARY = {  # an attention encoder-decoder (Canary): neither CTC nor a transducer
+    "target": "nemo.collections.asr.models.aed_multitask_models.EncDecMultiTaskModel",
     "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor"},
     "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder"},
-    "decoder": {"_target_": "nemo.collections.asr.modules.RNNTDecoder"},
+    "decoder": {"_target_": "nemo.collections.asr.modules.transformer.get_nemo_transformer"},
 }
 
 
 def test_unsupported_model_names_its_classes_and_exits_2(tmp_path, capsys):
-    model = fake_nemo(tmp_path / "rnnt.nemo", CONFORMER_RNNT)
+    model = fake_nemo(tmp_path / "canary.nemo", CANARY)
     with pytest.raises(
-        UnsupportedModelError, match="model=EncDecRNNTBPEModel.*decoder=RNNTDecoder.*supported: EncDecCTCModel"
+        UnsupportedModelError,
+        match="model=EncDecMultiTaskModel.*decoder=get_nemo_transformer.*supported: EncDecCTCModel.*EncDecRNNTModel",
     ):
         check_supported(read_nemo_config(model), str(model))
     wav = tmp_path / "x.wav"
     wav.write_bytes(b"")
     assert main(["transcribe", str(model), str(wav)]) == 2
     err = capsys.readouterr().err
-    assert "rnnt.nemo: unsupported model" in err and "RNNTDecoder" in err
+    assert "canary.nemo: unsupported model" in err and "EncDecMultiTaskModel" in err
 
 
 def test_grouped_conv_block_is_refused_by_name():
