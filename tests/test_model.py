@@ -107,3 +107,42 @@ def test_words_times_and_confidence_match_nemo(tiny_nemo, tiny_lean, speech_file
     assert figures["same_frames"] == figures["words"], figures
     assert figures["max_confidence_diff"] <= 1e-4, figures
     assert all(0.0 <= w["confidence"] <= 1.0 for t in ours for w in t.words)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, dilation, padding, groups",
+    [(75, 1, 1, 37, 512), (33, 2, 1, 16, 64), (3, 1, 2, 2, 512), (1, 1, 1, 0, 1), (11, 1, 1, 5, 1)],
+)
+def test_channels_last_conv_equals_the_module_and_runs_its_observer(kernel, stride, dilation, padding, groups):
+    """`conv_channels_last` (the float conv family's path) computes what nn.Conv1d computes, on a
+    [B, C, T]-contiguous or a channels-last input, keeps the output channels-last, and runs the fused
+    module's forward hooks (calibration's observers) on the output the module would give them."""
+    from torch.ao.nn.intrinsic import ConvReLU1d
+    from torch.ao.quantization import MinMaxObserver
+
+    from runner.model.conv import batch_norm, conv_channels_last
+
+    torch.manual_seed(0)
+    channels = 512 if groups == 512 else 64
+    conv = torch.nn.Conv1d(channels, channels, kernel, stride, padding, dilation, groups, bias=True).eval()
+    x = torch.randn(3, channels, 97)
+    with torch.inference_mode():
+        want = conv(x)
+        for given in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+            got = conv_channels_last(conv, given)
+            assert got.shape == want.shape and got.stride(1) == 1
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        fused = ConvReLU1d(conv, torch.nn.ReLU())
+        seen = {}
+        for name, module in (("module", ConvReLU1d(conv, torch.nn.ReLU())), ("ours", fused)):
+            module.activation_post_process = MinMaxObserver()
+            module.register_forward_hook(lambda m, args, out: m.activation_post_process(out))
+            out = module(x) if name == "module" else conv_channels_last(module, x)
+            seen[name] = (out, module.activation_post_process.min_val, module.activation_post_process.max_val)
+        torch.testing.assert_close(seen["ours"], seen["module"], rtol=1e-5, atol=1e-5)
+        assert float(seen["ours"][1]) == 0.0  # the ReLU ran before the observer saw the output
+        bn = torch.nn.BatchNorm1d(channels).eval()
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_()
+        normed = batch_norm(bn, got)
+        assert normed.stride(1) == 1
+        torch.testing.assert_close(normed, bn(want), rtol=1e-5, atol=1e-5)
