@@ -118,7 +118,7 @@ def test_channels_last_conv_equals_the_module_and_runs_its_observer(kernel, stri
     [B, C, T]-contiguous or a channels-last input, keeps the output channels-last, and runs the fused
     module's forward hooks (calibration's observers) on the output the module would give them."""
     from torch.ao.nn.intrinsic import ConvReLU1d
-    from torch.ao.quantization import MinMaxObserver
+    from torch.ao.quantization import MovingAverageMinMaxObserver
 
     from runner.model.conv import batch_norm, conv_channels_last
 
@@ -132,12 +132,13 @@ def test_channels_last_conv_equals_the_module_and_runs_its_observer(kernel, stri
             got = conv_channels_last(conv, given)
             assert got.shape == want.shape and got.stride(1) == 1
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        fused = ConvReLU1d(conv, torch.nn.ReLU())
         seen = {}
-        for name, module in (("module", ConvReLU1d(conv, torch.nn.ReLU())), ("ours", fused)):
-            module.activation_post_process = MinMaxObserver()
+        for name in ("module", "ours"):  # as torch's eager prepare leaves a fused module: a child and a hook
+            module = ConvReLU1d(conv, torch.nn.ReLU())
+            module.activation_post_process = MovingAverageMinMaxObserver(averaging_constant=0.5)
             module.register_forward_hook(lambda m, args, out: m.activation_post_process(out))
-            out = module(x) if name == "module" else conv_channels_last(module, x)
+            for scale in (1.0, 3.0):  # a moving average: how often each tensor is observed shows
+                out = module(scale * x) if name == "module" else conv_channels_last(module, scale * x)
             seen[name] = (out, module.activation_post_process.min_val, module.activation_post_process.max_val)
         torch.testing.assert_close(seen["ours"], seen["module"], rtol=1e-5, atol=1e-5)
         assert float(seen["ours"][1]) == 0.0  # the ReLU ran before the observer saw the output

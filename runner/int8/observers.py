@@ -33,8 +33,18 @@ def _histc(x: torch.Tensor, bins: int, lo: torch.Tensor, hi: torch.Tensor) -> to
     `bincount`, which is 3x faster than histc's loop on one core."""
     if lo == hi:
         return torch.histc(x, bins, min=lo, max=hi)  # histc widens an empty range: its own rule
+    x = _memory_order(x)  # channels-last activations: flatten would copy them; counts do not depend on order
     idx = ((x - lo) / (hi - lo) * bins).to(torch.int64).clamp_(0, bins - 1)
     return torch.bincount(idx.flatten(), minlength=bins).to(torch.float32)
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """`x` with its dimensions permuted so that it is contiguous, when some order makes it so."""
+    if x.is_contiguous():
+        return x
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    view = x.permute(order)
+    return view if view.is_contiguous() else x
 
 
 class FastHistogramObserver(HistogramObserver):

@@ -96,7 +96,7 @@ def conv_channels_last(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     parts = None if x.is_quantized else _plain_conv(conv)
     if parts is None:
         return conv(x)
-    inner, relu = parts
+    inner, rest = parts
     y = nn.functional.conv2d(
         x.unsqueeze(2).contiguous(memory_format=torch.channels_last),
         inner.weight.unsqueeze(2),
@@ -106,8 +106,8 @@ def conv_channels_last(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         (1, inner.dilation[0]),
         inner.groups,
     ).squeeze(2)
-    if relu:
-        y = torch.relu_(y)
+    for module in rest:  # a fused module's ReLU, then what else it holds, in order, as nn.Sequential runs them
+        y = module(y)
     for hook in conv._forward_hooks.values():
         out = hook(conv, (x,), y)
         if out is not None:
@@ -115,22 +115,30 @@ def conv_channels_last(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _plain_conv(conv: nn.Module) -> tuple[nn.Conv1d, bool] | None:
-    """(the Conv1d, whether a ReLU follows) when `conv` is an nn.Conv1d or a fused Conv1d+ReLU whose only
-    hooks are plain forward hooks on the whole; else None."""
+def _plain_conv(conv: nn.Module) -> tuple[nn.Conv1d, list[nn.Module]] | None:
+    """(the Conv1d, the modules that follow it) when `conv` is an nn.Conv1d, or a fused Conv1d+ReLU
+    (nn.Sequential) and, while calibrating, its observer: torch's eager prepare adds that as a child, which
+    Sequential runs after the ReLU, and as a forward hook (each tensor is observed twice; kept so);
+    hooks only on the whole. Else None."""
     if conv._forward_pre_hooks or getattr(conv, "_forward_hooks_with_kwargs", None):
         return None
     if type(conv) is nn.Conv1d:
-        inner, relu = conv, False
-    elif isinstance(conv, nn.Sequential) and [type(m) for m in conv] == [nn.Conv1d, nn.ReLU]:
-        inner, relu = conv[0], True
+        inner, rest = conv, []
+    elif (
+        isinstance(conv, nn.Sequential)
+        and list(conv._modules)[:2] == ["0", "1"]
+        and set(list(conv._modules)[2:]) <= {"activation_post_process"}
+        and type(conv[0]) is nn.Conv1d
+        and type(conv[1]) is nn.ReLU
+    ):
+        inner, rest = conv[0], list(conv)[1:]
         if any(m._forward_hooks or m._forward_pre_hooks for m in conv):
             return None
     else:
         return None
     if inner.padding_mode != "zeros" or isinstance(inner.padding, str):
         return None
-    return inner, relu
+    return inner, rest
 
 
 def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
