@@ -345,3 +345,24 @@ def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
     )
     assert wer(fp32, int8) <= 0.02
     assert wer(refs, int8) <= wer(refs, fp32) + 0.005
+
+
+def test_auto_remembers_its_choice_per_node_and_artifact(artifact, tmp_path, monkeypatch):
+    """The first `auto` start of an artifact on a node probes; the next one takes the same choice and timings
+    from the node's file; other bytes, or an unreadable file, probe again."""
+    from runner.int8 import engines
+
+    monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path))
+    data = artifact.to_bytes()
+    first = build_int8_model(data, "auto")
+    assert first.engine_choice == "probed" and first.engine_seconds
+    again = build_int8_model(data, "auto")
+    assert again.engine_choice == "remembered"
+    assert (again.engine, again.engine_seconds) == (first.engine, first.engine_seconds)
+    assert again.int8_check["passed"] and again.int8_check["engine"] == first.engine
+    assert build_int8_model(data, "onednn").engine_choice == "named"
+    (tmp_path / engines.CHOICES_FILE).write_text("{not json")
+    assert build_int8_model(data, "auto").engine_choice == "probed"  # and the file is whole again
+    assert build_int8_model(data, "auto").engine_choice == "remembered"
+    key = engines.choice_key("another-artifact")
+    assert engines.remembered_choice(key) is None

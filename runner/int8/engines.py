@@ -14,6 +14,8 @@ qnnpack keep 8 bits.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -193,3 +195,54 @@ def resolve_engine(
         frames=probe_frames(spec),
     )
     return choose_engine(timings), timings
+
+
+# ------------------------------------------------------------------ `auto`'s choice, remembered per node
+CHOICES_FILE = "engine-choices.json"  # in the int8 cache folder (`runner.int8.cache.cache_dir`) of each node
+
+
+def choice_key(model: str) -> str:
+    """Where `auto`'s choice for `model` (an artifact's sha256) holds: this CPU, its int8 flags, torch, the
+    thread count and the candidates."""
+    from runner.sysinfo import cpu_info
+
+    return (
+        f"{model}|{cpu_info()['model']}|{'+'.join(int8_flags())}|torch {torch.__version__}"
+        f"|threads={torch.get_num_threads()}|{','.join(candidate_engines())}"
+    )
+
+
+def _choices_path():
+    from runner.int8.cache import cache_dir
+
+    return cache_dir() / CHOICES_FILE
+
+
+def remembered_choice(key: str) -> tuple[str, dict[str, float]] | None:
+    """(engine, the probe's timings) that `auto` chose before for `key` on this node, if any."""
+    try:
+        entry = json.loads(_choices_path().read_text()).get(key)
+        if entry and entry["engine"] in available_engines():
+            return entry["engine"], {k: float(v) for k, v in entry["seconds"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no file, or one this code cannot read: probe again
+    return None
+
+
+def remember_choice(key: str, engine: str, timings: dict[str, float]) -> None:
+    """Add `auto`'s choice for `key` to this node's file (atomically; best effort: a failure only means
+    the next start probes again)."""
+    path = _choices_path()
+    try:
+        try:
+            known = json.loads(path.read_text())
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"engine": engine, "seconds": timings, "probed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass

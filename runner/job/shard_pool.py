@@ -25,7 +25,16 @@ from runner.model.transcribe import DecodeOptions
 log = logging.getLogger(__name__)
 
 # kept per worker in stats.json
-INFO_KEYS = ("engine", "engine_seconds", "int8_check", "load_seconds", "cpu", "peak_rss_mb", "frame_seconds")
+INFO_KEYS = (
+    "engine",
+    "engine_seconds",
+    "engine_choice",
+    "int8_check",
+    "load_seconds",
+    "cpu",
+    "peak_rss_mb",
+    "frame_seconds",
+)
 
 
 def audio_seconds(shard: Shard, items: list[ManifestItem]) -> tuple[float, list[float]]:

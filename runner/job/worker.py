@@ -274,6 +274,7 @@ class ShardWorker:
         self.options = options
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.engine_seconds: dict[str, float] = {}
+        self.engine_choice: str | None = None  # int8: named | probed | remembered | preferred
         self.int8_check: dict | None = None
         t0 = time.perf_counter()
         if isinstance(payload, Int8Payload):
@@ -312,6 +313,7 @@ class ShardWorker:
             self.model, self.engine = _fp32_model(*checkpoint), "fp32"
             return
         self.model, self.engine, self.engine_seconds = loaded.model, loaded.engine, loaded.engine_seconds
+        self.engine_choice = loaded.engine_choice
         self.int8_check = loaded.int8_check
 
     def __call__(self, shard: int, items: list[ManifestItem]) -> ShardResult:
@@ -331,6 +333,7 @@ class ShardWorker:
             "worker": self.name,
             "engine": self.engine,
             "engine_seconds": self.engine_seconds,
+            "engine_choice": self.engine_choice,
             "int8_check": self.int8_check,
             "load_seconds": round(self.load_seconds, 3),
             "heavy_imports": heavy,
