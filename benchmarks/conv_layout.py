@@ -61,8 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from first_run import write_manifest
-    from quantize_time import build
+    from quantize_time import model_inputs
 
     from runner.inputs.audio import load_audio
     from runner.int8.artifact import build_int8_model
@@ -77,25 +76,12 @@ def main() -> None:
     cpu = {"model": cpu_info()["model"], "int8_flags": int8_flags(), "threads": args.threads}
     results = {"cpu": cpu, "statistic": f"median of {args.rounds} alternated rounds (min-max), x real time"}
     with tempfile.TemporaryDirectory(prefix="conv-layout-") as tmp:
-        folder = Path(args.models_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = Path(tmp) / "manifest.jsonl"
-        write_manifest(manifest, 0.25)
-        for name in args.models.split(","):
-            path = build(name, folder)
+        for name, path, manifest, calibration in model_inputs(args.models.split(","), args.models_dir, tmp):
             model = load_any(str(path), None).eval()
             rate = model.spec.features.sample_rate
             audios = [load_audio(str(ROOT / "manifests/demo" / i["audio_filepath"]), rate) for i in items]
             seconds = sum(len(a) for a in audios) / rate
-            if name == "demo":
-                made = make_artifact(
-                    str(path),
-                    str(ROOT / "manifests/demo/test.jsonl"),
-                    str(ROOT / "manifests/demo/calibration.jsonl"),
-                    Settings(),
-                )
-            else:
-                made = make_artifact(str(path), str(manifest), None, Settings())
+            made = make_artifact(str(path), str(manifest), calibration or None, Settings())
             int8 = build_int8_model(made.data, "onednn").model
             with torch.inference_mode():
                 feats, frames = model.features(*pad_batch(audios))

@@ -90,6 +90,24 @@ def build(name: str, folder: Path) -> Path:
     return path
 
 
+def model_inputs(names: list[str], models_dir: str | None, tmp: str):
+    """(name, .nemo file, manifest, calibration manifest or "") per model: the demo model with its own test
+    and calibration manifests; the others (built into `models_dir`, else `tmp`) with 0.25 h of the bundled
+    speech, calibration drawn from it."""
+    from first_run import write_manifest
+
+    folder = Path(models_dir or tmp)
+    folder.mkdir(parents=True, exist_ok=True)
+    job_manifest = Path(tmp) / "manifest.jsonl"
+    write_manifest(job_manifest, 0.25)
+    for name in names:
+        model = build(name, folder)
+        if name == "demo":
+            yield name, model, ROOT / "manifests/demo/test.jsonl", str(ROOT / "manifests/demo/calibration.jsonl")
+        else:
+            yield name, model, job_manifest, ""
+
+
 def one(model: Path, manifest: Path, calibration: str, early: bool) -> dict:
     t0 = time.time()
     proc = subprocess.run(
@@ -118,24 +136,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args()
 
-    from first_run import write_manifest
-
     from runner.sysinfo import cpu_info, int8_flags
 
     cpu = {"model": cpu_info()["model"], "int8_flags": int8_flags(), "cores": os.cpu_count()}
     results = {}
     with tempfile.TemporaryDirectory(prefix="quantize-time-") as tmp:
-        folder = Path(args.models_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        job_manifest = Path(tmp) / "manifest.jsonl"
-        write_manifest(job_manifest, 0.25)
-        for name in args.models.split(","):
-            model = build(name, folder)
-            if name == "demo":
-                manifest = ROOT / "manifests/demo/test.jsonl"
-                calibration = str(ROOT / "manifests/demo/calibration.jsonl")
-            else:
-                manifest, calibration = job_manifest, ""
+        for name, model, manifest, calibration in model_inputs(args.models.split(","), args.models_dir, tmp):
             runs = []
             for r in range(args.runs):
                 runs.append(one(model, manifest, calibration, True))
