@@ -294,7 +294,7 @@ def test_transducer_long_file_in_windows(trained):
     assert starts == sorted(starts) and starts[-1] > len(audio) / 16000 - 20  # times run on through the file
 
 
-def test_hybrid_job_with_the_ctc_head(ray_local, tokenizer_dir, speech_files, tmp_path):
+def test_hybrid_job_with_the_ctc_head(ray_local, tokenizer_dir, speech_files, tmp_path, capsys):
     """`decoder: ctc` in the job spec runs a hybrid model's CTC head, as NeMo's own CTC decoding does."""
     from runner.inputs.audio import load_audio
     from runner.job.run import run_job
@@ -319,3 +319,8 @@ def test_hybrid_job_with_the_ctc_head(ray_local, tokenizer_dir, speech_files, tm
     theirs = nemo_greedy(nemo, [load_audio(p, 16000) for p in files], batch_size=4, head="ctc")
     assert [rows[p] for p in files] == [t["text"] for t in theirs]
     assert json.loads((out / "job.json").read_text())["fingerprint"]["decoder"] == "ctc"
+    from runner.cli.main import main  # the same head from the command line
+
+    assert main(["transcribe", str(model), *files, "--decoder", "ctc"]) == 0
+    printed = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert [printed[p] for p in files] == [t["text"] for t in theirs]

@@ -20,6 +20,9 @@ from runner.int8.config import ENGINE_CHOICES
 log = logging.getLogger("runner")
 
 
+DECODER_HELP = "a hybrid RNN-T/CTC model's head (default: the model's own, rnnt), as the job spec's `decoder`"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -60,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON line per file: path, text, words with start/end seconds and confidence (NeMo's defaults)",
     )
+    p.add_argument("--decoder", choices=["rnnt", "ctc"], help=DECODER_HELP)
     p.set_defaults(func=_cmd_transcribe)
 
     p = sub.add_parser("run", parents=[common], help="run (or resume) a transcription job from a YAML spec")
@@ -145,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-fp32-layers", type=int, default=3, help="layers the gate may keep in fp32 before it fails (default 3)"
     )
+    p.add_argument("--decoder", choices=["rnnt", "ctc"], help=DECODER_HELP)
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser(
@@ -187,7 +192,7 @@ def _cmd_transcribe(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_any(args.model)
+    model = load_any(args.model, args.decoder)
     rate = model.spec.features.sample_rate
     options = DecodeOptions(batch_size=args.batch_size, window_seconds=args.window_seconds)
     aligner = word_aligner(model) if args.words else None
@@ -309,7 +314,7 @@ def _cmd_quantize(args) -> int:
     if problems := settings.problems(flags):
         raise InputError("; ".join(problems))
     try:
-        made = make_artifact(args.model, args.calibration, None, settings, use_cache=False)
+        made = make_artifact(args.model, args.calibration, None, settings, use_cache=False, decoder=args.decoder)
     except GateFailed as exc:
         render.print_report(exc.report)
         raise
