@@ -366,3 +366,7 @@ def test_auto_remembers_its_choice_per_node_and_artifact(artifact, tmp_path, mon
     assert build_int8_model(data, "auto").engine_choice == "remembered"
     key = engines.choice_key("another-artifact")
     assert engines.remembered_choice(key) is None
+    # a job's workers are handed the hash the driver computed: the choice is kept under that name
+    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "probed"
+    assert engines.remembered_choice(key) is not None
+    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "remembered"

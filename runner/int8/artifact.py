@@ -147,10 +147,11 @@ class LoadedModel:
     # probe on this node, `runner.int8.engines.remembered_choice`) | preferred (auto with one candidate)
 
 
-def build_int8_model(data: bytes | Artifact, engine: str = "auto") -> LoadedModel:
+def build_int8_model(data: bytes | Artifact, engine: str = "auto", data_sha256: str | None = None) -> LoadedModel:
     """The int8 model for this process's CPU, self-checked: `engine="auto"` times the candidates and keeps
     the fastest (or what it kept before on this node for these bytes); activation bits follow the CPU, then
-    7 bits if the check fails. Raises `Int8CheckFailed`."""
+    7 bits if the check fails. `data_sha256`: the bytes' hash when the caller has it (a job's workers get it
+    from the driver: a 0.6B model's artifact takes ~1 s to hash). Raises `Int8CheckFailed`."""
     t0 = time.perf_counter()
     art = data if isinstance(data, Artifact) else Artifact.from_bytes(data)
     with torch.device("meta"):
@@ -160,7 +161,8 @@ def build_int8_model(data: bytes | Artifact, engine: str = "auto") -> LoadedMode
     # `auto`: each candidate is built, probed and released in turn; the winner is built again. The choice is
     # remembered on this node for this artifact, CPU, torch and thread count: later starts skip the probe
     # (3.6 s of a QuartzNet15x5 worker's 4.2 s start, 1 thread, AMD EPYC avx2).
-    key = choice_key(sha256(data)) if engine == "auto" and isinstance(data, bytes) else None
+    named = data_sha256 or (sha256(data) if isinstance(data, bytes) else None)
+    key = choice_key(named) if engine == "auto" and named else None
     known = remembered_choice(key) if key else None
     if known is not None:
         (engine, timings), how = known, "remembered"

@@ -26,7 +26,7 @@ import torch
 from runner.errors import InputError
 from runner.int8.config import ENGINES
 from runner.model.arch import ModelSpec
-from runner.sysinfo import int8_flags
+from runner.sysinfo import cpu_info, int8_flags
 
 TIE_MARGIN = 0.10  # probes closer than this to the fastest count as ties
 
@@ -204,8 +204,6 @@ CHOICES_FILE = "engine-choices.json"  # in the int8 cache folder (`runner.int8.c
 def choice_key(model: str) -> str:
     """Where `auto`'s choice for `model` (an artifact's sha256) holds: this CPU, its int8 flags, torch, the
     thread count and the candidates."""
-    from runner.sysinfo import cpu_info
-
     return (
         f"{model}|{cpu_info()['model']}|{'+'.join(int8_flags())}|torch {torch.__version__}"
         f"|threads={torch.get_num_threads()}|{','.join(candidate_engines())}"

@@ -78,7 +78,7 @@ def int8_payload(spec: JobSpec, on_event: EventHandler, pinned: str | None = Non
     q = spec.quantization
     # put apart in Ray's store, fetched by a worker only if its int8 fails the self-check
     fallback = Deferred(fp32_checkpoint(spec.model, spec.decoder)) if q.on_check_failure == "fp32" else None
-    return Int8Payload(data, q.engine, q.on_check_failure, fallback), {"report": report, **info}
+    return Int8Payload(data, q.engine, q.on_check_failure, fallback, info["sha256"]), {"report": report, **info}
 
 
 def _job_artifact(out: Path, sha256: str) -> bytes:

@@ -56,6 +56,7 @@ class Int8Payload:
     on_check_failure: str = "stop"
     # the fp32 checkpoint's bytes, fetched only by a worker that falls back (`ray_pool.Deferred` on a cluster)
     fp32_checkpoint: Callable[[], bytes] | None = None
+    sha256: str | None = None  # the artifact's, hashed once on the driver (keys `auto`'s remembered choice)
 
 
 WorkerPayload = Fp32Payload | Int8Payload
@@ -291,7 +292,7 @@ class ShardWorker:
         from runner.int8.artifact import Int8CheckFailed, build_int8_model
 
         try:
-            loaded = build_int8_model(payload.artifact, payload.engine)
+            loaded = build_int8_model(payload.artifact, payload.engine, payload.sha256)
         except Int8CheckFailed as exc:
             if payload.on_check_failure != "fp32" or payload.fp32_checkpoint is None:
                 why = (
