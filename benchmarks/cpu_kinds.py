@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cpu_kinds.py [--arch quartznet,citrinet,fastconformer] [--rounds 5]
         [--clips 8] [--threads 2] [--quick] [--out benchmarks/results]
 
-Prints figures and writes JSON (benchmarks/results/cpu_kinds-<cpu tag>.json, one entry per architecture,
+Prints figures and writes JSON (benchmarks/results/cpu_kinds-<cpu model>-<int8 kind>.json, one entry per architecture,
 merged into what an earlier run on the same CPU kind wrote); not a test. See DESIGN.md, "CPU kinds":
 int8 kernels differ between CPUs with and without VNNI, so every figure here is for the CPU it ran on
 (model and SIMD flags printed first). Three architectures with random weights and randomized BN
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from runner.int8.config import Settings
 from runner.int8.pipeline import GateFailed, quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.sysinfo import cpu_info  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_tag  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.training.recipes import (
     build_nemo_model,
@@ -247,12 +246,6 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
         result["speed"][f"b{b}"]["batch"] = min(b, len(feats))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
-
-
-def cpu_tag(cpu: dict) -> str:
-    """A short file-name tag of the CPU model, e.g. amd-epyc, intel-xeon-platinum-8480."""
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b|\d+-core", " ", cpu["model"].lower())
-    return "-".join(re.findall(r"[a-z0-9]+", name)[:4]) or cpu["machine"]
 
 
 def versions() -> dict:

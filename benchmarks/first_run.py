@@ -205,7 +205,9 @@ def main() -> None:
     print(f"  int8 finishes {result['int8_sooner']:.2f}x sooner (median / median)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = args.model if args.model in ("demo", "quartznet15x5") else Path(args.model).stem
-    path = Path(args.out) / f"first_run_{name}{'_cached' if args.cached else ''}.json"
+    from runner.sysinfo import cpu_tag
+
+    path = Path(args.out) / f"first_run_{name}{'_cached' if args.cached else ''}-{cpu_tag()}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args()
 
-    from runner.sysinfo import cpu_info, int8_flags
+    from runner.sysinfo import cpu_info, cpu_tag, int8_flags
 
     cpu = {"model": cpu_info()["model"], "int8_flags": int8_flags(), "cores": os.cpu_count()}
     results = {}
@@ -171,7 +171,7 @@ def main() -> None:
             )
     print(f"CPU {cpu['model']} ({cpu['cores']} cores; int8 flags: {', '.join(cpu['int8_flags']) or 'none'})")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"quantize_time_{args.models.replace(',', '_')}.json"
+    path = Path(args.out) / f"quantize_time_{args.models.replace(',', '_')}-{cpu_tag()}.json"
     path.write_text(
         json.dumps({"cpu": cpu, "statistic": "median of runs, process wall clock", "models": results}, indent=2)
     )

@@ -43,7 +43,7 @@ from runner.int8.pipeline import quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import load_nemo, quiet_nemo_logging  # noqa: E402
 from runner.model.transcribe import DecodeOptions, pad_batch, transcribe_batch  # noqa: E402
-from runner.sysinfo import cpu_info  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_tag  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 
 
@@ -179,7 +179,7 @@ def main() -> None:
     }
     report(results)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / f"transducer-{args.size}.json"
+    out = Path(args.out) / f"transducer-{args.size}-{cpu_tag()}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 FLAGS_THAT_MATTER = (
     "avx2",
@@ -47,6 +48,32 @@ def cpu_info() -> dict:
         "machine": platform.machine(),
         "flags": [f for f in FLAGS_THAT_MATTER if f in flags],
     }
+
+
+def int8_kind(flags) -> str:
+    """The int8 instruction set the flags name, as the figures are labelled: amx, avx512-vnni, avx-vnni,
+    avx512 (no VNNI), avx2, arm-dotprod, or the machine's bare SIMD ("other")."""
+    flags = set(flags)
+    for flag, kind in (
+        ("amx_int8", "amx"),
+        ("avx512_vnni", "avx512-vnni"),
+        ("avx_vnni", "avx-vnni"),
+        ("avx512bw", "avx512"),
+        ("avx2", "avx2"),
+        ("asimddp", "arm-dotprod"),
+    ):
+        if flag in flags:
+            return kind
+    return "other"
+
+
+def cpu_tag(cpu: dict | None = None) -> str:
+    """A file-name tag of the CPU model and its int8 kind, e.g. amd-epyc-avx2, amd-epyc-avx512-vnni,
+    intel-xeon-platinum-8480-amx: one model name covers CPU generations whose int8 kernels differ."""
+    cpu = cpu or cpu_info()
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b|\d+-core", " ", cpu["model"].lower())
+    model = "-".join(re.findall(r"[a-z0-9]+", name)[:4]) or cpu["machine"]
+    return f"{model}-{int8_kind(cpu['flags'])}"
 
 
 def int8_flags() -> list[str]:

@@ -152,3 +152,16 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
         ShardWorker(
             Int8Payload(payload.artifact, "auto", "stop", payload.fp32_checkpoint), threads=2, options=DecodeOptions()
         )
+
+
+def test_figures_are_labelled_with_the_int8_kind_the_flags_name():
+    from runner.sysinfo import cpu_tag, int8_kind
+
+    assert int8_kind(["avx", "avx2", "fma"]) == "avx2"
+    assert int8_kind(["avx2", "avx512f", "avx512bw"]) == "avx512"  # AVX-512 without VNNI: saturating pairs
+    assert int8_kind(["avx2", "avx512bw", "avx512_vnni"]) == "avx512-vnni"
+    assert int8_kind(["avx2", "avx_vnni"]) == "avx-vnni"
+    assert int8_kind(["avx512_vnni", "amx_tile", "amx_int8"]) == "amx"
+    assert int8_kind(["asimd", "asimddp"]) == "arm-dotprod" and int8_kind([]) == "other"
+    epyc = {"model": "AMD EPYC 9B45 128-Core Processor", "machine": "x86_64", "flags": ["avx2", "fma"]}
+    assert cpu_tag(epyc) == "amd-epyc-9b45-avx2"
