@@ -170,15 +170,19 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(citrinet_lean, artifact, spee
     gate = artifact.report["gate"]
     assert gate["passed"] and gate["mode"] == "references" and artifact.report["fp32_units"] == []
     audios = [a for _, a in speech]
+    references = [t for t, _ in speech]
     fp32 = transcribe_batch(citrinet_lean, audios)
     for engine in available_engines():  # one engine-neutral artifact, every engine
         int8 = transcribe_batch(build_int8_model(artifact.to_bytes(), engine).model, audios)
-        agreement = 1 - wer(fp32, int8)
-        print(f"{engine}: int8 vs fp32 agreement {agreement:.4f} over {len(audios)} held-out utterances")
-        # Measured (the gate picks histogram): 98.3-98.6% on onednn, x86 and fbgemm; qnnpack, which
-        # rounds its requantization its own way, 97.2-98.3% as float rounding in fp32 calibration moves
-        # the histogram's bins (one held-out word is 0.35 points here).
-        assert agreement >= (0.97 if engine == "qnnpack" else 0.98), (engine, agreement)
+        agreement, increase = 1 - wer(fp32, int8), wer(references, int8) - wer(references, fp32)
+        print(f"{engine}: int8 vs fp32 agreement {agreement:.4f}, WER {increase:+.4f} on {len(audios)} held-out clips")
+        # One held-out word is 0.35 points here. Measured (the gate picks histogram), agreement / WER change:
+        # - Intel Xeon (AVX-512 VNNI, AMX): 98.3-98.6% on onednn, x86 and fbgemm; qnnpack 97.2-98.3%;
+        # - AMD EPYC (AVX-512 VNNI, no AMX), one artifact: onednn and x86 97.2% / +0.68, fbgemm 98.3% / +0.34,
+        #   qnnpack 98.6% / 0.00. Every engine rounds exactly here (a full-range conv is within 0.5 steps of
+        #   fp32): the spread is rounding ties landing differently, near-tie words of a tiny model flipping.
+        # Saturating 8-bit kernels (AVX2 without the 7-bit rule) gave 96.2% on onednn and 85% on x86.
+        assert agreement >= 0.97 and increase <= 0.01, (engine, agreement, increase)
 
 
 def test_gate_keeps_a_sensitive_se_block_in_fp32(citrinet_lean, gate_data, speech):
