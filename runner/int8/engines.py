@@ -58,11 +58,20 @@ def check_engine(engine: str) -> None:
 
 
 def probe_frames(spec: ModelSpec) -> int:
-    """Feature frames `auto` times each engine on. 0.5 s ranks engines right for the conv family
-    (QuartzNet15x5: the same order as on 10 s utterances). A Conformer sees only ~6 frames of 0.5 s
-    after 8x subsampling, too few to rank its int8 matmuls (on FastConformer-CTC large a 0.5 s probe
-    put `x86` first, while `onednn` is the fastest on 10 s utterances), so Conformers probe 10 s."""
-    return 1000 if spec.family == "conformer-ctc" else 50
+    """Feature frames `auto` times each engine on: 2 s for the conv family, 10 s for Conformers.
+
+    Short probes misrank engines whose cost per call does not shrink with the input. On an AMD EPYC with
+    AVX-512 VNNI, onednn's QuartzNet15x5 took 0.135 s per second of audio on a 0.5 s probe, 0.0077 on
+    2 s and 0.0030 on 10 s (kernels of 33-87 frames over a few dozen); fbgemm took 0.32-0.33 on all
+    three. On Citrinet-256 the 0.5 s probe put onednn only 1.8x ahead of fbgemm (25x on 10 s), and on a
+    busy machine it chose fbgemm: int8 then ran at 15x real time instead of ~450x. A Conformer sees only
+    ~6 frames of 0.5 s after 8x subsampling, too few to rank its int8 matmuls (on FastConformer-CTC large
+    a 0.5 s probe put `x86` first, while `onednn` is the fastest on 10 s utterances), so Conformers
+    probe 10 s."""
+    return 1000 if spec.family == "conformer-ctc" else 200
+
+
+PROBE_REVISION = 2  # in `choice_key`: choices an earlier probe made (0.5 s for the conv family) are probed again
 
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8 x s8 products accumulate in int32
@@ -102,7 +111,7 @@ def time_engines(
     rounds: int = 3,
     budget_seconds: float = 0.3,
 ) -> dict[str, float]:
-    """Seconds each engine needs per second of audio, probed on `frames` feature frames (0.5 s).
+    """Seconds each engine needs per second of audio, probed on `frames` feature frames (`probe_frames`).
 
     `build(engine)` returns a callable(feats, lens). Engines are tried one at a time in preference
     order and each is released before the next is built (peak memory = one engine's, not all of
@@ -206,7 +215,7 @@ def choice_key(model: str) -> str:
     thread count and the candidates."""
     return (
         f"{model}|{cpu_info()['model']}|{'+'.join(int8_flags())}|torch {torch.__version__}"
-        f"|threads={torch.get_num_threads()}|{','.join(candidate_engines())}"
+        f"|threads={torch.get_num_threads()}|{','.join(candidate_engines())}|probe {PROBE_REVISION}"
     )
 
 
