@@ -33,7 +33,7 @@ import torch
 from runner.errors import InputError, QuantizationError
 from runner.int8 import self_check as int8_check
 from runner.int8.engines import activation_bits, choice_key, remember_choice, remembered_choice, resolve_engine
-from runner.int8.model import Int8CTCModel, load_int8
+from runner.int8.model import Int8Model, load_int8
 from runner.int8.report import QuantizationReport
 from runner.model.arch import ModelSpec
 from runner.model.features import MelFeatures
@@ -138,7 +138,7 @@ class Int8CheckFailed(QuantizationError):
 
 @dataclass
 class LoadedModel:
-    model: Any  # quantize.Int8CTCModel
+    model: Any  # quantize.Int8Model
     engine: str
     engine_seconds: dict[str, float]  # auto: each candidate's time for 1 s of audio; else {}
     load_seconds: float
@@ -178,7 +178,7 @@ def build_int8_model(data: bytes | Artifact, engine: str = "auto", data_sha256: 
     attempts: list[dict] = []
     for width in [bits] + ([7] if bits == 8 else []):
         qencoder = load_int8(art.spec, art.int8, engine, art.float_units, width)
-        model = Int8CTCModel(art.spec, features, qencoder, engine).eval()
+        model = Int8Model(art.spec, features, qencoder, engine).eval()
         attempts.append(int8_check.check(model, art.reference))
         if attempts[-1]["passed"]:
             break

@@ -34,7 +34,7 @@ from torch import nn
 
 from runner.model.arch import ModelSpec
 from runner.model.conformer import ConvSubsampling, as_image, frames_of, subsampled_length
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanModel
 
 RECIPE = {
     "weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
@@ -115,7 +115,7 @@ class QuantizedConformer(nn.Module):
 
     recipe = RECIPE
 
-    def __init__(self, model: LeanCTCModel):
+    def __init__(self, model: LeanModel):
         super().__init__()
         self.spec = model.spec
         self.encoder = copy.deepcopy(model.encoder)
@@ -135,7 +135,7 @@ class QuantizedConformer(nn.Module):
         return self.decoder(enc), lens
 
 
-def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedConformer:
+def prepare(model: LeanModel, observer: str = "histogram") -> QuantizedConformer:
     """A copy whose subsampling convs (fused with their ReLU) and Linear layers (each in a `QLinear`)
     are observed, `observer` for activations."""
     from torch.ao.quantization import fuse_modules
@@ -169,7 +169,7 @@ def convert(qmodel: QuantizedConformer) -> QuantizedConformer:
     return converted
 
 
-def with_float_units(qenc: QuantizedConformer, model: LeanCTCModel, units: Iterable[int]) -> QuantizedConformer:
+def with_float_units(qenc: QuantizedConformer, model: LeanModel, units: Iterable[int]) -> QuantizedConformer:
     """A copy of `qenc` in which `units` run the fp32 modules of `model` (shared, not copied)."""
     units = frozenset(units)
     hybrid = copy.deepcopy(qenc)
@@ -209,7 +209,7 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
     import torch.ao.nn.quantized as nnq
 
     with torch.device("meta"):
-        skeleton = LeanCTCModel(spec)
+        skeleton = LeanModel(spec)
     qenc = QuantizedConformer(skeleton)
     if 0 not in float_units:
         sub = Int8Subsampling(qenc.encoder.pre_encode)

@@ -23,13 +23,13 @@ from torch import nn
 from runner.int8.observers import qconfig, quiet
 from runner.model.arch import ModelSpec
 from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanModel
 
 
 class QuantizedEncoder(nn.Module):
     """QuantStub -> encoder blocks -> decoder conv -> DeQuantStub; some units may stay fp32."""
 
-    def __init__(self, model: LeanCTCModel):
+    def __init__(self, model: LeanModel):
         super().__init__()
         self.spec = model.spec
         from torch.ao.quantization import DeQuantStub, QuantStub
@@ -95,7 +95,7 @@ def _runs(layers: Sequence[nn.Module], name: str) -> list[list[str]]:
     return out
 
 
-def prepare(model: LeanCTCModel, observer: str = "histogram") -> QuantizedEncoder:
+def prepare(model: LeanModel, observer: str = "histogram") -> QuantizedEncoder:
     """Fused, observed copy of the encoder+decoder, ready for calibration."""
     from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization import QuantStub, fuse_modules
@@ -186,7 +186,7 @@ def _record_unit_inputs(converted: QuantizedEncoder, observed: QuantizedEncoder)
         converted.in_zero_point[k] = zero_point
 
 
-def with_float_units(qenc: QuantizedEncoder, model: LeanCTCModel, units: Iterable[int]) -> QuantizedEncoder:
+def with_float_units(qenc: QuantizedEncoder, model: LeanModel, units: Iterable[int]) -> QuantizedEncoder:
     """A copy of the int8 `qenc` in which `units` run the fp32 modules of `model` (shared, not
     copied); call it under the engine's scope (copying repacks the int8 weights for it)."""
     units = frozenset(units)
@@ -210,7 +210,7 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
     import torch.ao.nn.quantized as nnq
 
     with torch.device("meta"):
-        skeleton = LeanCTCModel(spec)
+        skeleton = LeanModel(spec)
     qenc = QuantizedEncoder(skeleton)
     qenc.in_scale = torch.ones(len(qenc.in_scale), dtype=torch.float64)
     qenc.in_zero_point = torch.zeros(len(qenc.in_zero_point), dtype=torch.int64)

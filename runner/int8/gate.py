@@ -22,7 +22,7 @@ import torch
 
 from runner.int8.self_check import compared, summarize, texts
 from runner.metrics import cer, edit_distance, normalize_text, wer
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanModel
 from runner.model.transcribe import pad_batch
 
 Run = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -33,7 +33,7 @@ MIN_CHUNKS = 2  # chunks a decision must hold over before the gate may stop
 
 
 def feature_batches(
-    model: LeanCTCModel, audios: Sequence[np.ndarray], batch_size: int = 8, ids: Sequence[int] | None = None
+    model: LeanModel, audios: Sequence[np.ndarray], batch_size: int = 8, ids: Sequence[int] | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
     """(features, frames, indices) batches of `audios[ids]` (default: all), sorted by length: the workers' batching."""
     order = sorted(range(len(audios)) if ids is None else ids, key=lambda i: len(audios[i]))
@@ -60,7 +60,7 @@ class GateSet:
     """Held-out utterances with the fp32 model's logits and transcripts, to score int8 variants against."""
 
     def __init__(
-        self, model: LeanCTCModel, audios: Sequence[np.ndarray], references: list[str] | None, chunks: int = CHUNKS
+        self, model: LeanModel, audios: Sequence[np.ndarray], references: list[str] | None, chunks: int = CHUNKS
     ):
         self.model = model
         self.reader = model.reader

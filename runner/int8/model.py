@@ -30,7 +30,7 @@ from runner.int8 import conformer_family, conv_family
 from runner.int8.engines import activation_bits, engine_scope
 from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
-from runner.model.ctc import LeanCTCModel, LogitReader
+from runner.model.ctc import LeanModel, LogitReader
 from runner.model.decoding import TextDecoder
 
 
@@ -54,7 +54,7 @@ def _family(spec: ModelSpec):
     return conv_family
 
 
-def prepare(model: LeanCTCModel, observer: str = "histogram") -> nn.Module:
+def prepare(model: LeanModel, observer: str = "histogram") -> nn.Module:
     """Fused, observed copy of the encoder+decoder (`observer` for activations), ready for calibration."""
     return _family(model.spec).prepare(model, observer)
 
@@ -72,7 +72,7 @@ def convert(qmodel: nn.Module, engine: str) -> nn.Module:
         return _family(qmodel.spec).convert(qmodel)
 
 
-def with_float_units(qenc: nn.Module, model: LeanCTCModel, units: Iterable[int], engine: str) -> nn.Module:
+def with_float_units(qenc: nn.Module, model: LeanModel, units: Iterable[int], engine: str) -> nn.Module:
     """A copy of the int8 `qenc` (packed for `engine`) in which `units` run the fp32 modules of
     `model` (shared, not copied)."""
     with quiet(), engine_scope(engine):  # copying repacks the int8 weights for the current engine
@@ -130,7 +130,7 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
     return out
 
 
-class Int8CTCModel(nn.Module):
+class Int8Model(nn.Module):
     """fp32 features + int8 encoder/decoder, with the lean model's interface (`spec`, forward)."""
 
     def __init__(self, spec: ModelSpec, features: nn.Module, qencoder: nn.Module, engine: str):

@@ -33,7 +33,7 @@ from runner.int8.config import Settings
 from runner.int8.engines import activation_bits, engine_scope, resolve_engine
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
 from runner.int8.model import (
-    Int8CTCModel,
+    Int8Model,
     calibrate,
     convert,
     fallback_possible,
@@ -45,7 +45,7 @@ from runner.int8.model import (
 from runner.int8.observers import use_observer
 from runner.int8.report import QuantizationReport
 from runner.int8.self_check import REFERENCE_ITEMS, REFERENCE_SECONDS, measure
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanModel
 from runner.sysinfo import cpu_info, int8_flags
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class GateFailed(QuantizationError):
 
 # --------------------------------------------------------------------------- quantizing
 def quantize_model(
-    model: LeanCTCModel,
+    model: LeanModel,
     calibration: Sequence[np.ndarray],
     gate_audio: Sequence[np.ndarray],
     references: list[str] | None,
@@ -125,7 +125,7 @@ def quantize_model(
 
 
 def _start_report(
-    model: LeanCTCModel,
+    model: LeanModel,
     calibration: Sequence[np.ndarray],
     gate_audio: Sequence[np.ndarray],
     settings: Settings,
@@ -148,7 +148,7 @@ def _start_report(
     return report
 
 
-def _calibrated(model: LeanCTCModel, calibration: Sequence[np.ndarray], observers: Sequence[str]):
+def _calibrated(model: LeanModel, calibration: Sequence[np.ndarray], observers: Sequence[str]):
     """The observed model after one pass over the calibration audio (every candidate observer at once)."""
     observed = prepare(model, "all" if len(observers) > 1 else observers[0])
     calibrate(observed, [(f, n) for f, n, _ in feature_batches(model, calibration)])
@@ -202,7 +202,7 @@ def _failure_message(report: dict, settings: Settings) -> str:
 
 
 def _artifact(
-    model: LeanCTCModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet, report: dict
+    model: LeanModel, qenc, kept: list[int], observer: str, engine: str, bits: int, gate: GateSet, report: dict
 ) -> Artifact:
     """The artifact workers load: int8 weights, the fp32 front end, the units kept in fp32, the recipe and
     the self-check reference (recorded in `report`); `quantize_model` sets the report once it is complete."""
@@ -296,13 +296,13 @@ def _keep_units_in_fp32(
     return qenc, figures, kept, False
 
 
-def _self_check_reference(model: LeanCTCModel, qenc, engine: str, bits: int, gate: GateSet) -> dict:
+def _self_check_reference(model: LeanModel, qenc, engine: str, bits: int, gate: GateSet) -> dict:
     """The fp32 reference every worker checks its int8 model against, with what the gated int8 model
     reaches on it here at `bits` and, where this CPU can run it unsaturated, at 7 bits too. Its audio
     and fp32 logits are the gate's own (`GateSet.reference`): nothing is computed twice."""
     reference = gate.reference(REFERENCE_ITEMS, REFERENCE_SECONDS)
     for b in sorted({bits, 7}, reverse=True):
-        variant = Int8CTCModel(model.spec, model.features, rebuild(qenc, engine, b), engine)
+        variant = Int8Model(model.spec, model.features, rebuild(qenc, engine, b), engine)
         reference["expected"][b] = measure(variant.logits, reference, variant.reader)
     return reference
 

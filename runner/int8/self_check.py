@@ -93,7 +93,7 @@ def passes(figures: dict, target: dict | None) -> bool:
 
 
 def check(model, reference: dict) -> dict:
-    """The self-check of an int8 model (`Int8CTCModel`): its figures, engine, activation bits and verdict."""
+    """The self-check of an int8 model (`Int8Model`): its figures, engine, activation bits and verdict."""
     bits = model.qencoder.activation_bits
     figures = measure(model.logits, reference, model.reader)
     target = expected(reference, bits)

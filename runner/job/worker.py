@@ -28,7 +28,7 @@ from runner.inputs.manifest import ManifestItem
 from runner.inputs.split import SegmentItem
 from runner.model.ctc import load_checkpoint
 from runner.model.features import FeatureSums
-from runner.model.transcribe import DecodeOptions, frame_seconds, long_log_probs, raw_log_mel, transcribe, word_aligner
+from runner.model.transcribe import DecodeOptions, frame_seconds, long_outputs, raw_log_mel, transcribe, word_aligner
 from runner.model.words import WordAligner
 from runner.sysinfo import peak_rss_mb
 from runner.timing import WORKER_STAGES, timed
@@ -135,8 +135,8 @@ def transcribe_segment(
     try:
         # one pass over the segment and its context: no windows inside it, each would add its own context
         whole = dataclasses.replace(options, window_seconds=len(audio) / features.sample_rate + 1.0)
-        log_probs = long_log_probs(model, audio, whole, stages, norm=seg.norm)
-        kept = log_probs[first - read_first : None if last is None else last - read_first]
+        outputs = long_outputs(model, audio, whole, stages, norm=seg.norm)
+        kept = outputs[first - read_first : None if last is None else last - read_first]
         with timed(stages, "decode"):
             best = kept.argmax(dim=-1)
         with timed(stages, "words"):

@@ -65,7 +65,7 @@ class LogitReader:
         return [self.text_decoder(ids) for ids in self.head.greedy(outputs, lengths).tokens]
 
 
-class LeanCTCModel(nn.Module):
+class LeanModel(nn.Module):
     """audio -> log-mel -> encoder -> CTC log-probabilities, or a transducer's projected encoder frames
     (`forward_features`), which `reader` turns into text."""
 
@@ -110,21 +110,21 @@ def load_checkpoint(path) -> tuple[ModelSpec, dict]:
     return ModelSpec.from_dict(data["spec"]), data["state_dict"]
 
 
-def build_model(spec: ModelSpec, state_dict: dict | None = None) -> LeanCTCModel:
+def build_model(spec: ModelSpec, state_dict: dict | None = None) -> LeanModel:
     """The lean model in eval mode, with `state_dict` loaded strictly when given.
 
     With weights, the modules are built on the meta device and take the given tensors as they
     are (`assign=True`): no second copy of the weights, ~75 MB less RSS for QuartzNet15x5.
     """
     if state_dict is None:
-        return LeanCTCModel(spec).eval()
+        return LeanModel(spec).eval()
     with torch.device("meta"):
-        model = LeanCTCModel(spec)
+        model = LeanModel(spec)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def load_model(path) -> LeanCTCModel:
+def load_model(path) -> LeanModel:
     """Lean fp32 model from a checkpoint written by `save_checkpoint`."""
     spec, state_dict = load_checkpoint(path)
     return build_model(spec, state_dict)

@@ -1,7 +1,7 @@
 """Audio arrays -> text with the lean model: batching by length, and long files in windows.
 
 `transcribe_batch` is the plain function the Ray workers call (and tests call without Ray).
-Files longer than `window_seconds` go through `long_log_probs`: the log-mel of the whole file
+Files longer than `window_seconds` go through `long_outputs`: the log-mel of the whole file
 is computed chunk by chunk (exactly equal to the whole-file features, normalization
 statistics included), then the encoder runs over fixed windows that each see
 `context_seconds` of neighbouring audio, and the kept output frames are concatenated before
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runner.model.ctc import LeanCTCModel
+from runner.model.ctc import LeanModel
 from runner.model.decoding import greedy_decode
 from runner.model.features import LineNorm, feature_lengths, mask_frames, normalize
 from runner.model.words import ConfidenceMethod, WordAligner
@@ -57,7 +57,7 @@ class Transcript:
 
 
 def transcribe_batch(
-    model: LeanCTCModel,
+    model: LeanModel,
     audios: Sequence[np.ndarray],
     options: DecodeOptions = DecodeOptions(),
     timings: dict | None = None,
@@ -66,7 +66,7 @@ def transcribe_batch(
     return [t.text for t in transcribe(model, audios, options, timings)]
 
 
-def word_aligner(model: LeanCTCModel, method=None) -> WordAligner:
+def word_aligner(model: LeanModel, method=None) -> WordAligner:
     """The model's `WordAligner`: frames of window stride x subsampling; confidence by `method`
     (a `ConfidenceMethod`; None: NeMo's defaults)."""
     return WordAligner(model.text_decoder, frame_seconds(model.spec), method or ConfidenceMethod())
@@ -79,7 +79,7 @@ def frame_seconds(spec) -> float:
 
 @torch.inference_mode()
 def transcribe(
-    model: LeanCTCModel,
+    model: LeanModel,
     audios: Sequence[np.ndarray],
     options: DecodeOptions = DecodeOptions(),
     timings: dict | None = None,
@@ -93,8 +93,8 @@ def transcribe(
     offsets = offsets if offsets is not None else [0.0] * len(audios)
     long_ids = {i for i, a in enumerate(audios) if len(a) > options.window_seconds * rate}
     for i in sorted(long_ids):
-        lp = long_log_probs(model, audios[i], options, timings).unsqueeze(0)
-        out[i] = _decode(model, lp, torch.tensor([lp.shape[1]]), [offsets[i]], aligner, timings)[0]
+        outputs = long_outputs(model, audios[i], options, timings).unsqueeze(0)
+        out[i] = _decode(model, outputs, torch.tensor([outputs.shape[1]]), [offsets[i]], aligner, timings)[0]
     short = sorted((i for i in range(len(audios)) if i not in long_ids), key=lambda i: len(audios[i]))
     for start in range(0, len(short), options.batch_size):
         ids = short[start : start + options.batch_size]
@@ -102,16 +102,17 @@ def transcribe(
             batch, lengths = pad_batch([audios[i] for i in ids])
             feats, frames = model.features(batch, lengths)
         with timed(timings, "encoder"):
-            log_probs, out_lens = model.forward_features(feats, frames)
-        for i, t in zip(ids, _decode(model, log_probs, out_lens, [offsets[i] for i in ids], aligner, timings)):
+            outputs, out_lens = model.forward_features(feats, frames)
+        for i, t in zip(ids, _decode(model, outputs, out_lens, [offsets[i] for i in ids], aligner, timings)):
             out[i] = t
     return out
 
 
-def _decode(model, log_probs, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
+def _decode(model, outputs, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
     """Transcripts of per-frame outputs [B, T', X] (CTC log-probabilities or a transducer's projected frames)."""
     if model.head is not None:
-        return _decode_transducer(model, log_probs, lengths, offsets, aligner, timings)
+        return _decode_transducer(model, outputs, lengths, offsets, aligner, timings)
+    log_probs = outputs
     with timed(timings, "decode"):
         texts = greedy_decode(log_probs, lengths, model.text_decoder)
     if aligner is None:
@@ -150,15 +151,16 @@ def _decode_transducer(model, frames, lengths, offsets, aligner: WordAligner | N
 
 
 @torch.inference_mode()
-def long_log_probs(
-    model: LeanCTCModel,
+def long_outputs(
+    model: LeanModel,
     audio: np.ndarray,
     options: DecodeOptions,
     timings: dict | None = None,
     norm: LineNorm | None = None,
 ) -> torch.Tensor:
-    """[T', C] log-probabilities of one long file, computed in bounded-memory windows; `norm`: normalization
-    statistics to use instead of the file's own (a segment of a longer one)."""
+    """[T', X] per-frame outputs of one long file (CTC log-probabilities or a transducer's projected frames),
+    computed in bounded-memory windows; `norm`: normalization statistics to use instead of the file's own
+    (a segment of a longer one)."""
     with timed(timings, "features"):
         feats = whole_file_features(model, audio, chunk_frames=6000, norm=norm)
     sub = model.spec.encoder.subsampling
@@ -182,16 +184,16 @@ def _encode_windows(model, feats, spans, context, sub) -> list[torch.Tensor]:
     batch = torch.zeros(len(spans), feats.shape[0], int(lens.max()))
     for i, (s, e) in enumerate(zip(starts, ends)):
         batch[i, :, : e - s] = feats[:, s:e]
-    log_probs, _ = model.forward_features(batch, lens)
+    outputs, _ = model.forward_features(batch, lens)
     out = []
     for i, ((a, b), s) in enumerate(zip(spans, starts)):
         first, last = (a - s) // sub, (b - s + sub - 1) // sub
-        out.append(log_probs[i, first:last])
+        out.append(outputs[i, first:last])
     return out
 
 
 def whole_file_features(
-    model: LeanCTCModel, audio: np.ndarray, chunk_frames: int, norm: LineNorm | None = None
+    model: LeanModel, audio: np.ndarray, chunk_frames: int, norm: LineNorm | None = None
 ) -> torch.Tensor:
     """Normalized log-mel [n_mels, F] of one file, computed `chunk_frames` frames at a time (with the
     statistics `norm` when given, else the file's own)."""
@@ -208,7 +210,7 @@ def whole_file_features(
     return mask_frames(x, frames_t, cfg.pad_value)[0]
 
 
-def raw_log_mel(model: LeanCTCModel, audio: np.ndarray, chunk_frames: int = 6000) -> torch.Tensor:
+def raw_log_mel(model: LeanModel, audio: np.ndarray, chunk_frames: int = 6000) -> torch.Tensor:
     """Log-mel [n_mels, F] of one file before normalization, `chunk_frames` frames at a time; each frame
     as in the whole-file computation (the file's edges padded as NeMo pads them)."""
     mel = model.features
