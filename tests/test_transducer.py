@@ -324,3 +324,48 @@ def test_hybrid_job_with_the_ctc_head(ray_local, tokenizer_dir, speech_files, tm
     assert main(["transcribe", str(model), *files, "--decoder", "ctc"]) == 0
     printed = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
     assert [printed[p] for p in files] == [t["text"] for t in theirs]
+
+
+@pytest.mark.parametrize("kind", ["rnnt", "tdt"])
+def test_token_confidence_is_nemos_with_and_without_blanks(kind, tokenizer_dir, speech, tmp_path):
+    """Each token's confidence equals NeMo's `Hypothesis.token_confidence` (greedy_batch, batches of 4), blank
+    steps excluded (NeMo's default) and included (`exclude_blank: false`: NeMo records every step; RNN-T
+    credits a token with the blanks of the frames up to the next token's, TDT with every blank step up
+    to the next label), with `mean` aggregation (which every credited step moves) and `min`."""
+    from runner.model.transcribe import pad_batch
+    from runner.model.words import ConfidenceMethod
+    from runner.training.nemo_words import nemo_transducer_token_confidence
+
+    nemo = random_transducer(kind, tokenizer_dir, seed=2)
+    nemo.save_to(str(tmp_path / "model.nemo"))
+    lean = build_model(*load_nemo(tmp_path / "model.nemo"))
+    audios = [a for _, a in speech[:8]]
+    with torch.inference_mode():
+        batches = [lean(*pad_batch(audios[i : i + 4])) for i in range(0, len(audios), 4)]
+    mine = {}
+    for exclude_blank in (True, False):
+        for aggregation in ("mean", "min"):
+            method = ConfidenceMethod(exclude_blank=exclude_blank, aggregation=aggregation)
+            theirs = nemo_transducer_token_confidence(nemo, audios, method, batch_size=4)
+            aligner = word_aligner(lean, method)
+            blanks = None if exclude_blank else aligner.blank_step_confidence
+            ours = []
+            for frames, lengths in batches:
+                hyps = lean.head.greedy(frames, lengths, keep_log_probs=True, blank_confidence=blanks)
+                for b in range(len(hyps.tokens)):
+                    credit = None if exclude_blank else hyps.blank_confidence[b]
+                    conf = aligner.transducer_token_confidence(hyps.frames[b], hyps.log_probs[b], credit, kind == "tdt")
+                    ours.append((hyps.tokens[b], conf))
+            assert sum(len(t["confidence"]) for t in theirs) > 3 * len(audios)
+            for (tokens, conf), t in zip(ours, theirs):
+                assert tokens == t["tokens"]
+                assert conf == pytest.approx(t["confidence"], rel=1e-4, abs=1e-12), (exclude_blank, aggregation)
+            mine[exclude_blank, aggregation] = [c for _, conf in ours for c in conf]
+    assert mine[True, "mean"] != mine[False, "mean"]  # the blanks were counted
+    words = {}  # and a job's words get them: transcribe() passes the blank steps on when asked to count them
+    for exclude_blank in (True, False):
+        aligner = word_aligner(lean, ConfidenceMethod(exclude_blank=exclude_blank, aggregation="mean"))
+        done = transcribe(lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
+        words[exclude_blank] = [w["confidence"] for t in done for w in t.words]
+        assert all(0.0 <= c <= 1.0 for c in words[exclude_blank])
+    assert len(words[True]) == len(words[False]) > len(audios) and words[True] != words[False]

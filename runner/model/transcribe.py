@@ -130,8 +130,9 @@ def _decode(model, outputs, lengths, offsets, aligner: WordAligner | None, timin
 def _decode_transducer(model, frames, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
     """Greedy transducer decoding (prediction + joint networks, `TransducerHead.greedy`), then words."""
     confidence = aligner is not None and aligner.method is not None
+    blanks = aligner.blank_step_confidence if confidence and not aligner.method.exclude_blank else None
     with timed(timings, "decode"):
-        hyps = model.head.greedy(frames, lengths, keep_log_probs=confidence)
+        hyps = model.head.greedy(frames, lengths, keep_log_probs=confidence, blank_confidence=blanks)
         texts = [model.text_decoder(ids) for ids in hyps.tokens]
     if aligner is None:
         return [Transcript(text) for text in texts]
@@ -145,6 +146,7 @@ def _decode_transducer(model, frames, lengths, offsets, aligner: WordAligner | N
                 hyps.durations[b] if tdt else None,
                 hyps.log_probs[b] if confidence else None,
                 offset,
+                hyps.blank_confidence[b] if blanks is not None else None,
             )
             out.append(Transcript(text, words, conf))
         return out

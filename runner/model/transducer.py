@@ -16,6 +16,7 @@ its outputs as NeMo does on a CPU, so the arithmetic and the ties are NeMo's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,14 @@ class FrameLinear(nn.Module):
 class Hypotheses:
     """Greedy transducer results of a batch: per utterance its token ids, the encoder frame each was
     emitted at, its duration (TDT; RNN-T: 1) and the joint's log-probabilities over the vocabulary and
-    blank at that step (for confidence; None unless asked for)."""
+    blank at that step (for confidence; None unless asked for); and the confidence of each frame's blank step
+    (`exclude_blank: false` confidence; nan where the frame had none; None unless asked for)."""
 
     tokens: list[list[int]]
     frames: list[list[int]]
     durations: list[list[int]]
     log_probs: list[torch.Tensor] | None = None  # per utterance [N, classes]
+    blank_confidence: list[torch.Tensor] | None = None  # per utterance [T]
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -100,9 +103,18 @@ class TransducerHead(nn.Module):
         return self.out(self.act(frames.transpose(1, 2) + g.unsqueeze(1)))[..., : self.classes].transpose(1, 2)
 
     @torch.inference_mode()
-    def greedy(self, frames: torch.Tensor, lengths: torch.Tensor, keep_log_probs: bool = False) -> Hypotheses:
-        """NeMo's label-looping greedy decoding of projected encoder frames [B, T, H] with frame counts [B]."""
+    def greedy(
+        self,
+        frames: torch.Tensor,
+        lengths: torch.Tensor,
+        keep_log_probs: bool = False,
+        blank_confidence: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Hypotheses:
+        """NeMo's label-looping greedy decoding of projected encoder frames [B, T, H] with frame counts [B].
+        `blank_confidence`: the confidence of log-probabilities [N, classes]; given, every blank step's is kept
+        at its frame (NeMo records all steps for that: `exclude_blank: false`)."""
         batch, _, _ = frames.shape
+        blanks = None if blank_confidence is None else torch.full((batch, frames.shape[1]), float("nan"))
         tdt, blank, classes = self.kind == "tdt", self.blank, self.classes
         rows = torch.arange(batch)
         lengths = lengths.to(torch.long)
@@ -121,6 +133,8 @@ class TransducerHead(nn.Module):
             labels, durations = self._best(log_probs, tdt)
             blank_mask = labels == blank
             time_of_label = time.clone()
+            if blanks is not None:
+                _note_blanks(blanks, was_active & blank_mask, time_of_label, log_probs, classes, blank_confidence)
             if tdt:
                 durations = torch.where(blank_mask & (durations == 0), 1, durations)
                 time = time + durations * active
@@ -136,6 +150,8 @@ class TransducerHead(nn.Module):
                 if keep_log_probs:
                     log_probs = torch.where(advance.unsqueeze(1), more, log_probs)
                 blank_mask = labels == blank
+                if blanks is not None:
+                    _note_blanks(blanks, advance & blank_mask, time_of_label, more, classes, blank_confidence)
                 if tdt:
                     durations = torch.where(advance, more_durations, durations)
                     durations = torch.where(blank_mask & (durations == 0), 1, durations)
@@ -158,7 +174,10 @@ class TransducerHead(nn.Module):
                 force = active & ~blank_mask & (last_count >= self.max_symbols) & (last_time == time)
                 time = time + force
                 safe, active = torch.minimum(time, last), time < lengths
-        return _collect(steps, batch, classes, keep_log_probs)
+        hyps = _collect(steps, batch, classes, keep_log_probs)
+        if blanks is not None:
+            hyps.blank_confidence = [blanks[b, : int(n)] for b, n in enumerate(lengths)]
+        return hyps
 
     def _best(self, log_probs: torch.Tensor, tdt: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not tdt:
@@ -184,6 +203,14 @@ def lstm_step(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.T
         hs.append(x)
         cs.append(c)
     return x, (torch.stack(hs), torch.stack(cs))
+
+
+def _note_blanks(store: torch.Tensor, mask: torch.Tensor, at: torch.Tensor, log_probs, classes: int, confidence):
+    """The confidence of the blank steps of the rows in `mask`, at their frames `at` (a frame has at most one:
+    a blank moves on)."""
+    rows = mask.nonzero().squeeze(1)
+    if rows.numel():
+        store[rows, at[rows]] = confidence(log_probs[rows, :classes]).to(store.dtype)
 
 
 def _collect(steps: list, batch: int, classes: int, keep_log_probs: bool) -> Hypotheses:

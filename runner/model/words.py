@@ -20,6 +20,7 @@ times are continuous through the file and no word is cut or repeated at a window
 
 from __future__ import annotations
 
+import bisect
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -163,16 +164,15 @@ class WordAligner:
         durations: Sequence[int] | None,
         log_probs: torch.Tensor | None,
         offset: float = 0.0,
+        blank_confidence: torch.Tensor | None = None,
     ) -> tuple[list[dict], float | None]:
         """Words of one transducer hypothesis: its tokens, the frame each was emitted at and (TDT) its
         duration, and the joint's log-probabilities at each emission [N, C] (for confidence; None: none).
 
         Times are NeMo's transducer offsets (`compute_rnnt_timestamps`): a token spans its frame and the
         next (RNN-T) or its frame and its duration (TDT; punctuation takes the previous token's end and
-        no time). A token's confidence is that of the step that emitted it (NeMo's, blanks excluded)."""
-        conf = None
-        if log_probs is not None and self.method is not None and len(ids):
-            conf = frame_confidence(torch.log_softmax(log_probs.float(), dim=-1), self.method).tolist()
+        no time). A token's confidence: `transducer_token_confidence`."""
+        conf = self.transducer_token_confidence(frames, log_probs, blank_confidence, durations is not None)
         tokens: list[_Token] = []
         for k, (i, frame) in enumerate(zip(ids, frames)):
             piece, text = self._piece(i)
@@ -181,6 +181,37 @@ class WordAligner:
                 start = end = tokens[-1].end
             tokens.append(_Token(i, piece, text, start, end, None if conf is None else conf[k]))
         return self._words(tokens, offset)
+
+    def blank_step_confidence(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The confidence of transducer steps from their joint's log-probabilities [N, classes] (NeMo's
+        `_get_step_confidence`: renormalized over the classes, TDT's durations left out)."""
+        return frame_confidence(torch.log_softmax(log_probs.float(), dim=-1), self.method)
+
+    def transducer_token_confidence(
+        self,
+        frames: Sequence[int],
+        log_probs: torch.Tensor | None,
+        blank_confidence: torch.Tensor | None = None,
+        tdt: bool = False,
+    ) -> list[float] | None:
+        """Each emitted token's confidence as NeMo's `RNNTDecoding.compute_confidence` gives it: that of the
+        step that emitted it (`log_probs` [N, classes]); with `exclude_blank: false`, aggregated with the blank
+        steps credited to it (`blank_confidence`: each frame's blank step, nan where none). RNN-T credits a
+        token with the blanks of the frames after its own up to the next token's frame; the blank that ends a
+        frame with tokens counts for none. TDT credits it with every blank step after it up to the next
+        label. Blanks before the first token count for none."""
+        if log_probs is None or self.method is None or not len(frames):
+            return None
+        conf = self.blank_step_confidence(log_probs).tolist()
+        if self.method.exclude_blank or blank_confidence is None:
+            return conf
+        credited: list[list[float]] = [[] for _ in conf]
+        emitting = set() if tdt else set(frames)  # RNN-T: a frame's blank after its own tokens counts for none
+        for t, c in enumerate(blank_confidence.tolist()):
+            k = (bisect.bisect_right if tdt else bisect.bisect_left)(frames, t) - 1  # the last token at / before t
+            if c == c and k >= 0 and t not in emitting:  # c != c: nan, no blank step on this frame
+                credited[k].append(c)
+        return [aggregate([c, *more], self.method.aggregation) if more else c for c, more in zip(conf, credited)]
 
     def _words(self, tokens: list[_Token], offset: float) -> tuple[list[dict], float | None]:
         groups = self._word_groups(tokens)

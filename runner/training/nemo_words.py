@@ -90,3 +90,46 @@ def compare_with_nemo(nemo_model, lean, paths: list[str], method) -> tuple[dict,
     audios = [load_audio(p, lean.spec.features.sample_rate) for p in paths]
     ours = transcribe(lean, audios, DecodeOptions(batch_size=4), aligner=aligner)
     return {**word_agreement(theirs, ours, aligner.frame_seconds), "frame_seconds": aligner.frame_seconds}, ours
+
+
+def nemo_transducer_token_confidence(nemo_model, audios, method, batch_size: int = 4) -> list[dict]:
+    """NeMo's own token confidence of a transducer (greedy_batch, `ConfidenceConfig` with `method`, a
+    `runner.model.words.ConfidenceMethod`): per utterance its `tokens`, their `frames` and `confidence`
+    (Hypothesis.token_confidence). `exclude_blank: false` makes NeMo record every step; its TDT branch
+    reads the steps' labels from the alignments, so they are kept too."""
+    import numpy as np
+    from nemo.collections.asr.parts.utils.asr_confidence_utils import ConfidenceConfig, ConfidenceMethodConfig
+    from omegaconf import OmegaConf, open_dict
+
+    dec = nemo_model.cfg.decoding
+    with open_dict(dec):
+        dec.preserve_alignments = not method.exclude_blank and bool(dec.get("durations"))
+        dec.confidence_cfg = OmegaConf.structured(
+            ConfidenceConfig(
+                preserve_frame_confidence=True,
+                preserve_token_confidence=True,
+                exclude_blank=method.exclude_blank,
+                aggregation=method.aggregation,
+                method_cfg=ConfidenceMethodConfig(
+                    name=method.method,
+                    entropy_type=method.entropy_type,
+                    alpha=method.alpha,
+                    entropy_norm=method.entropy_norm,
+                ),
+            )
+        )
+    nemo_model.change_decoding_strategy(dec, verbose=False)
+    audio = [np.asarray(a, dtype=np.float32) for a in audios]
+    hyps = nemo_model.transcribe(audio, batch_size=batch_size, return_hypotheses=True, verbose=False)
+    nemo_model.eval()
+    out = []
+    for h in hyps[0] if isinstance(hyps, tuple) else hyps:
+        steps = h.timestamp["timestep"] if isinstance(h.timestamp, dict) else h.timestamp
+        out.append(
+            {
+                "tokens": [int(t) for t in h.y_sequence],
+                "frames": [int(t) for t in steps],
+                "confidence": [float(c) for c in h.token_confidence],
+            }
+        )
+    return out
