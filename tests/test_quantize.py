@@ -21,6 +21,7 @@ from runner.int8.engines import (
     candidate_engines,
     choose_engine,
     engine_scope,
+    time_engines,
 )
 from runner.int8.model import with_activation_bits
 from runner.int8.pipeline import GateFailed, quantize_model
@@ -370,3 +371,28 @@ def test_auto_remembers_its_choice_per_node_and_artifact(artifact, tmp_path, mon
     assert build_int8_model(data, "auto", "another-artifact").engine_choice == "probed"
     assert engines.remembered_choice(key) is not None
     assert build_int8_model(data, "auto", "another-artifact").engine_choice == "remembered"
+
+
+def test_the_probe_times_engines_and_drops_a_clear_loser_after_one_pass_at_its_shape():
+    """`time_engines` on engines that cost a known time per call and per frame (what a quantized model's
+    forward pass costs, less the model): the one that is over 3x the best at the probe's shape is not
+    timed again (on the conv family, fbgemm is 10-40x onednn on some CPUs: each pass costs ~0.7 s)."""
+    import time
+
+    cost = {"onednn": (5e-3, 1e-5), "x86": (0.0, 2e-4), "fbgemm": (5e-3, 1.2e-5)}  # seconds per call, per frame
+    calls = {engine: [] for engine in cost}
+
+    def build(engine):
+        per_call, per_frame = cost[engine]
+
+        def run(feats, lens):
+            calls[engine].append(feats.shape[-1])
+            time.sleep(per_call + per_frame * feats.shape[-1])
+
+        return run
+
+    seconds = time_engines(build, 80, list(cost), frames=200, budget_seconds=0.3)
+    assert calls["x86"] == [16, 200]  # its short pass is within 10x, its pass at 2 s is not within 3x
+    assert calls["onednn"][:2] == calls["fbgemm"][:2] == [16, 200] and len(calls["fbgemm"]) >= 3
+    assert seconds["x86"] > 3 * seconds["onednn"] and choose_engine(seconds) == "onednn"
+    assert seconds["onednn"] == pytest.approx((5e-3 + 200e-5) / 2, rel=0.5)  # per second of audio (2 s)

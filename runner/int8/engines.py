@@ -120,8 +120,9 @@ def time_engines(
     far is recorded at that time, scaled to `frames` (an estimate), and dropped: a slow engine costs
     one short pass. (Comparing it with the others' full probes instead made a long probe drop fast
     engines: a few ms of set-up x frames / 16.) The others run one untimed pass at the probe's shape (kernels
-    are set up per shape), then up to `rounds` timed passes within their share of `budget_seconds`; the best
-    pass counts.
+    are set up per shape); one whose untimed pass takes over 3x the best timed pass so far is recorded at
+    that time (set-up included: it only overstates a loser) and dropped. The rest run up to `rounds` timed
+    passes within their share of `budget_seconds`; the best pass counts.
     """
     torch.manual_seed(0)
     feats, lens = torch.randn(1, feat_in, frames), torch.tensor([frames])
@@ -138,7 +139,13 @@ def time_engines(
                 timings[engine] = shorts[engine] * frames / 16  # an estimate: it is not probed further
                 del run
                 continue
+            t0 = time.perf_counter()
             run(feats, lens)
+            untimed = time.perf_counter() - t0
+            if timings and untimed > 3 * min(timings.values()):
+                timings[engine] = untimed  # set-up included: an overestimate of an engine that has lost
+                del run
+                continue
             passes: list[float] = []
             while len(passes) < rounds and sum(passes) < budget_seconds / len(engines):
                 t0 = time.perf_counter()
