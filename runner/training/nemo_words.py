@@ -10,25 +10,7 @@ def nemo_words(nemo_model, paths: list[str], method) -> list[tuple[list[dict], l
     words ({word, start_offset, end_offset, start, end}) and their confidence. NeMo 3.0's
     `_aggregate_token_confidence` passes the timestamp path's text where it expects token ids, so the
     words' confidence is aggregated here with NeMo's own functions from NeMo's token confidence."""
-    from nemo.collections.asr.parts.utils.asr_confidence_utils import ConfidenceConfig, ConfidenceMethodConfig
-    from omegaconf import OmegaConf, open_dict
-
-    dec = nemo_model.cfg.decoding
-    with open_dict(dec):
-        dec.confidence_cfg = OmegaConf.structured(
-            ConfidenceConfig(
-                preserve_token_confidence=True,
-                exclude_blank=method.exclude_blank,
-                aggregation=method.aggregation,
-                method_cfg=ConfidenceMethodConfig(
-                    name=method.method,
-                    entropy_type=method.entropy_type,
-                    alpha=method.alpha,
-                    entropy_norm=method.entropy_norm,
-                ),
-            )
-        )
-    nemo_model.change_decoding_strategy(dec, verbose=False)
+    _use_confidence(nemo_model, method)
     hyps = nemo_model.transcribe(paths, batch_size=4, timestamps=True, return_hypotheses=True, verbose=False)
     nemo_model.eval()  # NeMo 3.0's transcribe() leaves the encoder's BatchNorm in training mode
     decoding, out = nemo_model.decoding, []
@@ -98,27 +80,9 @@ def nemo_transducer_token_confidence(nemo_model, audios, method, batch_size: int
     (Hypothesis.token_confidence). `exclude_blank: false` makes NeMo record every step; its TDT branch
     reads the steps' labels from the alignments, so they are kept too."""
     import numpy as np
-    from nemo.collections.asr.parts.utils.asr_confidence_utils import ConfidenceConfig, ConfidenceMethodConfig
-    from omegaconf import OmegaConf, open_dict
 
-    dec = nemo_model.cfg.decoding
-    with open_dict(dec):
-        dec.preserve_alignments = not method.exclude_blank and bool(dec.get("durations"))
-        dec.confidence_cfg = OmegaConf.structured(
-            ConfidenceConfig(
-                preserve_frame_confidence=True,
-                preserve_token_confidence=True,
-                exclude_blank=method.exclude_blank,
-                aggregation=method.aggregation,
-                method_cfg=ConfidenceMethodConfig(
-                    name=method.method,
-                    entropy_type=method.entropy_type,
-                    alpha=method.alpha,
-                    entropy_norm=method.entropy_norm,
-                ),
-            )
-        )
-    nemo_model.change_decoding_strategy(dec, verbose=False)
+    tdt = bool(nemo_model.cfg.decoding.get("durations"))
+    _use_confidence(nemo_model, method, frame_confidence=True, alignments=not method.exclude_blank and tdt)
     audio = [np.asarray(a, dtype=np.float32) for a in audios]
     hyps = nemo_model.transcribe(audio, batch_size=batch_size, return_hypotheses=True, verbose=False)
     nemo_model.eval()
@@ -133,3 +97,30 @@ def nemo_transducer_token_confidence(nemo_model, audios, method, batch_size: int
             }
         )
     return out
+
+
+def _use_confidence(nemo_model, method, frame_confidence: bool = False, alignments: bool | None = None) -> None:
+    """Set NeMo's decoding to compute token confidence with `method` (and keep its frame confidence, or its
+    alignments, when asked: None leaves the alignments setting as it is)."""
+    from nemo.collections.asr.parts.utils.asr_confidence_utils import ConfidenceConfig, ConfidenceMethodConfig
+    from omegaconf import OmegaConf, open_dict
+
+    dec = nemo_model.cfg.decoding
+    with open_dict(dec):
+        if alignments is not None:
+            dec.preserve_alignments = alignments
+        dec.confidence_cfg = OmegaConf.structured(
+            ConfidenceConfig(
+                preserve_frame_confidence=frame_confidence,
+                preserve_token_confidence=True,
+                exclude_blank=method.exclude_blank,
+                aggregation=method.aggregation,
+                method_cfg=ConfidenceMethodConfig(
+                    name=method.method,
+                    entropy_type=method.entropy_type,
+                    alpha=method.alpha,
+                    entropy_norm=method.entropy_norm,
+                ),
+            )
+        )
+    nemo_model.change_decoding_strategy(dec, verbose=False)
