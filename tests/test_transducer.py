@@ -348,7 +348,7 @@ def test_token_confidence_is_nemos_with_and_without_blanks(kind, tokenizer_dir, 
             method = ConfidenceMethod(exclude_blank=exclude_blank, aggregation=aggregation)
             theirs = nemo_transducer_token_confidence(nemo, audios, method, batch_size=4)
             aligner = word_aligner(lean, method)
-            blanks = None if exclude_blank else aligner.blank_step_confidence
+            blanks = None if exclude_blank else aligner.step_confidence
             ours = []
             for frames, lengths in batches:
                 hyps = lean.head.greedy(frames, lengths, keep_log_probs=True, blank_confidence=blanks)

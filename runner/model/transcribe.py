@@ -130,7 +130,7 @@ def _decode(model, outputs, lengths, offsets, aligner: WordAligner | None, timin
 def _decode_transducer(model, frames, lengths, offsets, aligner: WordAligner | None, timings) -> list[Transcript]:
     """Greedy transducer decoding (prediction + joint networks, `TransducerHead.greedy`), then words."""
     confidence = aligner is not None and aligner.method is not None
-    blanks = aligner.blank_step_confidence if confidence and not aligner.method.exclude_blank else None
+    blanks = aligner.step_confidence if confidence and not aligner.method.exclude_blank else None
     with timed(timings, "decode"):
         hyps = model.head.greedy(frames, lengths, keep_log_probs=confidence, blank_confidence=blanks)
         texts = [model.text_decoder(ids) for ids in hyps.tokens]

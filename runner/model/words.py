@@ -182,7 +182,7 @@ class WordAligner:
             tokens.append(_Token(i, piece, text, start, end, None if conf is None else conf[k]))
         return self._words(tokens, offset)
 
-    def blank_step_confidence(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def step_confidence(self, log_probs: torch.Tensor) -> torch.Tensor:
         """The confidence of transducer steps from their joint's log-probabilities [N, classes] (NeMo's
         `_get_step_confidence`: renormalized over the classes, TDT's durations left out)."""
         return frame_confidence(torch.log_softmax(log_probs.float(), dim=-1), self.method)
@@ -202,7 +202,7 @@ class WordAligner:
         label. Blanks before the first token count for none."""
         if log_probs is None or self.method is None or not len(frames):
             return None
-        conf = self.blank_step_confidence(log_probs).tolist()
+        conf = self.step_confidence(log_probs).tolist()
         if self.method.exclude_blank or blank_confidence is None:
             return conf
         credited: list[list[float]] = [[] for _ in conf]
