@@ -190,6 +190,45 @@ def test_fp32_units_reproduce_fp32_exactly(fastconformer_lean, int8_artifact, sp
         assert not torch.equal(all_int8, ref)
 
 
+def test_auto_probes_conformers_and_picks_the_fastest_candidate(int8_artifact, tmp_path, monkeypatch):
+    """A Conformer's int8 Linears are near-ties across engines: `auto` times every candidate on 10 s of
+    frames and keeps the fastest, near-ties going to the preferred engine."""
+    from runner.int8.engines import TIE_MARGIN, available_engines, candidate_engines, choose_engine
+
+    monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path))  # nothing remembered: a probe
+    loaded = build_int8_model(int8_artifact.to_bytes(), "auto")
+    timings = loaded.engine_seconds
+    assert loaded.engine_choice == "probed" and sorted(timings) == sorted(candidate_engines(int8_artifact.spec))
+    assert "qnnpack" not in timings or available_engines() == ["qnnpack"]  # qnnpack: a fallback only
+    assert timings[loaded.engine] <= min(timings.values()) * (1 + TIE_MARGIN)
+    assert loaded.engine == choose_engine(timings)
+
+
+def test_auto_remembers_its_choice_per_node_and_artifact(int8_artifact, tmp_path, monkeypatch):
+    """The first `auto` start of an artifact on a node probes; the next one takes the same choice and timings
+    from the node's file; other bytes, or an unreadable file, probe again."""
+    from runner.int8 import engines
+
+    monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path))
+    data = int8_artifact.to_bytes()
+    first = build_int8_model(data, "auto")
+    assert first.engine_choice == "probed" and first.engine_seconds
+    again = build_int8_model(data, "auto")
+    assert again.engine_choice == "remembered"
+    assert (again.engine, again.engine_seconds) == (first.engine, first.engine_seconds)
+    assert again.int8_check["passed"] and again.int8_check["engine"] == first.engine
+    assert build_int8_model(data, "onednn").engine_choice == "named"
+    (tmp_path / engines.CHOICES_FILE).write_text("{not json")
+    assert build_int8_model(data, "auto").engine_choice == "probed"  # and the file is whole again
+    assert build_int8_model(data, "auto").engine_choice == "remembered"
+    key = engines.choice_key("another-artifact")
+    assert engines.remembered_choice(key) is None
+    # a job's workers are handed the hash the driver computed: the choice is kept under that name
+    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "probed"
+    assert engines.remembered_choice(key) is not None
+    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "remembered"
+
+
 PROBE = r"""
 import json, sys
 from runner.int8.artifact import build_int8_model, read

@@ -15,7 +15,6 @@ from runner.int8.artifact import Artifact, build_int8_model, sha256
 from runner.int8.config import Settings
 from runner.int8.conv_family import fusion_groups, int8_structure
 from runner.int8.engines import (
-    TIE_MARGIN,
     activation_bits,
     available_engines,
     candidate_engines,
@@ -125,12 +124,14 @@ def test_artifact_round_trips_to_identical_outputs(artifact, speech):
     assert all(t.dtype in (torch.qint8, torch.quint8) for k, t in artifact.int8.items() if k.endswith(".weight"))
 
 
-def test_auto_picks_the_fastest_candidate_and_reports_timings(artifact):
+@pytest.mark.skipif("onednn" not in available_engines(), reason="this torch build has no onednn engine")
+def test_auto_takes_onednn_for_the_conv_family_without_probing(artifact):
+    """fbgemm and x86 have no fast kernel for the conv family's long 1-D depthwise convs (7-100x slower
+    than onednn on the three CPU kinds measured): `auto` does not time them. Conformers are probed
+    (test_conformer.py)."""
     loaded = build_int8_model(artifact.to_bytes(), "auto")
-    timings = loaded.engine_seconds
-    assert "onednn" in timings and "qnnpack" not in timings  # qnnpack: a fallback, not a candidate here
-    assert timings[loaded.engine] <= min(timings.values()) * (1 + TIE_MARGIN)
-    assert loaded.engine == choose_engine(timings)
+    assert (loaded.engine, loaded.engine_choice, loaded.engine_seconds) == ("onednn", "preferred", {})
+    assert loaded.int8_check["passed"] and loaded.int8_check["engine"] == "onednn"
 
 
 def test_auto_breaks_near_ties_by_preference_not_by_noise():
@@ -139,12 +140,16 @@ def test_auto_breaks_near_ties_by_preference_not_by_noise():
     assert choose_engine({"fbgemm": 0.0100, "x86": 0.0104, "onednn": 0.0200}) == "x86"
 
 
-def test_auto_candidates_leave_qnnpack_as_fallback(monkeypatch):
+def test_auto_candidates_leave_qnnpack_as_fallback(artifact, monkeypatch):
     import runner.int8.engines as quantize
 
     assert candidate_engines() == [e for e in available_engines() if e != "qnnpack"]
+    conv = artifact.spec
+    assert candidate_engines(conv) == (["onednn"] if "onednn" in available_engines() else candidate_engines())
+    monkeypatch.setattr(quantize, "available_engines", lambda: ["x86", "fbgemm", "qnnpack"])  # no onednn
+    assert candidate_engines(conv) == ["x86", "fbgemm"]  # then they are timed
     monkeypatch.setattr(quantize, "available_engines", lambda: ["qnnpack"])  # an ARM-like build
-    assert candidate_engines() == ["qnnpack"]
+    assert candidate_engines() == candidate_engines(conv) == ["qnnpack"]
 
 
 def test_activation_bits_follow_the_cpu_flags(monkeypatch):
@@ -346,31 +351,6 @@ def test_trained_demo_model_int8_agrees_with_fp32(tmp_path):
     )
     assert wer(fp32, int8) <= 0.02
     assert wer(refs, int8) <= wer(refs, fp32) + 0.005
-
-
-def test_auto_remembers_its_choice_per_node_and_artifact(artifact, tmp_path, monkeypatch):
-    """The first `auto` start of an artifact on a node probes; the next one takes the same choice and timings
-    from the node's file; other bytes, or an unreadable file, probe again."""
-    from runner.int8 import engines
-
-    monkeypatch.setenv("ASR_RUNNER_CACHE", str(tmp_path))
-    data = artifact.to_bytes()
-    first = build_int8_model(data, "auto")
-    assert first.engine_choice == "probed" and first.engine_seconds
-    again = build_int8_model(data, "auto")
-    assert again.engine_choice == "remembered"
-    assert (again.engine, again.engine_seconds) == (first.engine, first.engine_seconds)
-    assert again.int8_check["passed"] and again.int8_check["engine"] == first.engine
-    assert build_int8_model(data, "onednn").engine_choice == "named"
-    (tmp_path / engines.CHOICES_FILE).write_text("{not json")
-    assert build_int8_model(data, "auto").engine_choice == "probed"  # and the file is whole again
-    assert build_int8_model(data, "auto").engine_choice == "remembered"
-    key = engines.choice_key("another-artifact")
-    assert engines.remembered_choice(key) is None
-    # a job's workers are handed the hash the driver computed: the choice is kept under that name
-    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "probed"
-    assert engines.remembered_choice(key) is not None
-    assert build_int8_model(data, "auto", "another-artifact").engine_choice == "remembered"
 
 
 def test_the_probe_times_engines_and_drops_a_clear_loser_after_one_pass_at_its_shape():

@@ -144,7 +144,8 @@ class LoadedModel:
     load_seconds: float
     int8_check: dict = field(default_factory=dict)  # the self-check (`runner.int8.self_check.check`) of `model`
     engine_choice: str = "named"  # named | probed (auto timed the candidates) | remembered (auto's earlier
-    # probe on this node, `runner.int8.engines.remembered_choice`) | preferred (auto with one candidate)
+    # probe on this node, `runner.int8.engines.remembered_choice`) | preferred (auto with one candidate: onednn
+    # for the conv family)
 
 
 def build_int8_model(data: bytes | Artifact, engine: str = "auto", data_sha256: str | None = None) -> LoadedModel:

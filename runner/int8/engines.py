@@ -167,17 +167,28 @@ def choose_engine(timings: dict[str, float], tie: float = TIE_MARGIN) -> str:
     return next(e for e in sorted(timings, key=ENGINES.index) if timings[e] <= best * (1 + tie))
 
 
-def candidate_engines() -> list[str]:
-    """Engines `auto` considers on this CPU: every x86 engine this torch has (each with the activation
-    bits this CPU needs, so none of them saturates).
+def candidate_engines(spec: ModelSpec | None = None) -> list[str]:
+    """Engines `auto` considers on this CPU for `spec`'s model: every x86 engine this torch has (each with
+    the activation bits this CPU needs, so none of them saturates); for the conv family, onednn alone
+    where it exists.
 
     qnnpack is the fallback only, when none of the others is available: its buffers grow with
     kernel size x input length (~7 GB for ONE 10 s utterance of QuartzNet15x5, and the driver
     was OOM-killed at 23 GB when a busy machine's 0.5 s probe had put qnnpack ahead and the
     accuracy gate then ran 30 s utterances on it), which a short probe cannot see.
+
+    The conv family's depthwise convolutions have 1-D kernels of 11-87 taps, for which fbgemm (and x86,
+    which hands these convs to fbgemm) has no fast kernel. onednn was faster on every CPU kind measured:
+    QuartzNet15x5 10x (Intel Xeon, AVX-512 VNNI + AMX), 7x (AMD EPYC, AVX2) and 40-100x (AMD EPYC, AVX-512
+    VNNI); Citrinet-256 1.4-2.2x and 25x on the two EPYCs. Probing them cost a worker's first start
+    2-5 s, and once, on a busy machine, picked fbgemm (15x slower). Conformers' int8 Linears are near-ties
+    across engines, so they are probed.
     """
     engines = available_engines()
-    return [e for e in engines if e != "qnnpack"] or engines
+    found = [e for e in engines if e != "qnnpack"] or engines
+    if spec is not None and spec.family == "conv-ctc" and "onednn" in found:
+        return ["onednn"]
+    return found
 
 
 def resolve_engine(
@@ -187,7 +198,7 @@ def resolve_engine(
     behind an `auto` choice ({} otherwise). The one place engines are resolved, driver and workers alike.
 
     A named engine must exist in this torch build (`InputError` naming the ones that do). `auto` considers
-    `candidate_engines()`: with `build` (engine -> callable(feats, lens)) and `spec`, each candidate is
+    `candidate_engines(spec)`: with `build` (engine -> callable(feats, lens)) and `spec`, each candidate is
     timed here and the fastest kept, near-ties going to the preferred one (what every worker does); without,
     the first in preference order, untimed (the driver's accuracy gate: onednn where it exists, the fastest
     on long inputs on both CPU kinds measured; a probe cost 2.7 s on QuartzNet15x5 to 4.8 s on
@@ -200,7 +211,7 @@ def resolve_engine(
         except ValueError as exc:
             raise InputError(str(exc)) from None
         return engine, {}
-    candidates = candidate_engines()
+    candidates = candidate_engines(spec)
     if build is None or spec is None or len(candidates) == 1:
         return candidates[0], {}
     timings = time_engines(
