@@ -221,7 +221,7 @@ def test_auto_remembers_its_choice_per_node_and_artifact(int8_artifact, tmp_path
     (tmp_path / engines.CHOICES_FILE).write_text("{not json")
     assert build_int8_model(data, "auto").engine_choice == "probed"  # and the file is whole again
     assert build_int8_model(data, "auto").engine_choice == "remembered"
-    key = engines.choice_key("another-artifact")
+    key = engines.choice_key("another-artifact", int8_artifact.spec)
     assert engines.remembered_choice(key) is None
     # a job's workers are handed the hash the driver computed: the choice is kept under that name
     assert build_int8_model(data, "auto", "another-artifact").engine_choice == "probed"

@@ -32,7 +32,14 @@ import torch
 
 from runner.errors import InputError, QuantizationError
 from runner.int8 import self_check as int8_check
-from runner.int8.engines import activation_bits, choice_key, remember_choice, remembered_choice, resolve_engine
+from runner.int8.engines import (
+    activation_bits,
+    candidate_engines,
+    choice_key,
+    remember_choice,
+    remembered_choice,
+    resolve_engine,
+)
 from runner.int8.model import Int8Model, load_int8
 from runner.int8.report import QuantizationReport
 from runner.model.arch import ModelSpec
@@ -162,8 +169,10 @@ def build_int8_model(data: bytes | Artifact, engine: str = "auto", data_sha256: 
     # `auto`: each candidate is built, probed and released in turn; the winner is built again. The choice is
     # remembered on this node for this artifact, CPU, torch and thread count: later starts skip the probe
     # (3.6 s of a QuartzNet15x5 worker's 4.2 s start, 1 thread, AMD EPYC avx2).
-    named = data_sha256 or (sha256(data) if isinstance(data, bytes) else None)
-    key = choice_key(named) if engine == "auto" and named else None
+    key = None
+    if engine == "auto" and len(candidate_engines(art.spec)) > 1:  # one candidate: nothing to time or remember
+        named = data_sha256 or (sha256(data) if isinstance(data, bytes) else None)
+        key = choice_key(named, art.spec) if named else None
     known = remembered_choice(key) if key else None
     if known is not None:
         (engine, timings), how = known, "remembered"

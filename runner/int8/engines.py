@@ -228,12 +228,12 @@ def resolve_engine(
 CHOICES_FILE = "engine-choices.json"  # in the int8 cache folder (`runner.int8.cache.cache_dir`) of each node
 
 
-def choice_key(model: str) -> str:
-    """Where `auto`'s choice for `model` (an artifact's sha256) holds: this CPU, its int8 flags, torch, the
-    thread count and the candidates."""
+def choice_key(model: str, spec: ModelSpec | None = None) -> str:
+    """Where `auto`'s choice for `model` (an artifact's sha256, of a `spec` model) holds: this CPU, its int8
+    flags, torch, the thread count and the candidates."""
     return (
         f"{model}|{cpu_info()['model']}|{'+'.join(int8_flags())}|torch {torch.__version__}"
-        f"|threads={torch.get_num_threads()}|{','.join(candidate_engines())}|probe {PROBE_REVISION}"
+        f"|threads={torch.get_num_threads()}|{','.join(candidate_engines(spec))}|probe {PROBE_REVISION}"
     )
 
 
