@@ -275,3 +275,8 @@ def print_bits(console, report: QuantizationReport) -> None:
         f"this CPU: {cpu.get('model', '?')} ({' '.join(cpu.get('flags', [])) or 'no SIMD flags read'}); "
         f"the gate ran {report.activation_bits}-bit activations on {report.engine}"
     )
+    if report.attention_matmuls:
+        console.print(
+            "attention matmuls (Conformer layers in int8): bf16 on CPUs with avx512_bf16 or amx_bf16, fp32 "
+            f"elsewhere; the gate ran {report.attention_matmuls}"
+        )

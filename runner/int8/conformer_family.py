@@ -11,6 +11,8 @@ Chosen by measurement (FastConformer-CTC large, 10 s utterances, 2 threads, oned
   tiny FastConformer of the tests, word agreement with fp32 98.2% vs 98.9%. Static scales also
   make an utterance's transcript independent of its batch-mates, as in fp32 (dynamic scales
   changed 3 of ~113 words between batched and alone).
+- The attention matmuls (~20% of the int8 model's time at batch 8) take bf16 operands on a CPU with
+  bf16 in hardware (`engines.attention_dtype`, `cpu_attention`), fp32 elsewhere.
 - The subsampling convs (~20% of the int8 model's time when fp32) are static int8 as well:
   126-161 ms -> ~51 ms for the conv stack at batch 8. They run one utterance at a time at its own
   length (`Int8Subsampling`), so no padded frame reaches them and they need no masking in int8.
@@ -40,6 +42,8 @@ RECIPE = {
     "weights": "qint8 per-channel symmetric (Linear layers; subsampling convs)",
     "activations": "static quint8, calibrated: the input and output of each int8 Linear and of the "
     "subsampling convs; fp32 elsewhere",
+    "attention": "matmul operands in bf16 on CPUs with avx512_bf16 or amx_bf16 (scores and softmax in fp32), "
+    "fp32 elsewhere",
 }
 
 
@@ -123,6 +127,7 @@ class QuantizedConformer(nn.Module):
         if model.head is not None:  # a transducer's prediction + joint networks: fp32, carried in the state dict
             self.head = copy.deepcopy(model.head)
         self.float_units: frozenset[int] = frozenset()
+        self.attention_dtype = torch.float32  # of the int8 layers' attention matmuls (`cpu_attention`)
 
     def unit_names(self) -> list[str]:
         return ["encoder.pre_encode"] + [f"encoder.layers.{i}" for i in range(len(self.encoder.layers))]
@@ -166,7 +171,20 @@ def convert(qmodel: QuantizedConformer) -> QuantizedConformer:
     converted = copy.deepcopy(qmodel)
     for unit in converted.units():
         ao_convert(unit, inplace=True)
-    return converted
+    return cpu_attention(converted)
+
+
+def cpu_attention(qenc: QuantizedConformer) -> QuantizedConformer:
+    """`qenc` with each int8 layer's attention matmuls in this CPU's `attention_dtype` (bf16 where it has
+    bf16 in hardware); layers kept in fp32 stay fp32 throughout. Returns `qenc`."""
+    from runner.int8.engines import attention_dtype
+
+    dtype = attention_dtype()
+    for k, layer in enumerate(qenc.encoder.layers, start=1):
+        if k not in qenc.float_units:
+            layer.self_attn.matmul_dtype = dtype
+    qenc.attention_dtype = dtype
+    return qenc
 
 
 def with_float_units(qenc: QuantizedConformer, model: LeanModel, units: Iterable[int]) -> QuantizedConformer:
@@ -237,4 +255,4 @@ def int8_structure(spec: ModelSpec, float_units: Sequence[int] = ()) -> Quantize
         _wrap_linears(layer, _int8_qlinear)
     qenc.to_empty(device="cpu")  # the fp32 parts: real (empty) storage, filled by load_state_dict
     qenc.float_units = frozenset(float_units)
-    return qenc.eval()
+    return cpu_attention(qenc).eval()

@@ -83,6 +83,9 @@ def quantize_model(
         bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
         report.update(engine=engine, activation_bits=bits, cpu=_cpu())
         converted = _converted(observed, settings.observers, engine)
+        attention = getattr(next(iter(converted.values())), "attention_dtype", None)  # Conformers
+        if attention is not None:  # bf16 where this CPU has it (`engines.attention_dtype`), as on workers
+            report.update(attention_matmuls=str(attention).removeprefix("torch."))
         runs = {name: _runner(q, engine, bits) for name, q in converted.items()}
     with clock("gate"):
         gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)

@@ -27,6 +27,7 @@ class QuantizationReport(Mapping):
     gate: dict = field(default_factory=dict)  # held-out set, mode, fp32 / int8 figures, increase, passed
     engine: str | None = None  # the engine the gate ran on
     activation_bits: int | None = None  # on this CPU (8, or 7 where int8 kernels saturate)
+    attention_matmuls: str | None = None  # Conformers, on this CPU: bfloat16 (bf16 in hardware) or float32
     cpu: dict = field(default_factory=dict)  # model, int8 flags
     observers: dict = field(default_factory=dict)  # candidate -> its gate figures
     observer: str | None = None  # the one chosen

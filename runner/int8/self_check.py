@@ -97,9 +97,11 @@ def check(model, reference: dict) -> dict:
     bits = model.qencoder.activation_bits
     figures = measure(model.logits, reference, model.reader)
     target = expected(reference, bits)
+    attention = getattr(model.qencoder, "attention_dtype", None)  # Conformers: fp32, or bf16 on CPUs with it
     return {
         "engine": model.engine,
         "activation_bits": bits,
+        **({"attention_matmuls": str(attention).removeprefix("torch.")} if attention is not None else {}),
         **figures,
         "passed": passes(figures, target),
         "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")},

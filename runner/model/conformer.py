@@ -111,6 +111,9 @@ class RelPositionAttention(nn.Module):
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
+        # The three matmuls' operand type: fp32, or bf16 in an int8 model on a CPU that multiplies bf16
+        # natively (set by runner.int8.conformer_family); their results go back to fp32 before scaling and softmax.
+        self.matmul_dtype = torch.float32
 
     def forward(
         self, x: torch.Tensor, pos_emb: torch.Tensor, key_bias: torch.Tensor | None, pad_mask: torch.Tensor | None
@@ -128,19 +131,19 @@ class RelPositionAttention(nn.Module):
         564 in a torch.profiler run; the whole model then measured 709 -> 529 ms with the channels-last
         subsampling, best of 15 interleaved passes.)"""
         b, t, _ = x.shape
-        h, d_k = self.h, self.d_k
+        h, d_k, mm = self.h, self.d_k, self.matmul_dtype  # .to(mm) is a no-op in fp32
         q = self.linear_q(x).view(b, t, h, d_k).permute(2, 0, 1, 3)  # [H, B, T, d_k]
-        k = self.linear_k(x).view(b, t, h, d_k).permute(2, 0, 3, 1).reshape(h * b, d_k, t)
-        v = self.linear_v(x).view(b, t, h, d_k).permute(2, 0, 1, 3).reshape(h * b, t, d_k)
-        p = self.linear_pos(pos_emb).view(-1, h, d_k).permute(1, 2, 0)  # [H, d_k, 2T-1]
-        qv = (q + self.pos_bias_v.view(h, 1, 1, d_k)).reshape(h, b * t, d_k)
+        k = self.linear_k(x).view(b, t, h, d_k).permute(2, 0, 3, 1).reshape(h * b, d_k, t).to(mm)
+        v = self.linear_v(x).view(b, t, h, d_k).permute(2, 0, 1, 3).reshape(h * b, t, d_k).to(mm)
+        p = self.linear_pos(pos_emb).view(-1, h, d_k).permute(1, 2, 0).to(mm)  # [H, d_k, 2T-1]
+        qv = (q + self.pos_bias_v.view(h, 1, 1, d_k)).reshape(h, b * t, d_k).to(mm)
         bd = rel_shift(torch.bmm(qv, p).view(h, b, t, -1))  # [H, B, T, T] view
-        qu = (q + self.pos_bias_u.view(h, 1, 1, d_k)).reshape(h * b, t, d_k)
-        scores = torch.baddbmm(bd.reshape(h * b, t, t), qu, k).view(h, b, t, t)
+        qu = (q + self.pos_bias_u.view(h, 1, 1, d_k)).reshape(h * b, t, d_k).to(mm)
+        scores = torch.baddbmm(bd.reshape(h * b, t, t), qu, k).view(h, b, t, t).float()
         scores = scores.mul_(1.0 / math.sqrt(d_k))
         if key_bias is not None:
             scores = scores.add_(key_bias)
-        out = torch.bmm(torch.softmax(scores, dim=-1).view(h * b, t, t), v)
+        out = torch.bmm(torch.softmax(scores, dim=-1).to(mm).view(h * b, t, t), v).float()
         out = out.view(h, b, t, d_k).permute(1, 2, 0, 3).reshape(b, t, h * d_k)
         if pad_mask is not None:
             out = out.masked_fill(pad_mask, 0.0)
