@@ -207,7 +207,8 @@ def main() -> None:
     name = args.model if args.model in ("demo", "quartznet15x5") else Path(args.model).stem
     from runner.sysinfo import cpu_tag
 
-    path = Path(args.out) / f"first_run_{name}{'_cached' if args.cached else ''}-{cpu_tag()}.json"
+    hours = "" if args.hours in (0, 0.25) else f"_{args.hours:g}h"  # the 0.25 h keeps the plain name
+    path = Path(args.out) / f"first_run_{name}{hours}{'_cached' if args.cached else ''}-{cpu_tag()}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 
