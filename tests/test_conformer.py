@@ -318,6 +318,12 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
     assert len(table) == 24 and all(r["status"] == "ok" for r in table)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["precision"] == "int8" and stats["worker_heavy_imports"] == []
+    # the attention matmuls each worker and the driver's gate ran: bf16 where this CPU has it
+    from runner.int8.engines import attention_dtype
+
+    expected = str(attention_dtype()).removeprefix("torch.")
+    assert {w["int8_check"]["attention_matmuls"] for w in stats["worker_info"].values()} == {expected}
+    assert json.loads((out / "quantization.json").read_text())["attention_matmuls"] == expected
     lean = build_model(*load_nemo(fastconformer_file))
     from runner.inputs.audio import load_audio
 
