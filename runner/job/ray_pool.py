@@ -122,6 +122,21 @@ def _token_auth_if_available() -> None:
         )
 
 
+def _stop_autoscaler_monitor(ray) -> None:
+    """Kill the autoscaler monitor of the local cluster this process started, before `ray.shutdown`.
+
+    A local cluster has nothing to autoscale, and `ray.shutdown` gives the monitor a SIGTERM and one
+    second to exit, which it never does, then kills it: 1.0 of the 1.35 s a shutdown took (Ray 2.60,
+    the process timings of `Node._kill_process_type`), on every job's clock. Ray's own handles to it are
+    private; where they are not as expected, the shutdown is Ray's own as before."""
+    try:
+        for info in ray._private.worker._global_node.all_processes.get("monitor", []):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:  # noqa: BLE001 - best effort: Ray's shutdown stops it anyway
+        pass
+
+
 def _reason(exc: Exception, line: int) -> str:
     text = str(exc).strip()
     return text.splitlines()[line] if text else type(exc).__name__
@@ -364,4 +379,5 @@ class RayPool:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         if self._started_ray:
+            _stop_autoscaler_monitor(ray)
             ray.shutdown()
