@@ -37,6 +37,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `asr-runner` command: `main`, then a quick exit (in-process callers use `main`).
+
+    When a command returns, its outputs are written (atomically, fsynced) and Ray is shut down. What is
+    left is the interpreter's teardown of torch's operator registry, Ray's client and the imported
+    modules: 0.79-0.89 s after the demo job's `main` returned on 2 cores, against 0.03-0.04 s with
+    `os._exit`. So the command flushes its log handlers and streams and leaves with `os._exit`. An
+    exception out of `main` (a bug) ends the process the usual way, with its traceback."""
+    import os
+
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else int(code))  # as sys.exit(main()) would
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a flag given before or after the subcommand both count (argparse would
