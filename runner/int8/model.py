@@ -93,6 +93,13 @@ def load_int8(
     return qenc.requires_grad_(False)
 
 
+def attention_matmuls(qenc: nn.Module) -> str | None:
+    """What an int8 encoder's attention matmuls run in, as reports name it (`bfloat16`, `float32`); None
+    for a family without attention (the conv family)."""
+    dtype = getattr(qenc, "attention_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def rebuild(qenc: nn.Module, engine: str, bits: int) -> nn.Module:
     """`qenc` (calibrated at 8 bits, packed for `engine`) as it runs with `bits`-bit activations."""
     if bits == 8:

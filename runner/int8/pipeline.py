@@ -34,6 +34,7 @@ from runner.int8.engines import activation_bits, engine_scope, resolve_engine
 from runner.int8.gate import CHUNKS, MIN_CHUNKS, GateSet, feature_batches, public
 from runner.int8.model import (
     Int8Model,
+    attention_matmuls,
     calibrate,
     convert,
     fallback_possible,
@@ -83,9 +84,9 @@ def quantize_model(
         bits = activation_bits(engine)  # the same rule as every worker's, on this CPU
         report.update(engine=engine, activation_bits=bits, cpu=_cpu())
         converted = _converted(observed, settings.observers, engine)
-        attention = getattr(next(iter(converted.values())), "attention_dtype", None)  # Conformers
-        if attention is not None:  # bf16 where this CPU has it (`engines.attention_dtype`), as on workers
-            report.update(attention_matmuls=str(attention).removeprefix("torch."))
+        attention = attention_matmuls(next(iter(converted.values())))  # Conformers: this CPU's, as on workers
+        if attention is not None:
+            report.update(attention_matmuls=attention)
         runs = {name: _runner(q, engine, bits) for name, q in converted.items()}
     with clock("gate"):
         gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from runner.int8.model import attention_matmuls
 from runner.metrics import normalize_text, wer
 
 REFERENCE_SECONDS = 20.0  # audio the reference holds (a check costs one int8 pass over it)
@@ -97,11 +98,11 @@ def check(model, reference: dict) -> dict:
     bits = model.qencoder.activation_bits
     figures = measure(model.logits, reference, model.reader)
     target = expected(reference, bits)
-    attention = getattr(model.qencoder, "attention_dtype", None)  # Conformers: fp32, or bf16 on CPUs with it
+    attention = attention_matmuls(model.qencoder)  # Conformers: float32, or bfloat16 on CPUs with bf16
     return {
         "engine": model.engine,
         "activation_bits": bits,
-        **({"attention_matmuls": str(attention).removeprefix("torch.")} if attention is not None else {}),
+        **({"attention_matmuls": attention} if attention is not None else {}),
         **figures,
         "passed": passes(figures, target),
         "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")},
