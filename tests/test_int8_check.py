@@ -17,6 +17,7 @@ import torch
 
 from runner.int8.artifact import Artifact, Int8CheckFailed, build_int8_model
 from runner.int8.config import Settings
+from runner.int8.depthwise import library as depthwise_library
 from runner.int8.engines import VNNI_FLAGS, available_engines
 from runner.int8.pipeline import quantize_model
 from runner.job.worker import Int8Payload, ShardWorker
@@ -165,3 +166,35 @@ def test_figures_are_labelled_with_the_int8_kind_the_flags_name():
     assert int8_kind(["asimd", "asimddp"]) == "arm-dotprod" and int8_kind([]) == "other"
     epyc = {"model": "AMD EPYC 9B45 128-Core Processor", "machine": "x86_64", "flags": ["avx2", "fma"]}
     assert cpu_tag(epyc) == "amd-epyc-9b45-avx2"
+
+
+@pytest.mark.skipif(
+    not ({"avx2", "fma"} <= set(cpu_info()["flags"]) and depthwise_library() is not None),
+    reason="the AVX2 depthwise kernel runs on x86 CPUs with AVX2 and FMA",
+)
+def test_only_the_avx2_kind_runs_our_depthwise_kernel(qn15, monkeypatch):
+    """CPUs without VNNI (here claimed by the override where the CPU has it) run the conv family's depthwise
+    convs on our AVX2 kernel, self-checked like the rest; with VNNI the engine's kernel stays. Both builds
+    of the same artifact agree, and the swapped model saves the engine's state dict."""
+    from runner.int8.depthwise import DepthwiseConv1d
+
+    _lean, art, _audio = qn15
+    built = {}
+    for flags in ("avx2 fma", CLAIMS_VNNI):
+        monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", flags)
+        built[flags] = build_int8_model(art.to_bytes(), "onednn")
+    ours, engines = built["avx2 fma"], built[CLAIMS_VNNI]
+    swapped = [m for m in ours.model.qencoder.modules() if isinstance(m, DepthwiseConv1d)]
+    assert ours.int8_check["depthwise_convs"] == "runner-avx2" and ours.int8_check["activation_bits"] == 7
+    assert len(swapped) == 15 * 5  # every separable block's depthwise convs but the strided/dilated ones
+    assert ours.int8_check["passed"] and ours.int8_check["logit_cosine"] >= 0.999
+    assert engines.int8_check["depthwise_convs"] == "onednn"
+    assert not any(isinstance(m, DepthwiseConv1d) for m in engines.model.qencoder.modules())
+    # the same artifact at 7 bits with the engine's depthwise convs: the same logits but for rounding ties
+    monkeypatch.setattr("runner.int8.depthwise.applies", lambda engine, cpu_flags=None: False)
+    monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", "avx2 fma")
+    plain = build_int8_model(art.to_bytes(), "onednn")
+    feats, frames = art.reference["features"], art.reference["frames"]
+    a, b = ours.model.logits(feats, frames)[0], plain.model.logits(feats, frames)[0]
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()) >= 0.99999
+    assert ours.model.qencoder.state_dict().keys() == plain.model.qencoder.state_dict().keys()

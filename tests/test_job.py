@@ -15,6 +15,7 @@ import torch
 from runner.cli.main import main
 from runner.inputs.audio import load_audio
 from runner.inputs.manifest import iter_manifest
+from runner.int8 import depthwise
 from runner.int8.engines import candidate_engines, choose_engine
 from runner.job.events import EventKind
 from runner.job.run import JobFailed, run_job
@@ -313,10 +314,12 @@ def test_int8_job_quantizes_once_gates_and_agrees_with_fp32(
         assert check["passed"] and check["fallback"] is None and check["engine"] == info["engine"]
         assert check["activation_bits"] == activation_bits(check["engine"])
         assert {"logit_cosine", "frame_agreement", "wer_vs_fp32", "attempts"} <= set(check)
+        assert check["depthwise_convs"] == ("runner-avx2" if depthwise.applies(check["engine"]) else check["engine"])
     worst = stats["int8_check"]
     assert worst["workers"] == len(stats["worker_info"]) and worst["fallbacks"] == {}
     assert worst["logit_cosine"] == min(i["int8_check"]["logit_cosine"] for i in stats["worker_info"].values())
     report = json.loads((out / "quantization.json").read_text())
+    assert report["depthwise_convs"] == ("runner-avx2" if depthwise.applies(report["engine"]) else report["engine"])
     assert report["gate"]["passed"] and report["gate"]["mode"] == "references"
     assert report["calibration"]["utterances"] == 40 and report["gate"]["utterances"] == 60
     assert not set(report["calibration"]["ids"]) & set(report["gate"]["ids"])

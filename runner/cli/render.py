@@ -275,6 +275,11 @@ def print_bits(console, report: QuantizationReport) -> None:
         f"this CPU: {cpu.get('model', '?')} ({' '.join(cpu.get('flags', [])) or 'no SIMD flags read'}); "
         f"the gate ran {report.activation_bits}-bit activations on {report.engine}"
     )
+    if report.depthwise_convs:
+        console.print(
+            "depthwise convs: our AVX2 kernel on x86 CPUs without VNNI (2.6-3.4x oneDNN's there), the engine's "
+            f"elsewhere; the gate ran {report.depthwise_convs}"
+        )
     if report.attention_matmuls:
         console.print(
             "attention matmuls (Conformer layers in int8): bf16 on CPUs with avx512_bf16 or amx_bf16, fp32 "

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from runner.errors import QuantizationError
+from runner.int8 import depthwise
 from runner.int8.artifact import Artifact, build_int8_model
 from runner.int8.config import Settings
 from runner.int8.engines import activation_bits, engine_scope, resolve_engine
@@ -87,6 +88,8 @@ def quantize_model(
         attention = attention_matmuls(next(iter(converted.values())))  # Conformers: this CPU's, as on workers
         if attention is not None:
             report.update(attention_matmuls=attention)
+        else:  # the conv family: our AVX2 depthwise kernel on CPUs without VNNI, as on workers
+            report.update(depthwise_convs=depthwise.NAME if depthwise.applies(engine) else engine)
         runs = {name: _runner(q, engine, bits) for name, q in converted.items()}
     with clock("gate"):
         gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)

@@ -28,6 +28,7 @@ class QuantizationReport(Mapping):
     engine: str | None = None  # the engine the gate ran on
     activation_bits: int | None = None  # on this CPU (8, or 7 where int8 kernels saturate)
     attention_matmuls: str | None = None  # Conformers, on this CPU: bfloat16 (bf16 in hardware) or float32
+    depthwise_convs: str | None = None  # conv family, on this CPU: runner-avx2 (no VNNI) or the engine's name
     cpu: dict = field(default_factory=dict)  # model, int8 flags
     observers: dict = field(default_factory=dict)  # candidate -> its gate figures
     observer: str | None = None  # the one chosen

@@ -93,16 +93,23 @@ def passes(figures: dict, target: dict | None) -> bool:
     )
 
 
+def depthwise_convs(model) -> str:
+    """What the conv family's int8 depthwise convs run on: `runner-avx2` (our kernel, CPUs without VNNI,
+    `runner.int8.depthwise`) or the engine's name."""
+    return getattr(model.qencoder, "depthwise_convs", None) or model.engine
+
+
 def check(model, reference: dict) -> dict:
     """The self-check of an int8 model (`Int8Model`): its figures, engine, activation bits and verdict."""
     bits = model.qencoder.activation_bits
     figures = measure(model.logits, reference, model.reader)
     target = expected(reference, bits)
     attention = attention_matmuls(model.qencoder)  # Conformers: float32, or bfloat16 on CPUs with bf16
+    family = {"attention_matmuls": attention} if attention is not None else {"depthwise_convs": depthwise_convs(model)}
     return {
         "engine": model.engine,
         "activation_bits": bits,
-        **({"attention_matmuls": attention} if attention is not None else {}),
+        **family,
         **figures,
         "passed": passes(figures, target),
         "expected": None if target is None else {k: target[k] for k in ("logit_cosine", "frame_agreement")},

@@ -1,0 +1,175 @@
+"""The conv family's int8 depthwise convolutions on x86 CPUs without VNNI: our AVX2 kernel.
+
+On such CPUs oneDNN's int8 depthwise kernel multiplies one tap at a time in 32-bit lanes, no faster than
+fp32: QuartzNet15x5's depthwise convs (kernels 33-87) took 33-37% of its int8 time for 9% of its
+multiply-adds (AMD EPYC avx2, `benchmarks/conv_profile.py`), while its pointwise convs ran 5.7x faster
+per multiply-add. `_depthwise.c` pairs two taps per 32-bit lane (vpmaddwd, exact in int32 for any u8
+input) and measured 2.9-3.7x oneDNN's kernel on QuartzNet's shapes (`benchmarks/depthwise_kernel.py`).
+With VNNI or AMX, oneDNN's own kernel (brdgmm) is as fast, and it stays.
+
+`cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
+int8 decisions read (`sysinfo.int8_flags`, which `ASR_RUNNER_CPU_FLAGS` may replace) and in the CPU's own
+flags, no VNNI/AMX flag, an x86 engine (not qnnpack), and the compiled library present (`pip install`
+builds it; where it could not, the engine's kernel runs). Only stride-1, 'same'-padded depthwise convs
+with an odd kernel and a multiple of 8 channels are swapped (QuartzNet's, Jasper's and Citrinet's, but
+their strided first convs). The module is an `nnq.Conv1d` (same state dict, same packed weights for
+`rebuild`), whose forward calls the kernel. Outputs match oneDNN's to the step but for rare rounding ties
+(a few in 10^6 one step off), and every worker's self-check measures the model as it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import platform
+from functools import cache
+
+import torch
+import torch.ao.nn.quantized as nnq
+from torch import nn
+
+from runner.int8.engines import VNNI_FLAGS, X86_MACHINES
+from runner.sysinfo import cpu_info, int8_flags
+
+NAME = "runner-avx2"  # what reports call this kernel (`depthwise_convs`); else the engine's name
+NEEDS = frozenset({"avx2", "fma"})
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (`runner/int8/_depthwise.c`, built by `pip install`), or None where it is missing
+    or this CPU cannot run it. Loaded after torch (imported above), it binds to torch's OpenMP runtime."""
+    spec = importlib.util.find_spec("runner.int8._depthwise")
+    if spec is None or not spec.origin:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    lib.dw_available.restype = _I
+    lib.dw_pack.argtypes = [_P, _I, _I, _P]
+    lib.dw_pack.restype = None
+    lib.dw_forward.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I]
+    lib.dw_forward.restype = _I
+    return lib if lib.dw_available() else None
+
+
+def applies(engine: str, cpu_flags=None) -> bool:
+    """Whether the conv family's depthwise convs run our AVX2 kernel on this CPU with `engine`."""
+    flags = set(int8_flags() if cpu_flags is None else cpu_flags)
+    return (
+        engine != "qnnpack"
+        and platform.machine().lower() in X86_MACHINES
+        and NEEDS <= flags
+        and not flags & VNNI_FLAGS
+        and NEEDS <= set(cpu_info()["flags"])  # never on a CPU without AVX2, whatever the override says
+        and library() is not None
+    )
+
+
+def swappable(module: nn.Module) -> bool:
+    """An int8 depthwise conv the kernel computes: stride 1, dilation 1, odd kernel, padding K // 2 (zeros),
+    channels a multiple of 8."""
+    if type(module) is not nnq.Conv1d:
+        return False
+    k = module.kernel_size[0]
+    c = module.in_channels
+    return (
+        module.groups == c == module.out_channels
+        and c % 8 == 0
+        and module.stride[0] == 1
+        and module.dilation[0] == 1
+        and k % 2 == 1
+        and module.padding[0] == k // 2
+        and module.padding_mode == "zeros"
+    )
+
+
+class DepthwiseConv1d(nnq.Conv1d):
+    """An int8 depthwise `nnq.Conv1d` computed by `_depthwise.c` (its state dict and packed weights are
+    nnq.Conv1d's, so it saves, copies and rebuilds like one)."""
+
+    @classmethod
+    def of(cls, conv: nnq.Conv1d) -> DepthwiseConv1d:
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            padding=conv.padding[0],
+            groups=conv.groups,
+            bias=conv.bias() is not None,
+        )
+        new.set_weight_bias(conv.weight(), conv.bias())
+        new.scale, new.zero_point = conv.scale, conv.zero_point
+        return new
+
+    def set_weight_bias(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        super().set_weight_bias(w, b)  # also called on load_state_dict and deepcopy
+        c, k = w.shape[0], w.shape[-1]
+        ints = w.int_repr().reshape(c, k).contiguous()
+        self._packed = torch.empty(c * ((k + 1) // 2), dtype=torch.int32)
+        library().dw_pack(ints.data_ptr(), c, k, self._packed.data_ptr())
+        self._weight_sum = ints.sum(1, dtype=torch.int32)
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales, zero_points = w.q_per_channel_scales(), w.q_per_channel_zero_points()
+        else:  # nnq.Conv1d's placeholder before the real weights are set
+            scales, zero_points = torch.full((c,), w.q_scale()), torch.full((c,), w.q_zero_point())
+        if bool(zero_points.ne(0).any()):
+            raise ValueError("DepthwiseConv1d needs symmetric int8 weights (zero points 0)")
+        self._weight_scale = scales.double()
+        self._bias = torch.zeros(c, dtype=torch.double) if b is None else b.detach().double()
+        self._factors: tuple | None = None
+
+    def _requant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 multiplier and offset per channel, and the input zero point's share of each sum."""
+        key = (x.q_scale(), x.q_zero_point(), float(self.scale), int(self.zero_point))
+        if self._factors is None or self._factors[0] != key:
+            sx, zx, sy, zy = key
+            mul = (sx * self._weight_scale / sy).float()
+            add = (self._bias / sy + zy).float()
+            comp = (zx * self._weight_sum).int()
+            self._factors = (key, mul, add, comp)
+        return self._factors[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.dtype != torch.quint8:
+            raise ValueError(f"DepthwiseConv1d expects a quint8 [B, C, T] tensor, got {x.dtype} {tuple(x.shape)}")
+        n, c, t = x.shape
+        if x.stride() != (t * c, 1, c):  # channels last, as oneDNN's convolutions leave their outputs
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        mul, add, comp = self._requant(x)
+        out = torch._empty_affine_quantized(
+            (n, t, c), scale=float(self.scale), zero_point=int(self.zero_point), dtype=torch.quint8
+        )
+        status = library().dw_forward(
+            x.data_ptr(),
+            n,
+            t,
+            c,
+            self.kernel_size[0],
+            self._packed.data_ptr(),
+            mul.data_ptr(),
+            add.data_ptr(),
+            comp.data_ptr(),
+            out.data_ptr(),
+            x.q_zero_point(),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError(f"the int8 depthwise kernel could not allocate its scratch for {tuple(x.shape)}")
+        return out.transpose(1, 2)
+
+    def _get_name(self) -> str:
+        return "DepthwiseConv1dAVX2"
+
+
+def cpu_depthwise(qenc: nn.Module, engine: str) -> nn.Module:
+    """`qenc` (the conv family's int8 encoder, loaded) with its depthwise convs on our kernel where it
+    `applies`; records what they run on as `qenc.depthwise_convs` (`NAME` or the engine's name)."""
+    use = applies(engine)
+    if use:
+        for name, module in list(qenc.named_modules()):
+            if swappable(module):
+                parent, _, leaf = name.rpartition(".")
+                setattr(qenc.get_submodule(parent) if parent else qenc, leaf, DepthwiseConv1d.of(module))
+    qenc.depthwise_convs = NAME if use else engine
+    return qenc
