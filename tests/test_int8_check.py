@@ -178,12 +178,15 @@ def test_only_the_avx2_kind_runs_our_depthwise_kernel(qn15, monkeypatch):
     of the same artifact agree, and the swapped model saves the engine's state dict."""
     from runner.int8.depthwise import DepthwiseConv1d
 
-    _lean, art, _audio = qn15
+    _lean, art, audio = qn15
     built = {}
-    for flags in ("avx2 fma", CLAIMS_VNNI):
+    for flags in (CLAIMS_VNNI, "avx2 fma"):
         monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", flags)
         built[flags] = build_int8_model(art.to_bytes(), "onednn")
     ours, engines = built["avx2 fma"], built[CLAIMS_VNNI]
+    worker = ShardWorker(Int8Payload(art.to_bytes(), "onednn"), threads=1, options=DecodeOptions())  # as in a job
+    assert worker.info()["int8_check"]["depthwise_convs"] == "runner-avx2"
+    ours_texts = transcribe_batch(worker.model, audio[:3])
     swapped = [m for m in ours.model.qencoder.modules() if isinstance(m, DepthwiseConv1d)]
     assert ours.int8_check["depthwise_convs"] == "runner-avx2" and ours.int8_check["activation_bits"] == 7
     assert len(swapped) == 15 * 5  # every separable block's depthwise convs but the strided/dilated ones
@@ -197,4 +200,5 @@ def test_only_the_avx2_kind_runs_our_depthwise_kernel(qn15, monkeypatch):
     feats, frames = art.reference["features"], art.reference["frames"]
     a, b = ours.model.logits(feats, frames)[0], plain.model.logits(feats, frames)[0]
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()) >= 0.99999
+    assert ours_texts == transcribe_batch(plain.model, audio[:3]) and all(ours_texts), ours_texts
     assert ours.model.qencoder.state_dict().keys() == plain.model.qencoder.state_dict().keys()
