@@ -4,7 +4,8 @@ On such CPUs oneDNN's int8 depthwise kernel multiplies one tap at a time in 32-b
 fp32: QuartzNet15x5's depthwise convs (kernels 33-87) took 33-37% of its int8 time for 9% of its
 multiply-adds (AMD EPYC avx2, `benchmarks/conv_profile.py`), while its pointwise convs ran 5.7x faster
 per multiply-add. `_depthwise.c` pairs two taps per 32-bit lane (vpmaddwd, exact in int32 for any u8
-input) and measured 2.9-3.7x oneDNN's kernel on QuartzNet's shapes (`benchmarks/depthwise_kernel.py`).
+input): 2.6-3.4x oneDNN's kernel on QuartzNet15x5's shapes, 1.17x / 1.27x on its whole int8 model at
+batch 1 / 8 (`benchmarks/depthwise_kernel.py`, oneDNN capped to its AVX2 kernels on a VNNI EPYC).
 With VNNI or AMX, oneDNN's own kernel (brdgmm) is as fast, and it stays.
 
 `cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
@@ -12,7 +13,7 @@ int8 decisions read (`sysinfo.int8_flags`, which `ASR_RUNNER_CPU_FLAGS` may repl
 flags, no VNNI/AMX flag, an x86 engine (not qnnpack), and the compiled library present (`pip install`
 builds it; where it could not, the engine's kernel runs). Only stride-1, 'same'-padded depthwise convs
 with an odd kernel and a multiple of 8 channels are swapped (QuartzNet's, Jasper's and Citrinet's, but
-their strided first convs). The module is an `nnq.Conv1d` (same state dict, same packed weights for
+strided or dilated ones). The module is an `nnq.Conv1d` (same state dict, same packed weights for
 `rebuild`), whose forward calls the kernel. Outputs match oneDNN's to the step but for rare rounding ties
 (a few in 10^6 one step off), and every worker's self-check measures the model as it runs.
 """
