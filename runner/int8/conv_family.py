@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from runner.int8 import depthwise
 from runner.int8.observers import qconfig, quiet
 from runner.model.arch import ModelSpec
 from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite
@@ -259,6 +260,17 @@ def eight_bit_outputs(spec: ModelSpec, state_dict: dict, engine: str) -> set[str
             out |= {k for k in keys if k.startswith(prefix + "res.") and k.endswith(".conv.scale")}
             out |= {k for k in keys if k.startswith(prefix + "mconv.") and k.endswith(".requant.scale")}
     return out & keys
+
+
+def cpu_depthwise(qenc: QuantizedEncoder, engine: str) -> QuantizedEncoder:
+    """`qenc` (loaded) with its depthwise convs on our AVX2 kernel where it applies on this CPU
+    (`runner.int8.depthwise`); records what they run on as `qenc.depthwise_convs`. Returns `qenc`."""
+    qenc.depthwise_convs = depthwise.kernel_for(engine)
+    if qenc.depthwise_convs == depthwise.NAME:
+        for name, module in list(qenc.named_modules()):
+            if depthwise.swappable(module):
+                _set(qenc, name, depthwise.DepthwiseConv1d.of(module))
+    return qenc
 
 
 def _qconv(cls, conv: nn.Conv1d, bias: bool):

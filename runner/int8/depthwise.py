@@ -8,7 +8,7 @@ input): 2.6-3.4x oneDNN's kernel on QuartzNet15x5's shapes, 1.17x / 1.27x on its
 batch 1 / 8 (`benchmarks/depthwise_kernel.py`, oneDNN capped to its AVX2 kernels on a VNNI EPYC).
 With VNNI or AMX, oneDNN's own kernel (brdgmm) is as fast, and it stays.
 
-`cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
+`conv_family.cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
 int8 decisions read (`sysinfo.int8_flags`, which `ASR_RUNNER_CPU_FLAGS` may replace) and in the CPU's own
 flags, no VNNI/AMX flag, an x86 engine (not qnnpack), and the compiled library present (`pip install`
 builds it; where it could not, the engine's kernel runs). Only stride-1, 'same'-padded depthwise convs
@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import platform
 from functools import cache
 
 import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
-from runner.int8.engines import VNNI_FLAGS, X86_MACHINES
+from runner.int8.engines import activation_bits
 from runner.sysinfo import cpu_info, int8_flags
 
 NAME = "runner-avx2"  # what reports call this kernel (`depthwise_convs`); else the engine's name
@@ -55,16 +54,20 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(engine: str, cpu_flags=None) -> bool:
-    """Whether the conv family's depthwise convs run our AVX2 kernel on this CPU with `engine`."""
+    """Whether the conv family's depthwise convs run our AVX2 kernel on this CPU with `engine`: where its
+    int8 kernels lack VNNI (`activation_bits` gives 7: x86, an x86 engine, no VNNI/AMX flag), with AVX2 and FMA."""
     flags = set(int8_flags() if cpu_flags is None else cpu_flags)
     return (
-        engine != "qnnpack"
-        and platform.machine().lower() in X86_MACHINES
+        activation_bits(engine, flags) == 7
         and NEEDS <= flags
-        and not flags & VNNI_FLAGS
         and NEEDS <= set(cpu_info()["flags"])  # never on a CPU without AVX2, whatever the override says
         and library() is not None
     )
+
+
+def kernel_for(engine: str) -> str:
+    """What the conv family's depthwise convs run on with `engine` on this CPU, as reports name it."""
+    return NAME if applies(engine) else engine
 
 
 def swappable(module: nn.Module) -> bool:
@@ -161,16 +164,3 @@ class DepthwiseConv1d(nnq.Conv1d):
 
     def _get_name(self) -> str:
         return "DepthwiseConv1dAVX2"
-
-
-def cpu_depthwise(qenc: nn.Module, engine: str) -> nn.Module:
-    """`qenc` (the conv family's int8 encoder, loaded) with its depthwise convs on our kernel where it
-    `applies`; records what they run on as `qenc.depthwise_convs` (`NAME` or the engine's name)."""
-    use = applies(engine)
-    if use:
-        for name, module in list(qenc.named_modules()):
-            if swappable(module):
-                parent, _, leaf = name.rpartition(".")
-                setattr(qenc.get_submodule(parent) if parent else qenc, leaf, DepthwiseConv1d.of(module))
-    qenc.depthwise_convs = NAME if use else engine
-    return qenc

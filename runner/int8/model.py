@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from runner.int8 import conformer_family, conv_family
-from runner.int8.depthwise import cpu_depthwise
 from runner.int8.engines import activation_bits, engine_scope
 from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
@@ -91,7 +90,7 @@ def load_int8(
         qenc = _family(spec).int8_structure(spec, float_units)
         qenc.load_state_dict(with_activation_bits(state_dict, bits, keep), strict=True)
         if not _conformer(spec):
-            qenc = cpu_depthwise(qenc, engine)
+            qenc = conv_family.cpu_depthwise(qenc, engine)
     qenc.activation_bits = bits
     return qenc.requires_grad_(False)
 

@@ -89,7 +89,7 @@ def quantize_model(
         if attention is not None:
             report.update(attention_matmuls=attention)
         else:  # the conv family: our AVX2 depthwise kernel on CPUs without VNNI, as on workers
-            report.update(depthwise_convs=depthwise.NAME if depthwise.applies(engine) else engine)
+            report.update(depthwise_convs=depthwise.kernel_for(engine))
         runs = {name: _runner(q, engine, bits) for name, q in converted.items()}
     with clock("gate"):
         gate = GateSet(model, gate_audio, references, chunks=CHUNKS if settings.early_stop else 1)
