@@ -170,16 +170,13 @@ def main() -> None:
     for batch in (1, 8):
         f, n = feats[:batch], lens[:batch]
         with torch.inference_mode():
-            ref = lean.logits(f, n)[0] if hasattr(lean, "logits") else None
-            runs = {
-                name: lambda m=m, f=f, n=n: m.model.logits(f, n) for name, m in (("engine", engine), ("ours", ours))
+            ref = lean.logits(f, n)[0]
+            built = {"engine": engine, "ours": ours}
+            t = alternated({name: lambda m=m, f=f, n=n: m.model.logits(f, n) for name, m in built.items()}, args.rounds)
+            cos = {
+                name: round(float(torch.nn.functional.cosine_similarity(m.model.logits(f, n)[0], ref, dim=1).mean()), 6)
+                for name, m in built.items()
             }
-            t = alternated(runs, args.rounds)
-            cos = {}
-            if ref is not None:
-                for name, m in (("engine", engine), ("ours", ours)):
-                    out = m.model.logits(f, n)[0]
-                    cos[name] = round(float(torch.nn.functional.cosine_similarity(out, ref, dim=1).mean()), 6)
         row = {"batch": batch, "cosine_vs_fp32": cos}
         for name in ("engine", "ours"):
             xrt = [10 * batch / s for s in t[name]]
