@@ -1,7 +1,7 @@
 """What a worker does with an int8 artifact, on a CPU that has no NeMo: torch only, as the job's workers run.
 
     # on the driver's machine (NeMo): quantize as a job does, save the bytes and 10 s test features
-    .venv/bin/python benchmarks/worker_check.py save DIR [--arch quartznet citrinet]
+    .venv/bin/python benchmarks/worker_check.py save DIR [--arch quartznet citrinet fastconformer] [--medium]
     # on the other CPU (torch, rapidfuzz and this checkout; `pip install` or gcc builds the kernel)
     python benchmarks/worker_check.py run DIR [--emulate-avx2] [--threads 2] [--rounds 7]
 
@@ -49,7 +49,7 @@ from runner.sysinfo import cpu_info, cpu_tag, int8_flags  # noqa: E402
 BATCHES = (1, 8)
 
 
-def save(out: Path, archs: list[str]) -> None:
+def save(out: Path, archs: list[str], medium: bool) -> None:
     from cpu_kinds import build_nemo, features
     from lean_model import ten_second_utterances
 
@@ -65,7 +65,7 @@ def save(out: Path, archs: list[str]) -> None:
     calibration = [a for _t, _v, a in synthesize_many(sentences(32, seed=9), seed=9)]
     gate = [a for _t, _v, a in synthesize_many(sentences(16, seed=3), seed=3)]
     for arch in archs:
-        lean = build_model(*describe(build_nemo(arch, quick=False))).eval()
+        lean = build_model(*describe(build_nemo(arch, quick=medium))).eval()
         settings = Settings(max_wer_increase=1.0, observers=("histogram",))  # random weights: gate reported
         t0 = time.perf_counter()
         data = quantize_model(lean, calibration, gate, None, settings).to_bytes()
@@ -134,7 +134,7 @@ def run(folder: Path, rounds: int) -> dict:
             "int8_check": loaded.int8_check,
             "systems": {},
         }
-        if EMULATE and depthwise.applies(loaded.engine):
+        if EMULATE and "depthwise_convs" in loaded.int8_check and depthwise.applies(loaded.engine):
             applies = depthwise.applies
             depthwise.applies = lambda engine, cpu_flags=None: False  # the engine's own depthwise convs
             try:
@@ -143,8 +143,10 @@ def run(folder: Path, rounds: int) -> dict:
                 depthwise.applies = applies
         check = loaded.int8_check
         print(
-            f"{arch}: {loaded.engine}, {check['activation_bits']}-bit activations, depthwise "
-            f"{check.get('depthwise_convs', '-')}; self-check cosine {check['logit_cosine']:.5f}, frames "
+            f"{arch}: {loaded.engine}, {check['activation_bits']}-bit activations, "
+            + (f"depthwise {check['depthwise_convs']}" if "depthwise_convs" in check else "")
+            + (f"attention matmuls {check['attention_matmuls']}" if "attention_matmuls" in check else "")
+            + f"; probe {loaded.engine_seconds}; self-check cosine {check['logit_cosine']:.5f}, frames "
             f"{check['frame_agreement']:.3f}, passed {check['passed']}; built in {row['load_seconds']} s",
             flush=True,
         )
@@ -170,7 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("save", "run"))
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--arch", nargs="+", default=["quartznet", "citrinet"])
+    parser.add_argument(
+        "--arch", nargs="+", default=["quartznet", "citrinet"], help="save: quartznet citrinet fastconformer"
+    )
+    parser.add_argument(
+        "--medium", action="store_true", help="save: FastConformer-CTC medium, not large (a smaller artifact)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--emulate-avx2", action="store_true")
@@ -178,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "save":
-        save(args.folder, args.arch)
+        save(args.folder, args.arch, args.medium)
         return
     report = run(args.folder, args.rounds)
     name = f"worker_check-{cpu_tag()}{'-emulated-avx2' if EMULATE else ''}.json"
