@@ -1,0 +1,130 @@
+"""Two or more builds of the AVX2 int8 depthwise kernel (`runner/int8/_depthwise.c`) side by side, with oneDNN's.
+
+    .venv/bin/python benchmarks/depthwise_builds.py OLD.c NEW.c [--threads 2] [--calls 41]
+
+Each source is compiled as `pip install` compiles it (gcc -O3 -fopenmp) into a temporary folder and loaded
+with ctypes, so variants of the kernel are timed in one process on the same data: QuartzNet15x5's depthwise
+shapes (channels, kernel), 500 frames, batch 1 and 8, 7-bit input. Each build's output must equal the first
+build's. oneDNN's int8 depthwise conv on the same weights and input is timed too (capped at its AVX2 kernels
+with `ONEDNN_MAX_CPU_ISA=AVX2` on a CPU with VNNI, set here before torch loads). Needs only torch and gcc: no
+NeMo, so it runs on any x86 machine with AVX2.
+
+Statistic, fixed before the runs: the median of `--calls` calls per build, the builds alternating call by call
+after two warm-up calls each; ratios are the first build's median over each one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
+
+if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_info()["flags"]):
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"  # oneDNN's kernels of a CPU without VNNI
+
+import torch  # noqa: E402
+import torch.ao.nn.quantized as nnq  # noqa: E402
+
+SHAPES = [(256, 33), (256, 39), (512, 51), (512, 63), (512, 75)]  # QuartzNet15x5's stride-1 depthwise convs
+FRAMES = 500  # 10 s after the 2x stride
+PTR, INT = ctypes.c_void_p, ctypes.c_int
+
+
+def build(source: Path, folder: Path) -> ctypes.CDLL:
+    out = folder / f"{source.stem}-{len(list(folder.iterdir()))}.so"
+    subprocess.run(["gcc", "-O3", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(out)], check=True)
+    lib = ctypes.CDLL(str(out))
+    lib.dw_pack.argtypes, lib.dw_pack.restype = [PTR, INT, INT, PTR], None
+    lib.dw_forward.argtypes, lib.dw_forward.restype = [PTR, INT, INT, INT, INT, PTR, PTR, PTR, PTR, PTR, INT, INT], INT
+    return lib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=41)
+    args = parser.parse_args()
+    for missing in [s for s in args.sources if not s.is_file()]:
+        sys.exit(f"{missing}: no such file (give the kernel's C sources, e.g. runner/int8/_depthwise.c)")
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = "onednn"
+    warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # torch.ao's deprecation notice
+    cpu = cpu_info()
+    print(
+        f"CPU {cpu['model']}, flags {' '.join(cpu['flags'])}; ONEDNN_MAX_CPU_ISA="
+        f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; {args.threads} threads; median of {args.calls} calls"
+    )
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {f"{s.name}#{i}": build(s, Path(tmp)) for i, s in enumerate(args.sources)}
+        for batch in (1, 8):
+            for channels, kernel in SHAPES:
+                w = torch.randint(-127, 128, (channels, kernel), dtype=torch.int8, generator=g)
+                x = torch.randint(0, 128, (batch, FRAMES, channels), dtype=torch.uint8, generator=g)
+                mul, add = torch.rand(channels) * 0.01, torch.rand(channels) * 10
+                comp = torch.zeros(channels, dtype=torch.int32)
+                packed = torch.empty(channels * ((kernel + 1) // 2), dtype=torch.int32)
+                ptrs = (
+                    x.data_ptr(),
+                    batch,
+                    FRAMES,
+                    channels,
+                    kernel,
+                    packed.data_ptr(),
+                    mul.data_ptr(),
+                    add.data_ptr(),
+                    comp.data_ptr(),
+                )
+                outs = {name: torch.empty(batch, FRAMES, channels, dtype=torch.uint8) for name in libs}
+                calls = {}
+                for name, lib in libs.items():
+                    lib.dw_pack(w.data_ptr(), channels, kernel, packed.data_ptr())  # same packing in every build
+                    calls[name] = lambda lib=lib, o=outs[name], a=ptrs: lib.dw_forward(
+                        *a, o.data_ptr(), 3, args.threads
+                    )
+                conv = nnq.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+                scales = torch.full((channels,), 0.01, dtype=torch.double)
+                weight = torch.quantize_per_channel(
+                    w.float().unsqueeze(1) * 0.01, scales, torch.zeros(channels, dtype=torch.long), 0, torch.qint8
+                )
+                conv.set_weight_bias(weight, torch.zeros(channels))
+                conv.scale, conv.zero_point = 0.05, 3
+                xq = torch._make_per_tensor_quantized_tensor(x, 0.02, 3).permute(0, 2, 1)  # channels last
+                calls["oneDNN"] = lambda conv=conv, xq=xq: conv(xq)
+                times: dict[str, list[float]] = {name: [] for name in calls}
+                with torch.inference_mode():
+                    for fn in calls.values():
+                        fn(), fn()
+                    for _ in range(args.calls):
+                        for name, fn in calls.items():
+                            t0 = time.perf_counter()
+                            fn()
+                            times[name].append(time.perf_counter() - t0)
+                first = next(iter(outs.values()))
+                if not all(torch.equal(first, o) for o in outs.values()):
+                    sys.exit(f"batch {batch}, C {channels}, K {kernel}: the builds' outputs differ")
+                med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                base = med[next(iter(libs))]
+                row = "  ".join(f"{name} {m:.3f} ms ({base / m:.2f}x)" for name, m in med.items() if name != "oneDNN")
+                print(
+                    f"batch {batch} C {channels} K {kernel}: oneDNN {med['oneDNN']:.3f} ms "
+                    f"({med['oneDNN'] / base:.2f}x the first build's time); {row}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
