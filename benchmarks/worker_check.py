@@ -122,8 +122,13 @@ def run(folder: Path, rounds: int) -> dict:
         "statistic": "median of alternated rounds (min-max)",
         "archs": {},
     }
-    for path in sorted(folder.glob("*.int8")):
+    artifacts = sorted(folder.glob("*.int8"))
+    if not artifacts:
+        sys.exit(f"{folder}: no <arch>.int8 artifacts; make them with `worker_check.py save {folder}` where NeMo is")
+    for path in artifacts:
         arch, data = path.stem, path.read_bytes()
+        if not (folder / f"{arch}-test.pt").is_file():
+            sys.exit(f"{folder / (arch + '-test.pt')}: missing; `save` writes it beside {path.name}")
         test = torch.load(folder / f"{arch}-test.pt")
         t0 = time.perf_counter()
         loaded = build_int8_model(data, "auto")
@@ -173,7 +178,7 @@ def main() -> None:
     parser.add_argument("what", choices=("save", "run"))
     parser.add_argument("folder", type=Path)
     parser.add_argument(
-        "--arch", nargs="+", default=["quartznet", "citrinet"], help="save: quartznet citrinet fastconformer"
+        "--arch", nargs="+", default=["quartznet", "citrinet"], choices=("quartznet", "citrinet", "fastconformer")
     )
     parser.add_argument(
         "--medium", action="store_true", help="save: FastConformer-CTC medium, not large (a smaller artifact)"
