@@ -22,12 +22,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
@@ -36,6 +36,7 @@ if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_info()["flags"]):
 
 import torch  # noqa: E402
 import torch.ao.nn.quantized as nnq  # noqa: E402
+from alternate import alternated  # noqa: E402
 
 SHAPES = [(256, 33), (256, 39), (512, 51), (512, 63), (512, 75)]  # QuartzNet15x5's stride-1 depthwise convs
 FRAMES = 500  # 10 s after the 2x stride
@@ -104,15 +105,8 @@ def main() -> None:
                 conv.scale, conv.zero_point = 0.05, 3
                 xq = torch._make_per_tensor_quantized_tensor(x, 0.02, 3).permute(0, 2, 1)  # channels last
                 calls["oneDNN"] = lambda conv=conv, xq=xq: conv(xq)
-                times: dict[str, list[float]] = {name: [] for name in calls}
                 with torch.inference_mode():
-                    for fn in calls.values():
-                        fn(), fn()
-                    for _ in range(args.calls):
-                        for name, fn in calls.items():
-                            t0 = time.perf_counter()
-                            fn()
-                            times[name].append(time.perf_counter() - t0)
+                    times = alternated(calls, args.calls, warmups=2)
                 first = next(iter(outs.values()))
                 if not all(torch.equal(first, o) for o in outs.values()):
                     sys.exit(f"batch {batch}, C {channels}, K {kernel}: the builds' outputs differ")

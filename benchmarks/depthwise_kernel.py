@@ -43,6 +43,7 @@ if EMULATED:  # before torch loads oneDNN
 
 import torch  # noqa: E402
 import torch.ao.nn.quantized as nnq  # noqa: E402
+from alternate import alternated, figure  # noqa: E402
 from cpu_kinds import build_nemo  # noqa: E402
 
 from runner.int8 import depthwise  # noqa: E402
@@ -54,27 +55,6 @@ from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.sysinfo import cpu_tag, int8_flags  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
-
-
-def alternated(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, the fns alternating within every round (after one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def figure(seconds: list[float], scale: float = 1e3) -> dict:
-    return {
-        "median": round(scale * statistics.median(seconds), 4),
-        "min": round(scale * min(seconds), 4),
-        "max": round(scale * max(seconds), 4),
-    }
 
 
 @torch.inference_mode()
@@ -99,8 +79,8 @@ def kernel_shapes(int8_model, frames: int, rounds: int) -> list[dict]:
                     "channels": channels,
                     "kernel": kernel,
                     "batch": batch,
-                    "engine_ms": figure(t["engine"]),
-                    "ours_ms": figure(t["ours"]),
+                    "engine_ms": figure(t["engine"], 1e3),
+                    "ours_ms": figure(t["ours"], 1e3),
                     "speedup": round(e / o, 2),
                     "engine_gmacs": round(macs / e / 1e9, 1),
                     "ours_gmacs": round(macs / o / 1e9, 1),
@@ -180,7 +160,7 @@ def main() -> None:
         row = {"batch": batch, "cosine_vs_fp32": cos}
         for name in ("engine", "ours"):
             xrt = [10 * batch / s for s in t[name]]
-            row[name] = {"x_real_time": figure(xrt, 1.0), "ms": figure(t[name])}
+            row[name] = {"x_real_time": figure(xrt), "ms": figure(t[name], 1e3)}
         row["speedup"] = round(statistics.median(t["engine"]) / statistics.median(t["ours"]), 3)
         models.append(row)
         print(

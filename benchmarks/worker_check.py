@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ if EMULATE:  # before torch loads oneDNN
     os.environ["ASR_RUNNER_CPU_FLAGS"] = "avx2 fma"
 
 import torch  # noqa: E402
+from alternate import alternated, figure  # noqa: E402
 
 from runner.int8 import depthwise  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
@@ -76,22 +76,6 @@ def save(out: Path, archs: list[str], medium: bool) -> None:
             logits, logit_lens = lean.logits(feats, lens)
         (out / f"{arch}.int8").write_bytes(data)
         torch.save({"feats": feats, "lens": lens, "logits": logits, "logit_lens": logit_lens}, out / f"{arch}-test.pt")
-
-
-def figure(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
-
-
-def alternated(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 @torch.inference_mode()
@@ -162,7 +146,7 @@ def run(folder: Path, rounds: int) -> dict:
             with torch.inference_mode():
                 t = alternated({name: lambda m=m, f=f, n=n: m.model.logits(f, n) for name, m in built.items()}, rounds)
             for name in built:
-                row["systems"][name][f"batch_{batch}_x_real_time"] = figure([10 * batch / s for s in t[name]])
+                row["systems"][name][f"batch_{batch}_x_real_time"] = figure([10 * batch / s for s in t[name]], digits=2)
         for name, s in row["systems"].items():
             print(
                 f"  {name}: x real time batch 1 {s['batch_1_x_real_time']}, batch 8 {s['batch_8_x_real_time']}; "
