@@ -277,7 +277,7 @@ def print_bits(console, report: QuantizationReport) -> None:
     )
     if report.depthwise_convs:
         console.print(
-            "depthwise convs: our AVX2 kernel on x86 CPUs without VNNI (2.6-3.4x oneDNN's there), the engine's "
+            "depthwise convs: our AVX2 kernel on x86 CPUs without VNNI (2.6-4.6x oneDNN's there), the engine's "
             f"elsewhere; the gate ran {report.depthwise_convs}"
         )
     if report.attention_matmuls:

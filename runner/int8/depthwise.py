@@ -5,7 +5,8 @@ fp32: QuartzNet15x5's depthwise convs (kernels 33-87) took 33-37% of its int8 ti
 multiply-adds (AMD EPYC avx2, `benchmarks/conv_profile.py`), while its pointwise convs ran 5.7x faster
 per multiply-add. `_depthwise.c` pairs two taps per 32-bit lane (vpmaddwd, exact in int32 for any u8
 input): 2.6-3.4x oneDNN's kernel on QuartzNet15x5's shapes, 1.17x / 1.27x on its whole int8 model at
-batch 1 / 8 (`benchmarks/depthwise_kernel.py`, oneDNN capped to its AVX2 kernels on a VNNI EPYC).
+batch 1 / 8 (`benchmarks/depthwise_kernel.py`, oneDNN capped to its AVX2 kernels on a VNNI EPYC); 3.0-4.6x
+and 1.46x / 1.43x capped the same way on an Intel Xeon with AMX (`depthwise_builds.py`, `worker_check.py`).
 With VNNI or AMX, oneDNN's own kernel (brdgmm) is as fast, and it stays.
 
 `conv_family.cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
