@@ -1,7 +1,7 @@
 """int8 on this CPU kind: the runner's int8 next to ONNX Runtime and OpenVINO (NNCF) int8, speed and accuracy.
 
     .venv/bin/python benchmarks/cpu_kinds.py [--arch quartznet,citrinet,fastconformer] [--rounds 5]
-        [--clips 8] [--threads 2] [--quick] [--out benchmarks/results]
+        [--clips 8] [--threads 2] [--quick] [--emulate-avx2] [--out benchmarks/results]
 
 Prints figures and writes JSON (benchmarks/results/cpu_kinds-<cpu model>-<int8 kind>.json, one entry per architecture,
 merged into what an earlier run on the same CPU kind wrote); not a test. See DESIGN.md, "CPU kinds":
@@ -22,6 +22,13 @@ round); the statistic is the median of `--rounds` timed rounds (>= 3), min and m
 Accuracy of every system but NeMo against the lean fp32 logits of the same clips: logit cosine (mean
 over valid frames of the per-frame cosine over the vocabulary) and greedy argmax frame agreement.
 `--quick`: 1 round, 2 clips, small calibration, FastConformer medium (checks the script, not figures).
+`--emulate-avx2`, on a CPU with VNNI or AMX: the AVX2-only kind's int8 kernels, as `emulation.py` sets them
+(oneDNN and MKL capped at AVX2 for torch and OpenVINO, the runner's int8 flags "avx2 fma", OpenVINO's float
+parts in f32 as on a CPU without bf16). ONNX Runtime is not capped: its rows stay this CPU's own kernels.
+Which kernels OpenVINO compiled to is recorded (`openvino_kernels`). The cores stay this CPU's: the figures
+compare kernels, not an AVX2 machine's speed; the JSON name ends in -emulated-avx2.
+`--engine-depthwise`: where the runner's AVX2 depthwise kernel runs, also `runner_int8_engine_dw`, the same
+artifact with the engine's own depthwise convs (what the kernel gains).
 Needs the `bench` extra (onnxruntime, onnxscript, openvino, nncf).
 """
 
@@ -37,23 +44,28 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from emulation import emulate_avx2, has_vnni  # noqa: E402
+
+EMULATE = "--emulate-avx2" in sys.argv
+MODE = emulate_avx2() if EMULATE else "native"  # before torch or OpenVINO loads oneDNN
+
+import torch  # noqa: E402
 from cpu_kinds_report import print_arch  # noqa: E402
 from lean_model import ten_second_utterances  # noqa: E402
-from peers import exportable_conformer, onnx_sessions, openvino_models  # noqa: E402
+from peers import exportable_conformer, onnx_sessions, openvino_kernels, openvino_models  # noqa: E402
 
+from runner.int8 import depthwise  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
-from runner.int8.config import Settings
+from runner.int8.config import Settings  # noqa: E402
 from runner.int8.pipeline import GateFailed, quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
 from runner.sysinfo import cpu_info, cpu_tag  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
-from runner.training.recipes import (
+from runner.training.recipes import (  # noqa: E402
     build_nemo_model,
     citrinet_256_config,
     fastconformer_ctc_config,
@@ -101,8 +113,19 @@ def int8_facts(loaded) -> dict:
     return facts
 
 
-def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
-    """The int8 model a job's worker runs: calibrated, gated artifact -> bytes -> `build_int8_model(auto)`."""
+def with_engine_depthwise(data: bytes, engine: str):
+    """The same artifact built with the engine's own depthwise convs instead of the runner's AVX2 kernel."""
+    applies = depthwise.applies
+    depthwise.applies = lambda engine, cpu_flags=None: False
+    try:
+        return build_int8_model(data, engine).model
+    finally:
+        depthwise.applies = applies
+
+
+def runner_int8(lean, calibration, gate, quick: bool, engine_dw: bool = False) -> tuple[dict, dict]:
+    """The int8 model a job's worker runs: calibrated, gated artifact -> bytes -> `build_int8_model(auto)`;
+    {system name: model}, with "runner_int8_engine_dw" too where `engine_dw` and the AVX2 kernel ran."""
     settings = Settings(
         max_wer_increase=1.0,  # random weights: the gate's figures are reported, not enforced
         observers=("histogram",) if quick else Settings().observers,
@@ -113,10 +136,13 @@ def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
         made, t0 = time.perf_counter() - t0, time.perf_counter()
         loaded = build_int8_model(art.to_bytes(), "auto")
     except GateFailed as exc:
-        return None, {"error": f"GateFailed: {exc}", "report": exc.report}
+        return {}, {"error": f"GateFailed: {exc}", "report": exc.report}
     except Exception as exc:  # reported in the table; the peers are still measured
-        return None, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
-    return loaded.model, {
+        return {}, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
+    models = {"runner_int8": loaded.model}
+    if engine_dw and loaded.int8_check.get("depthwise_convs") == depthwise.NAME:
+        models["runner_int8_engine_dw"] = with_engine_depthwise(art.to_bytes(), loaded.engine)
+    return models, {
         **int8_facts(loaded),
         "quantize_seconds": round(made, 1),
         "load_seconds": round(time.perf_counter() - t0, 2),
@@ -126,7 +152,7 @@ def runner_int8(lean, calibration, gate, quick: bool) -> tuple[object, dict]:
     }
 
 
-def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
+def system_fns(nemo, lean, int8: dict, sessions: dict, compiled: dict) -> dict:
     """name -> fn(feats [B, F, T]) -> logits [B, C, T'] (NeMo: log-probabilities [B, T', C])."""
 
     def lens(x):
@@ -153,8 +179,7 @@ def system_fns(nemo, lean, int8, sessions: dict, compiled: dict) -> dict:
         return run
 
     fns = {"nemo_fp32": nemo_fn, "lean_fp32": torch_fn(lean)}
-    if int8 is not None:
-        fns["runner_int8"] = torch_fn(int8)
+    fns.update({name: torch_fn(m) for name, m in int8.items()})
     fns.update({name: ort_fn(s) for name, s in sessions.items()})
     fns.update({name: ov_fn(m) for name, m in compiled.items()})
     return fns
@@ -215,15 +240,17 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
     print(f"[{arch}] building models and the runner's int8 artifact ...", flush=True)
     nemo = build_nemo(arch, args.quick)
     lean = build_model(*describe(nemo)).eval()
-    int8, int8_info = runner_int8(lean, audio["calibration"], audio["gate"], args.quick)
-    if int8 is None:
+    int8, int8_info = runner_int8(lean, audio["calibration"], audio["gate"], args.quick, args.engine_depthwise)
+    if not int8:
         print(f"[{arch}] runner int8: {int8_info['error']}", flush=True)
     feats, calibration = features(lean, audio["clips"]), features(lean, audio["calibration"])
     print(f"[{arch}] ONNX export and ONNX Runtime int8 ...", flush=True)
     with exportable_conformer():
         sessions = onnx_sessions(lean, calibration, args.threads, folder)
     print(f"[{arch}] OpenVINO and NNCF int8 ...", flush=True)
-    compiled = openvino_models(folder / "enc_fp32.onnx", calibration, args.threads, arch == "fastconformer")
+    compiled = openvino_models(
+        folder / "enc_fp32.onnx", calibration, args.threads, arch == "fastconformer", "f32" if EMULATE else None
+    )
     fns = system_fns(nemo, lean, int8, sessions, compiled)
     by8 = [torch.stack(feats[i : i + 8]) for i in range(0, len(feats), 8)]
     result = {
@@ -236,6 +263,7 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "runner_int8": int8_info,
+        "openvino_kernels": {name: openvino_kernels(m) for name, m in compiled.items()},
         "accuracy": accuracy(fns, by8, lean),
         "speed": {},
     }
@@ -270,6 +298,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8, help="10 s utterances timed (and compared)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 round, 2 clips, small calibration: checks the script")
+    parser.add_argument("--emulate-avx2", action="store_true", help="on a VNNI CPU: the AVX2-only kind's kernels")
+    parser.add_argument(
+        "--engine-depthwise",
+        action="store_true",
+        help="where the runner's AVX2 depthwise kernel runs, also time the int8 model with the engine's own",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -283,7 +317,10 @@ def main() -> None:
     quiet_nemo_logging()
     torch.set_num_threads(args.threads)
     cpu = cpu_info()
+    if EMULATE and not has_vnni(cpu["flags"]):
+        parser.error("--emulate-avx2 is for CPUs with VNNI or AMX; this CPU runs the AVX2 kind's kernels natively")
     print(f"CPU {cpu['model']} ({cpu['logical_cpus']} logical, {cpu['machine']}), flags: {', '.join(cpu['flags'])}")
+    print(MODE + ("; ONNX Runtime is not capped (this CPU's own kernels)" if EMULATE else ""))
     ver = versions()
     print(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; {args.threads} threads each", flush=True)
     audio = {
@@ -291,9 +328,10 @@ def main() -> None:
         "calibration": [a for _t, _v, a in synthesize_many(sentences(8 if args.quick else 32, seed=9), seed=9)],
         "gate": [a for _t, _v, a in synthesize_many(sentences(4 if args.quick else 16, seed=3), seed=3)],
     }
-    out = Path(args.out) / f"cpu_kinds-{cpu_tag(cpu)}{'-quick' if args.quick else ''}.json"
+    suffix = ("-emulated-avx2" if EMULATE else "") + ("-quick" if args.quick else "")
+    out = Path(args.out) / f"cpu_kinds-{cpu_tag(cpu)}{suffix}.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
-    report = {"cpu": cpu, "versions": ver, "threads": args.threads, "archs": saved.get("archs", {})}
+    report = {"cpu": cpu, "mode": MODE, "versions": ver, "threads": args.threads, "archs": saved.get("archs", {})}
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
             report["archs"][arch] = bench_arch(arch, audio, args, Path(tmp))

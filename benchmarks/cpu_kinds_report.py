@@ -21,6 +21,8 @@ def print_arch(arch: str, r: dict) -> None:
             f"fp32 units {info['float_units']}, quantized in {info['quantize_seconds']} s"
         )
         print(f"  int8_check: {json.dumps(info.get('int8_check'), default=str)}")
+    for name, kinds in r.get("openvino_kernels", {}).items():
+        print(f"{name} kernels: " + ", ".join(f"{k} x{n}" for k, n in kinds.items() if not k.startswith("Reorder")))
     if r["load_at_start"] > 0.3 * (os.cpu_count() or 1):  # later load averages include this benchmark's own
         print(
             f"WARNING: the machine was busy before the benchmark started (1-min load {r['load_at_start']}); "
@@ -28,8 +30,9 @@ def print_arch(arch: str, r: dict) -> None:
             "speeds are not figures to quote"
         )
     speed_b1, speed_b8 = r["speed"]["b1"], r["speed"]["b8"]
+    width = max(12, *(len(k) for k in speed_b1))
     print(
-        f"{'system':12} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
+        f"{'system':{width}} {'batch 1 x RT: median [min-max]':>32} {'batch ' + str(speed_b8['batch']):>9} "
         f"{'x RT: median [min-max]':>22} {'cosine':>8} {'argmax':>7}"
     )
     for name in (k for k in speed_b1 if k != "batch"):
@@ -40,4 +43,4 @@ def print_arch(arch: str, r: dict) -> None:
             if "logit_cosine" in acc
             else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
         )
-        print(f"{name:12} {cells[0]:>32} {cells[1]:>32} {figures}")
+        print(f"{name:{width}} {cells[0]:>32} {cells[1]:>32} {figures}")

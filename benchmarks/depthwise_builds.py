@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from emulation import emulate_avx2, has_vnni  # noqa: E402
+
 from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
-if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_info()["flags"]):
-    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"  # oneDNN's kernels of a CPU without VNNI
+if has_vnni(cpu_info()["flags"]):
+    emulate_avx2(runner_flags=False)  # oneDNN's kernels of a CPU without VNNI
 
 import torch  # noqa: E402
 import torch.ao.nn.quantized as nnq  # noqa: E402

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,13 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from emulation import emulate_avx2, has_vnni  # noqa: E402
+
 from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
-VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
-EMULATED = bool(VNNI & set(cpu_info()["flags"]))
-if EMULATED:  # before torch loads oneDNN
-    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    os.environ["ASR_RUNNER_CPU_FLAGS"] = "avx2 fma"
+EMULATED = has_vnni(cpu_info()["flags"])
+MODE = emulate_avx2() if EMULATED else "native"  # before torch loads oneDNN
 
 import torch  # noqa: E402
 import torch.ao.nn.quantized as nnq  # noqa: E402
@@ -109,11 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_nemo_logging()
     cpu = cpu_info()
-    mode = (
-        "EMULATED AVX2 kind on a VNNI CPU: ONEDNN_MAX_CPU_ISA=AVX2, ASR_RUNNER_CPU_FLAGS='avx2 fma'"
-        if EMULATED
-        else "native"
-    )
+    mode = MODE
     print(f"CPU {cpu['model']}, flags {' '.join(cpu['flags'])}; int8 flags read: {' '.join(int8_flags())}")
     print(f"{mode}; {args.threads} threads; kernel applies: {depthwise.applies('onednn')}")
     if not depthwise.applies("onednn"):

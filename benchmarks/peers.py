@@ -2,7 +2,8 @@
 
 `onnx_sessions`: the ONNX export (features [B, F, T] -> logits [B, C, T']) and ONNX Runtime fp32 and
 int8 (static QDQ, per-channel) sessions of it, used by vs_peers.py and cpu_kinds.py;
-`openvino_models`: OpenVINO fp32 and NNCF post-training int8 of that export (cpu_kinds.py);
+`openvino_models`: OpenVINO fp32 and NNCF post-training int8 of that export (cpu_kinds.py), and
+`openvino_kernels`: which kernels OpenVINO compiled them to;
 `exportable_conformer`: what a Conformer needs during the export. Needs the `bench` extra.
 """
 
@@ -97,8 +98,11 @@ def equal_windows(feats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [whole[:, i : i + n] for i in range(0, whole.shape[1] - n + 1, n)]
 
 
-def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: int, transformer: bool) -> dict:
-    """OpenVINO fp32 and NNCF post-training int8 compiled models of the ONNX fp32 export."""
+def openvino_models(
+    onnx_fp32: Path, calibration: list[torch.Tensor], threads: int, transformer: bool, int8_float: str | None = None
+) -> dict:
+    """OpenVINO fp32 and NNCF post-training int8 compiled models of the ONNX fp32 export. `int8_float`: the
+    precision of what stays float in the int8 model (None: OpenVINO's default, bf16 where the CPU has it)."""
     import nncf
     import openvino as ov
 
@@ -120,5 +124,18 @@ def openvino_models(onnx_fp32: Path, calibration: list[torch.Tensor], threads: i
             ),
         }
     qmodel = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows), **options)
-    int8 = core.compile_model(qmodel, "CPU", config)  # default precision for what stays float: its best
+    hint = {"INFERENCE_PRECISION_HINT": int8_float} if int8_float else {}  # default: its best
+    int8 = core.compile_model(qmodel, "CPU", {**config, **hint})
     return {"ov_fp32": fp32, "ov_int8": int8}
+
+
+def openvino_kernels(compiled) -> dict[str, int]:
+    """How many of a compiled model's compute nodes run each kernel, "Layer: primitive" -> count, as its
+    runtime graph reports them (e.g. "Convolution: jit_avx2_1x1_I8"): which ISA it dispatched to."""
+    kinds: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer, kernel = (info[k].astype(str) if k in info else "?" for k in ("layerType", "primitiveType"))
+        if layer not in ("Const", "Input", "Output", "Reshape"):
+            kinds[f"{layer}: {kernel}"] = kinds.get(f"{layer}: {kernel}", 0) + 1
+    return dict(sorted(kinds.items()))

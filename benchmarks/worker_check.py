@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from emulation import emulate_avx2  # noqa: E402
+
 EMULATE = "--emulate-avx2" in sys.argv
-if EMULATE:  # before torch loads oneDNN
-    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    os.environ["ASR_RUNNER_CPU_FLAGS"] = "avx2 fma"
+MODE = emulate_avx2() if EMULATE else "native"  # before torch loads oneDNN
 
 import torch  # noqa: E402
 from alternate import alternated, figure  # noqa: E402
@@ -90,7 +89,7 @@ def accuracy(model, test: dict) -> dict:
 
 def run(folder: Path, rounds: int) -> dict:
     cpu = cpu_info()
-    mode = "emulated AVX2 kind (ONEDNN_MAX_CPU_ISA=AVX2, ASR_RUNNER_CPU_FLAGS='avx2 fma')" if EMULATE else "native"
+    mode = MODE
     print(f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}", flush=True)
     print(
         f"{mode}; int8 flags read: {' '.join(int8_flags())}; torch {torch.__version__}, {torch.get_num_threads()} "
