@@ -39,7 +39,7 @@ from runner.int8.engines import attention_dtype  # noqa: E402
 from runner.int8.pipeline import quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.sysinfo import cpu_info, cpu_tag  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_label, cpu_tag  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 
 SETTINGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_nemo_logging()
     cpu = cpu_info()
-    print(f"CPU {cpu['model']}, flags: {', '.join(cpu['flags'])}; {args.threads} threads", flush=True)
+    print(f"CPU {cpu_label(cpu)}, flags: {', '.join(cpu['flags'])}; {args.threads} threads", flush=True)
     print(f"the runner's choice on this CPU: {attention_dtype()}", flush=True)
     nemo = build_nemo("fastconformer", quick=args.size == "medium")
     lean = build_model(*describe(nemo)).eval()

@@ -63,7 +63,7 @@ from runner.int8.config import Settings  # noqa: E402
 from runner.int8.pipeline import GateFailed, quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.sysinfo import cpu_info, cpu_tag  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_label, cpu_tag  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 from runner.training.recipes import (  # noqa: E402
     build_nemo_model,
@@ -319,7 +319,7 @@ def main() -> None:
     cpu = cpu_info()
     if EMULATE and not has_vnni(cpu["flags"]):
         parser.error("--emulate-avx2 is for CPUs with VNNI or AMX; this CPU runs the AVX2 kind's kernels natively")
-    print(f"CPU {cpu['model']} ({cpu['logical_cpus']} logical, {cpu['machine']}), flags: {', '.join(cpu['flags'])}")
+    print(f"CPU {cpu_label(cpu)} ({cpu['logical_cpus']} logical, {cpu['machine']}), flags: {', '.join(cpu['flags'])}")
     print(MODE + ("; ONNX Runtime is not capped (this CPU's own kernels)" if EMULATE else ""))
     ver = versions()
     print(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; {args.threads} threads each", flush=True)

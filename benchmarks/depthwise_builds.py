@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from emulation import emulate_avx2, has_vnni  # noqa: E402
 
-from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
+from runner.sysinfo import cpu_info, cpu_label  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
 if has_vnni(cpu_info()["flags"]):
     emulate_avx2(runner_flags=False)  # oneDNN's kernels of a CPU without VNNI
@@ -67,7 +67,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # torch.ao's deprecation notice
     cpu = cpu_info()
     print(
-        f"CPU {cpu['model']}, flags {' '.join(cpu['flags'])}; ONEDNN_MAX_CPU_ISA="
+        f"CPU {cpu_label(cpu)}, flags {' '.join(cpu['flags'])}; ONEDNN_MAX_CPU_ISA="
         f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; {args.threads} threads; median of {args.calls} calls"
     )
     g = torch.Generator().manual_seed(0)

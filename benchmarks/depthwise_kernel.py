@@ -51,7 +51,7 @@ from runner.int8.engines import engine_scope  # noqa: E402
 from runner.int8.pipeline import quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.sysinfo import cpu_tag, int8_flags  # noqa: E402
+from runner.sysinfo import cpu_label, cpu_tag, int8_flags  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     quiet_nemo_logging()
     cpu = cpu_info()
     mode = MODE
-    print(f"CPU {cpu['model']}, flags {' '.join(cpu['flags'])}; int8 flags read: {' '.join(int8_flags())}")
+    print(f"CPU {cpu_label(cpu)}, flags {' '.join(cpu['flags'])}; int8 flags read: {' '.join(int8_flags())}")
     print(f"{mode}; {args.threads} threads; kernel applies: {depthwise.applies('onednn')}")
     if not depthwise.applies("onednn"):
         sys.exit("the AVX2 depthwise kernel does not apply here (see runner/int8/depthwise.py: applies)")

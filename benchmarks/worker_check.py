@@ -43,7 +43,7 @@ from alternate import alternated, figure  # noqa: E402
 
 from runner.int8 import depthwise  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
-from runner.sysinfo import cpu_info, cpu_tag, int8_flags  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_label, cpu_tag, int8_flags  # noqa: E402
 
 BATCHES = (1, 8)
 
@@ -90,7 +90,7 @@ def accuracy(model, test: dict) -> dict:
 def run(folder: Path, rounds: int) -> dict:
     cpu = cpu_info()
     mode = MODE
-    print(f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}", flush=True)
+    print(f"CPU {cpu_label(cpu)}; flags {' '.join(cpu['flags'])}", flush=True)
     print(
         f"{mode}; int8 flags read: {' '.join(int8_flags())}; torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; AVX2 depthwise kernel applies: {depthwise.applies('onednn')}",

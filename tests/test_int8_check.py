@@ -9,6 +9,7 @@ diagnostic override `ASR_RUNNER_CPU_FLAGS` makes a worker believe it has VNNI, s
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,22 @@ def test_worker_falls_back_to_fp32_loudly_or_stops_the_job(qn15, caplog):
         ShardWorker(
             Int8Payload(payload.artifact, "auto", "stop", payload.fp32_checkpoint), threads=2, options=DecodeOptions()
         )
+
+
+def test_figures_name_the_core_behind_a_generic_model_name():
+    from runner.sysinfo import core_name, cpu_info, cpu_label
+
+    assert core_name("AuthenticAMD", 23, 0x31) == "Zen 2"  # EPYC 7002 (Rome)
+    assert core_name("AuthenticAMD", 25, 0x01) == "Zen 3"  # EPYC 7003 (Milan)
+    assert core_name("AuthenticAMD", 25, 0x11) == "Zen 4"  # EPYC 9004 (Genoa)
+    assert core_name("AuthenticAMD", 26, 0x02) == "Zen 5"  # EPYC 9005 (Turin)
+    assert core_name("GenuineIntel", 6, 207) == "Emerald Rapids"
+    assert core_name("GenuineIntel", 6, 1) is None and core_name("AuthenticAMD", 25, 0x90) is None
+    assert cpu_label({"model": "AMD EPYC", "core": "Zen 2"}) == "AMD EPYC (Zen 2)"
+    assert cpu_label({"model": "Graviton", "core": None}) == "Graviton"
+    cpu = cpu_info()
+    if cpu["machine"] == "x86_64":  # Linux x86 reports vendor, family and model in /proc/cpuinfo
+        assert re.fullmatch(r"\w+ family \d+ model \d+", cpu["cpuid"]), cpu
 
 
 def test_figures_are_labelled_with_the_int8_kind_the_flags_name():
