@@ -66,10 +66,11 @@ def onnx_sessions(lean, calibration: list[torch.Tensor], threads: int, folder: P
 
 @contextmanager
 def exportable_conformer():
-    """During the ONNX export only, two lean Conformer pieces in NeMo's own form (the same values): the
+    """During the ONNX export only, three lean Conformer pieces in NeMo's own form (the same values): the
     `as_strided` `rel_shift` (which the TorchScript exporter cannot give a dynamic time axis) as NeMo's
-    pad-view-slice, and the conv module's channels-last [B, C, 1, T] depthwise conv2d trick as NeMo's
-    transpose + Conv1d (NNCF int8 of the trick's graph fails in OpenVINO for any other length)."""
+    pad-view-slice; the conv module's channels-last [B, C, 1, T] depthwise conv2d trick as NeMo's
+    transpose + Conv1d (NNCF int8 of the trick's graph fails in OpenVINO for any other length), and the
+    attention's one-copy cast (`_packed`: empty + copy_, which the exporter has no ONNX op for) as a cast."""
     from runner.model import conformer
 
     def pad_view_slice(bd: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,15 @@ def exportable_conformer():
         y = self.batch_norm(self.depthwise_conv(x.transpose(1, 2)))
         return self.pointwise_conv2(self.activation(y).transpose(1, 2))
 
-    saved = conformer.rel_shift, conformer.ConformerConvolution.forward
-    conformer.rel_shift, conformer.ConformerConvolution.forward = pad_view_slice, conv_module
+    def packed(x: torch.Tensor, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        return x.to(dtype).contiguous().view(*shape)
+
+    saved = conformer.rel_shift, conformer.ConformerConvolution.forward, conformer._packed
+    conformer.rel_shift, conformer.ConformerConvolution.forward, conformer._packed = pad_view_slice, conv_module, packed
     try:
         yield
     finally:
-        conformer.rel_shift, conformer.ConformerConvolution.forward = saved
+        conformer.rel_shift, conformer.ConformerConvolution.forward, conformer._packed = saved
 
 
 def equal_windows(feats: list[torch.Tensor]) -> list[torch.Tensor]:
