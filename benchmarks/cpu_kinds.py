@@ -116,7 +116,7 @@ def int8_facts(loaded) -> dict:
 def with_engine_depthwise(data: bytes, engine: str):
     """The same artifact built with the engine's own depthwise convs instead of the runner's AVX2 kernel."""
     applies = depthwise.applies
-    depthwise.applies = lambda engine, cpu_flags=None: False
+    depthwise.applies = lambda *_args, **_kwargs: False
     try:
         return build_int8_model(data, engine).model
     finally:
@@ -243,6 +243,8 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
     int8, int8_info = runner_int8(lean, audio["calibration"], audio["gate"], args.quick, args.engine_depthwise)
     if not int8:
         print(f"[{arch}] runner int8: {int8_info['error']}", flush=True)
+    elif args.engine_depthwise and "runner_int8_engine_dw" not in int8:
+        print(f"[{arch}] --engine-depthwise: the AVX2 depthwise kernel does not run here; nothing to compare")
     feats, calibration = features(lean, audio["clips"]), features(lean, audio["calibration"])
     print(f"[{arch}] ONNX export and ONNX Runtime int8 ...", flush=True)
     with exportable_conformer():
