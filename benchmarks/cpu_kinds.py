@@ -264,6 +264,7 @@ def bench_arch(arch: str, audio: dict, args, folder: Path) -> dict:
         "quick": args.quick,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_before": [round(x, 2) for x in os.getloadavg()],
+        "emulated": EMULATE,
         "runner_int8": int8_info,
         "openvino_kernels": {name: openvino_kernels(m) for name, m in compiled.items()},
         "accuracy": accuracy(fns, by8, lean),

@@ -44,3 +44,22 @@ def print_arch(arch: str, r: dict) -> None:
             else f"  {acc.get('error', 'reference' if name == 'lean_fp32' else '-')}"
         )
         print(f"{name:{width}} {cells[0]:>32} {cells[1]:>32} {figures}")
+    print_ratios(r["speed"], r.get("emulated", False))
+
+
+def print_ratios(speed: dict, emulated: bool) -> None:
+    """The runner's int8 against what issue 15's targets name, per batch size: OpenVINO int8, NeMo fp32 and
+    the fastest peer configuration (ratios of medians; emulated, OpenVINO's only: ONNX Runtime is not capped)."""
+    peer_names = ("ov_fp32", "ov_int8") if emulated else ("ort_fp32", "ort_int8", "ov_fp32", "ov_int8")
+    for b in ("b1", "b8"):
+        s = {name: v["median"] for name, v in speed[b].items() if name != "batch"}
+        if "runner_int8" not in s:
+            return
+        runner, peers = s["runner_int8"], {name: s[name] for name in peer_names if name in s}
+        refs = ("ov_int8", "nemo_fp32", "runner_int8_engine_dw")
+        parts = [f"{runner / s[ref]:.2f}x {ref}" for ref in refs if ref in s]
+        if peers:
+            fastest = max(peers, key=peers.get)
+            which = "the faster OpenVINO" if emulated else "the fastest peer"
+            parts.append(f"{runner / peers[fastest]:.2f}x {which} ({fastest})")
+        print(f"runner int8 at batch {speed[b]['batch']}: " + ", ".join(parts))
