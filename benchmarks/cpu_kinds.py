@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from emulation import emulate_avx2, has_vnni  # noqa: E402
+from emulation import emulate_avx2, has_vnni, with_engine_depthwise  # noqa: E402
 
 EMULATE = "--emulate-avx2" in sys.argv
 MODE = emulate_avx2() if EMULATE else "native"  # before torch or OpenVINO loads oneDNN
@@ -113,16 +113,6 @@ def int8_facts(loaded) -> dict:
     return facts
 
 
-def with_engine_depthwise(data: bytes, engine: str):
-    """The same artifact built with the engine's own depthwise convs instead of the runner's AVX2 kernel."""
-    applies = depthwise.applies
-    depthwise.applies = lambda *_args, **_kwargs: False
-    try:
-        return build_int8_model(data, engine).model
-    finally:
-        depthwise.applies = applies
-
-
 def runner_int8(lean, calibration, gate, quick: bool, engine_dw: bool = False) -> tuple[dict, dict]:
     """The int8 model a job's worker runs: calibrated, gated artifact -> bytes -> `build_int8_model(auto)`;
     {system name: model}, with "runner_int8_engine_dw" too where `engine_dw` and the AVX2 kernel ran."""
@@ -141,7 +131,7 @@ def runner_int8(lean, calibration, gate, quick: bool, engine_dw: bool = False) -
         return {}, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
     models = {"runner_int8": loaded.model}
     if engine_dw and loaded.int8_check.get("depthwise_convs") == depthwise.NAME:
-        models["runner_int8_engine_dw"] = with_engine_depthwise(art.to_bytes(), loaded.engine)
+        models["runner_int8_engine_dw"] = with_engine_depthwise(art.to_bytes(), loaded.engine).model
     return models, {
         **int8_facts(loaded),
         "quantize_seconds": round(made, 1),

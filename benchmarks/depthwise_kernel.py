@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from emulation import emulate_avx2, has_vnni  # noqa: E402
+from emulation import emulate_avx2, has_vnni, with_engine_depthwise  # noqa: E402
 
 from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
@@ -107,9 +107,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_nemo_logging()
     cpu = cpu_info()
-    mode = MODE
     print(f"CPU {cpu_label(cpu)}, flags {' '.join(cpu['flags'])}; int8 flags read: {' '.join(int8_flags())}")
-    print(f"{mode}; {args.threads} threads; kernel applies: {depthwise.applies('onednn')}")
+    print(f"{MODE}; {args.threads} threads; kernel applies: {depthwise.applies('onednn')}")
     if not depthwise.applies("onednn"):
         sys.exit("the AVX2 depthwise kernel does not apply here (see runner/int8/depthwise.py: applies)")
 
@@ -122,12 +121,7 @@ def main() -> None:
     print(f"quantized in {time.perf_counter() - t0:.1f} s")
     data = art.to_bytes()
     ours = build_int8_model(data, "onednn")
-    applies = depthwise.applies
-    depthwise.applies = lambda engine, cpu_flags=None: False  # the engine's own depthwise convs
-    try:
-        engine = build_int8_model(data, "onednn")
-    finally:
-        depthwise.applies = applies
+    engine = with_engine_depthwise(data, "onednn")
     print(
         f"self-checks: ours {ours.int8_check['depthwise_convs']} cosine {ours.int8_check['logit_cosine']}, "
         f"engine {engine.int8_check['depthwise_convs']} cosine {engine.int8_check['logit_cosine']}"
@@ -172,7 +166,7 @@ def main() -> None:
             {
                 "cpu": cpu["model"],
                 "cpu_flags": cpu["flags"],
-                "mode": mode,
+                "mode": MODE,
                 "threads": args.threads,
                 "torch": torch.__version__,
                 "rounds": args.rounds,

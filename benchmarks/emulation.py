@@ -31,3 +31,17 @@ def emulate_avx2(runner_flags: bool = True) -> str:
 
 def has_vnni(flags: list[str]) -> bool:
     return bool(VNNI & set(flags))
+
+
+def with_engine_depthwise(data: bytes, engine: str):
+    """`build_int8_model(data, engine)` with the engine's own depthwise convs instead of the runner's AVX2
+    kernel (what the kernel gains, on the kind it runs on). Imports torch: call after the caps are set."""
+    from runner.int8 import depthwise
+    from runner.int8.artifact import build_int8_model
+
+    applies = depthwise.applies
+    depthwise.applies = lambda *_args, **_kwargs: False
+    try:
+        return build_int8_model(data, engine)
+    finally:
+        depthwise.applies = applies

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from emulation import emulate_avx2  # noqa: E402
+from emulation import emulate_avx2, with_engine_depthwise  # noqa: E402
 
 EMULATE = "--emulate-avx2" in sys.argv
 MODE = emulate_avx2() if EMULATE else "native"  # before torch loads oneDNN
@@ -89,16 +89,15 @@ def accuracy(model, test: dict) -> dict:
 
 def run(folder: Path, rounds: int) -> dict:
     cpu = cpu_info()
-    mode = MODE
     print(f"CPU {cpu_label(cpu)}; flags {' '.join(cpu['flags'])}", flush=True)
     print(
-        f"{mode}; int8 flags read: {' '.join(int8_flags())}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"{MODE}; int8 flags read: {' '.join(int8_flags())}; torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; AVX2 depthwise kernel applies: {depthwise.applies('onednn')}",
         flush=True,
     )
     report = {
         "cpu": cpu,
-        "mode": mode,
+        "mode": MODE,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rounds": rounds,
@@ -123,12 +122,7 @@ def run(folder: Path, rounds: int) -> dict:
             "systems": {},
         }
         if EMULATE and "depthwise_convs" in loaded.int8_check and depthwise.applies(loaded.engine):
-            applies = depthwise.applies
-            depthwise.applies = lambda engine, cpu_flags=None: False  # the engine's own depthwise convs
-            try:
-                built["engine's depthwise"] = build_int8_model(data, loaded.engine)
-            finally:
-                depthwise.applies = applies
+            built["engine's depthwise"] = with_engine_depthwise(data, loaded.engine)
         check = loaded.int8_check
         print(
             f"{arch}: {loaded.engine}, {check['activation_bits']}-bit activations, "
