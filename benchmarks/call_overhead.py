@@ -1,27 +1,25 @@
-"""Where an int8 conv-family forward spends its time besides the kernels: the cost of each quantized call (issue 15).
+"""Where an int8 conv-family forward spends its time besides the kernels; what the direct forward saves (issue 15).
 
     # artifacts from `worker_check.py save DIR` (where NeMo is); then, torch only:
     .venv/bin/python benchmarks/call_overhead.py DIR [--emulate-avx2] [--arch quartznet] [--threads 2] [--rounds 9]
 
 The int8 model is built as a worker builds it (`build_int8_model(bytes, "auto")`, self-check included) and run
-on the saved 10 s clips at batch 1 and 8. Per forward:
-- **kernels**: what oneDNN reports executing (`ONEDNN_VERBOSE` exec times, summed over one forward), and our
-  AVX2 depthwise kernel's modules where it applies (forward hooks, so their Python wrapper is counted in);
-- **the rest** = the whole forward minus both: Python, torch's dispatch and per-call set-up of each quantized
-  conv, the quantized adds, quantize and dequantize; also divided by the int8 conv calls.
-- **a warm primitive cache**: torch's onednn convs keep one oneDNN primitive per module, made on the module's
-  first call (the self-check's clip lengths, in a worker). A call of any other shape builds a primitive
-  descriptor and looks the primitive up again. A job's batches differ in length, so that is how a job runs.
-  A copy of the model whose first call is the timed shape shows what that set-up costs (an upper bound of
-  what removing it would gain; not how a job runs).
-- **oneDNN called directly** (onednn engine only): each pointwise conv through its module against the same
-  weights through `torch.ops.onednn.qconv_pointwise` (the op torch's compiled int8 graphs call: it builds the
-  primitive descriptor with oneDNN's own API, for any shape) on a plain uint8 copy of its input, outputs
-  compared step by step. What a forward on plain uint8 tensors would save on those convs.
+on the saved 10 s clips at batch 1 and 8, three ways, alternated:
+- **as a job runs it**: on the onednn engine, `runner.int8.direct`'s forward (uint8 tensors, oneDNN called
+  directly, residual adds fused into the convs);
+- **the modules**: the same model on torch's quantized modules, the first call (which fills each conv's
+  one-shape primitive cache) on another clip length, as a worker's self-check does: a job's batches differ in
+  length, so every call builds its oneDNN primitive descriptor again;
+- **the modules with a warm primitive cache**: a copy whose first call is the timed shape (not how a job runs;
+  what that set-up costs).
 
-Statistic, fixed before the runs: the median of `--rounds` rounds (min-max), the two models alternating within
-each round after one warm-up call each; the kernel split comes from one extra forward (verbose on); per
-pointwise conv, the median of 4 x `--rounds` + 1 alternated calls, summed.
+For the first two, one more forward splits the time: oneDNN's kernels (`ONEDNN_VERBOSE` exec times), our AVX2
+depthwise kernel where it applies (forward hooks on its modules, Python wrapper included), and the rest
+(Python, torch's dispatch and per-call set-up, quantized adds, masking, quantize and dequantize), also per
+int8 conv call.
+
+Statistic, fixed before the runs: the median of `--rounds` rounds (min-max), the three alternating within each
+round after one warm-up call each; the split from one extra forward each.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ MODE = emulate_avx2() if EMULATE else "native"  # before torch loads oneDNN
 import torch  # noqa: E402
 from alternate import alternated, figure  # noqa: E402
 
-from runner.int8 import depthwise  # noqa: E402
+from runner.int8 import depthwise, direct  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
 from runner.int8.engines import engine_scope  # noqa: E402
 from runner.sysinfo import cpu_info, cpu_label, cpu_tag, int8_flags  # noqa: E402
@@ -110,106 +108,59 @@ def conv_calls(model, run) -> int:
     return calls[0]
 
 
+def modules_only(model):
+    """`model` with its conv-family encoder on the quantized modules (`runner.int8.direct` off)."""
+    model.qencoder.direct = False
+    return model
+
+
 @torch.inference_mode()
 def one_batch(loaded, f: torch.Tensor, n: torch.Tensor, rounds: int) -> dict:
-    batch = len(f)
+    batch, model = len(f), loaded.model
+    direct_on = bool(getattr(model.qencoder, "direct", False)) and direct.plan_for(model.qencoder) is not None
     with engine_scope(loaded.engine):
-        warm = copy.deepcopy(loaded.model)  # re-packs the weights: a fresh primitive cache per conv
+        modules = modules_only(copy.deepcopy(model))  # its own primitive caches
+        warm = modules_only(copy.deepcopy(model))
+    modules.logits(f[:1, :, :500], n[:1].clamp(max=500))  # its first call another shape, as a worker's self-check
     warm.logits(f, n)  # its first call: the timed shape
 
-    def run():
-        return loaded.model.logits(f, n)
+    def run(m):
+        return lambda: m.logits(f, n)
 
-    t = alternated({"as a job runs it": run, "warm cache": lambda: warm.logits(f, n)}, rounds)
-
-    kernel_ms, executions = onednn_exec_ms(run)
-    dw_ms, dw_calls = depthwise_ms(loaded.model, run)
-    calls = conv_calls(loaded.model, run)
-    whole = statistics.median(t["as a job runs it"])
-    rest = 1e3 * whole - kernel_ms - dw_ms
-    out = {
-        "x_real_time": figure([10 * batch / s for s in t["as a job runs it"]], digits=1),
-        "forward_ms": figure(t["as a job runs it"], 1e3, 2),
-        "warm_cache_forward_ms": figure(t["warm cache"], 1e3, 2),
-        "onednn_exec_ms": round(kernel_ms, 2),
-        "onednn_executions": executions,
-        "our_depthwise_ms": round(dw_ms, 2),
-        "our_depthwise_calls": dw_calls,
-        "conv_calls": calls,
-        "rest_ms": round(rest, 2),
-        "rest_share": round(rest / (1e3 * whole), 3),
-        "rest_us_per_call": round(1e3 * rest / max(calls, 1), 1),
-    }
-    warm_ms = statistics.median(t["warm cache"]) * 1e3
+    t = alternated({"job": run(model), "modules": run(modules), "warm": run(warm)}, rounds)
+    kernels = {"job": onednn_exec_ms(run(model))[0], "modules": onednn_exec_ms(run(modules))[0]}
+    dw_ms, dw_calls = depthwise_ms(modules, run(modules))  # the same kernel either way; hooks need the modules
+    calls = conv_calls(modules, run(modules))
+    out = {"direct_forward": direct_on, "conv_calls": calls, "our_depthwise_calls": dw_calls}
+    print(f"  batch {batch}, {calls} int8 convs ({dw_calls} on our depthwise kernel):", flush=True)
+    for key, label in (("job", f"as a job runs it (direct forward: {direct_on})"), ("modules", "the modules")):
+        whole = 1e3 * statistics.median(t[key])
+        rest = whole - kernels[key] - dw_ms
+        row = out[key] = {
+            "x_real_time": figure([10 * batch / s for s in t[key]], digits=1),
+            "forward_ms": figure(t[key], 1e3, 2),
+            "onednn_exec_ms": round(kernels[key], 2),
+            "our_depthwise_ms": round(dw_ms, 2),
+            "rest_ms": round(rest, 2),
+            "rest_share": round(rest / whole, 3),
+            "rest_us_per_conv_call": round(1e3 * rest / max(calls, 1), 1),
+        }
+        print(
+            f"    {label}: {whole:.1f} ms [{row['forward_ms']['min']:.1f}-{row['forward_ms']['max']:.1f}] "
+            f"({row['x_real_time']['median']}x real time); oneDNN kernels {kernels[key]:.1f} ms, our depthwise "
+            f"{dw_ms:.1f} ms, the rest {rest:.1f} ms ({row['rest_share']:.0%}, {row['rest_us_per_conv_call']} us "
+            "per conv)",
+            flush=True,
+        )
+    out["modules_warm_cache"] = {"forward_ms": figure(t["warm"], 1e3, 2)}
+    speedup = statistics.median(t["modules"]) / statistics.median(t["job"])
+    out["job_vs_modules"] = round(speedup, 3)
     print(
-        f"  batch {batch}: forward {out['forward_ms']['median']:.1f} ms "
-        f"[{out['forward_ms']['min']:.1f}-{out['forward_ms']['max']:.1f}] ({out['x_real_time']['median']}x real "
-        f"time); oneDNN kernels {kernel_ms:.1f} ms in {executions} calls, our depthwise {dw_ms:.1f} ms in "
-        f"{dw_calls}; the rest {rest:.1f} ms ({out['rest_share']:.0%}, {out['rest_us_per_call']} us per "
-        f"conv call, {calls} calls); warm primitive cache {warm_ms:.1f} ms "
-        f"({1 - warm_ms / (1e3 * whole):+.1%} of the forward saved)",
+        f"    the modules with a warm primitive cache: {1e3 * statistics.median(t['warm']):.1f} ms; "
+        f"as a job runs it: {speedup:.2f}x the modules' speed",
         flush=True,
     )
     return out
-
-
-def pointwise_inputs(model, run) -> dict:
-    """{int8 pointwise conv module: the quantized input of its first call} during one `run()`."""
-    seen: dict = {}
-
-    def grab(module, args):
-        seen.setdefault(module, args[0])
-
-    mods = [m for m in model.modules() if type(m).__name__ in ("Conv1d", "ConvReLU1d") and m.kernel_size == (1,)]
-    handles = [m.register_forward_pre_hook(grab) for m in mods if m.groups == 1]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-@torch.inference_mode()
-def direct_calls(loaded, f: torch.Tensor, n: torch.Tensor, rounds: int) -> dict:
-    """Each pointwise conv as the model calls it (`quantized::conv1d(_relu)`, through its module) against the same
-    weights through `torch.ops.onednn.qconv_pointwise` on a plain uint8 copy of the same input (oneDNN's API
-    called directly, which torch made for its compiled int8 graphs). Summed over one forward: median seconds
-    per call of `rounds` alternated calls each; the outputs compared step by step."""
-    ms = {"module": 0.0, "direct": 0.0}
-    worst, differing, total = 0, 0, 0
-    with engine_scope(loaded.engine):
-        for conv, x in pointwise_inputs(loaded.model, lambda: loaded.model.logits(f, n)).items():
-            w, relu = conv.weight(), type(conv).__name__ == "ConvReLU1d"
-            scales, zeros = w.q_per_channel_scales().float(), torch.zeros(w.shape[0], dtype=torch.long)
-            u = x.int_repr().transpose(1, 2).contiguous().transpose(1, 2).unsqueeze(2)  # [B, C, 1, T], channels last
-            stride = [1, conv.stride[0]]
-            # packed for this very shape: oneDNN may want another weight layout for another, and would reorder
-            packed = torch.ops.onednn.qconv_prepack(
-                w.int_repr().unsqueeze(2), scales, x.q_scale(), x.q_zero_point(), stride, [0, 0], [1, 1], 1, u.shape
-            )
-            args = (u, x.q_scale(), x.q_zero_point(), packed, scales, zeros, conv.bias(), stride, [0, 0], [1, 1], 1)
-            post = (float(conv.scale), int(conv.zero_point), None, "relu" if relu else "none", [], "")
-
-            def direct(args=args, post=post):
-                return torch.ops.onednn.qconv_pointwise(*args, *post)
-
-            steps = (direct().squeeze(2).int() - conv(x).int_repr().int()).abs()
-            worst, differing, total = (
-                max(worst, int(steps.max())),
-                differing + int((steps > 0).sum()),
-                total + steps.numel(),
-            )
-            t = alternated({"module": lambda conv=conv, x=x: conv(x), "direct": direct}, rounds)
-            for k in ms:
-                ms[k] += 1e3 * statistics.median(t[k])
-    return {
-        "pointwise_module_ms": round(ms["module"], 2),
-        "pointwise_direct_ms": round(ms["direct"], 2),
-        "direct_max_step_difference": worst,
-        "direct_outputs_differing": differing,
-        "outputs_compared": total,
-    }
 
 
 def measure(folder: Path, arch: str, rounds: int) -> dict:
@@ -224,19 +175,7 @@ def measure(folder: Path, arch: str, rounds: int) -> dict:
     )
     row = {"engine": loaded.engine, "depthwise_convs": check.get("depthwise_convs"), "batches": {}}
     for batch in (1, 8):
-        f, n = test["feats"][:batch], test["lens"][:batch]
-        out = row["batches"][str(batch)] = one_batch(loaded, f, n, rounds)
-        if loaded.engine == "onednn":
-            out.update(direct_calls(loaded, f, n, 4 * rounds + 1))
-            saved = out["pointwise_module_ms"] - out["pointwise_direct_ms"]
-            print(
-                f"    pointwise convs called as the model does {out['pointwise_module_ms']:.1f} ms, through "
-                f"torch.ops.onednn.qconv_pointwise {out['pointwise_direct_ms']:.1f} ms ({saved:.1f} ms, "
-                f"{saved / out['forward_ms']['median']:.1%} of the forward); outputs: "
-                f"{out['direct_outputs_differing']} of {out['outputs_compared']} differ, by at most "
-                f"{out['direct_max_step_difference']} step",
-                flush=True,
-            )
+        row["batches"][str(batch)] = one_batch(loaded, test["feats"][:batch], test["lens"][:batch], rounds)
     return row
 
 

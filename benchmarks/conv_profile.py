@@ -105,6 +105,7 @@ def main() -> None:
     clips = [a for _, _, a in synthesize_many(sentences(30, seed=5), seed=5)]
     art = quantize_model(lean, clips[:20], clips[20:], None, Settings(max_wer_increase=1.0, observers=("histogram",)))
     int8 = build_int8_model(art.to_bytes(), args.engine).model
+    int8.qencoder.direct = False  # per-conv hooks need the modules (`runner.int8.direct` calls oneDNN itself)
     audio = torch.randn(8, 160000) * 0.05
     for batch in (1, 8):
         feats, lens = lean.features(audio[:batch], torch.full((batch,), 160000))

@@ -54,6 +54,41 @@ def copy_model(model):
     return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
 
 
+def direct_vs_modules(built, audios, fp32=None) -> dict:
+    """The conv family's int8 forward on uint8 tensors (`runner.int8.direct`) against the quantized modules it
+    stands in for, on one padded batch of `audios` (masking included): lengths equal, and over the valid
+    frames the logits' cosine (mean, and the worst frame's), argmax agreement and largest difference in the
+    decoder's output steps; with the `fp32` lean model, each one's mean cosine to its logits."""
+    from runner.int8 import direct
+
+    qenc = built.model.qencoder
+    assert qenc.direct and direct.plan_for(qenc) is not None
+    feats, frames = built.model.features(*pad(audios))
+    with torch.inference_mode():
+        ours, lens = built.model.logits(feats, frames)
+        qenc.direct = False
+        try:
+            theirs, their_lens = built.model.logits(feats, frames)
+        finally:
+            qenc.direct = True
+    assert torch.equal(lens, their_lens)
+    valid = torch.arange(ours.shape[-1]) < lens.unsqueeze(1)  # [B, T]
+    a, b = ours.transpose(1, 2)[valid], theirs.transpose(1, 2)[valid]  # [frames, classes]
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    to_fp32 = {}
+    if fp32 is not None:
+        with torch.inference_mode():
+            ref = fp32.logits(feats, frames)[0].transpose(1, 2)[valid]
+        for name, x in (("direct_vs_fp32", a), ("modules_vs_fp32", b)):
+            to_fp32[name] = float(torch.nn.functional.cosine_similarity(x, ref, dim=1).mean())
+    return to_fp32 | {
+        "cosine": float(cosine.mean()),
+        "worst_frame_cosine": float(cosine.min()),
+        "argmax": float((a.argmax(1) == b.argmax(1)).float().mean()),
+        "steps": float((a - b).abs().max() / qenc.decoder.scale),
+    }
+
+
 def pinned_engine() -> str:
     """One int8 engine, not `auto`: a timing probe must not decide which int8 arithmetic a test sees."""
     from runner.int8.engines import available_engines

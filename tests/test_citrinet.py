@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from runner.errors import UnsupportedModelError
+from runner.int8 import direct
 from runner.int8.artifact import build_int8_model
 from runner.int8.config import Settings
 from runner.int8.engines import available_engines
@@ -37,6 +38,7 @@ from .support import (
     TRAIN_SENTENCES,
     calibration_audio,
     copy_model,
+    direct_vs_modules,
     held_out_gate,
     max_logit_diff,
     pad,
@@ -183,6 +185,21 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(citrinet_lean, artifact, spee
         #   fp32): the spread is rounding ties landing differently, near-tie words of a tiny model flipping.
         # Saturating 8-bit kernels (AVX2 without the 7-bit rule) gave 96.2% on onednn and 85% on x86.
         assert agreement >= 0.97 and increase <= 0.01, (engine, agreement, increase)
+
+
+@pytest.mark.skipif(not direct.applies("onednn"), reason="oneDNN's int8 ops are called directly on x86 builds of torch")
+def test_the_direct_int8_forward_agrees_with_the_modules(artifact, citrinet_lean, speech):
+    """Squeeze-excite, stride-2 residual branches and BPE: `runner.int8.direct` against the modules on a
+    padded batch; the transcripts are the same."""
+    built = build_int8_model(artifact.to_bytes(), "onednn")
+    audios = [a for _, a in speech[:6]]
+    figures = direct_vs_modules(built, audios, citrinet_lean)
+    assert figures["cosine"] >= 0.999 and figures["worst_frame_cosine"] >= 0.995, figures
+    assert figures["argmax"] >= 0.99 and figures["steps"] <= 16, figures
+    assert figures["direct_vs_fp32"] >= figures["modules_vs_fp32"] - 1e-4, figures
+    texts = transcribe_batch(built.model, audios)
+    built.model.qencoder.direct = False
+    assert texts == transcribe_batch(built.model, audios) and all(texts), texts
 
 
 def test_gate_keeps_a_sensitive_se_block_in_fp32(citrinet_lean, gate_data, speech):

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from runner.int8 import direct
 from runner.int8.artifact import Artifact, Int8CheckFailed, build_int8_model
 from runner.int8.config import Settings
 from runner.int8.depthwise import library as depthwise_library
@@ -28,7 +29,7 @@ from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.sysinfo import cpu_info
 from runner.training.corpus import sentences, synthesize_many
 
-from .support import pinned_engine
+from .support import direct_vs_modules, pinned_engine
 
 CLAIMS_VNNI = "avx2 fma avx512_vnni"  # what the override makes a worker believe
 HAS_VNNI = bool(VNNI_FLAGS & set(cpu_info()["flags"]))
@@ -203,6 +204,7 @@ def test_only_the_avx2_kind_runs_our_depthwise_kernel(qn15, monkeypatch):
     ours, engines = built["avx2 fma"], built[CLAIMS_VNNI]
     worker = ShardWorker(Int8Payload(art.to_bytes(), "onednn"), threads=1, options=DecodeOptions())  # as in a job
     assert worker.info()["int8_check"]["depthwise_convs"] == "runner-avx2"
+    worker.model.qencoder.direct = False  # kernels against kernels: on the modules, ties stay ties
     ours_texts = transcribe_batch(worker.model, audio[:3])
     swapped = [m for m in ours.model.qencoder.modules() if isinstance(m, DepthwiseConv1d)]
     assert ours.int8_check["depthwise_convs"] == "runner-avx2" and ours.int8_check["activation_bits"] == 7
@@ -214,8 +216,45 @@ def test_only_the_avx2_kind_runs_our_depthwise_kernel(qn15, monkeypatch):
     monkeypatch.setattr("runner.int8.depthwise.applies", lambda engine, cpu_flags=None: False)
     monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", "avx2 fma")
     plain = build_int8_model(art.to_bytes(), "onednn")
+    ours.model.qencoder.direct = plain.model.qencoder.direct = False
     feats, frames = art.reference["features"], art.reference["frames"]
     a, b = ours.model.logits(feats, frames)[0], plain.model.logits(feats, frames)[0]
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()) >= 0.99999
     assert ours_texts == transcribe_batch(plain.model, audio[:3]) and all(ours_texts), ours_texts
     assert ours.model.qencoder.state_dict().keys() == plain.model.qencoder.state_dict().keys()
+
+
+@pytest.mark.skipif(not direct.applies("onednn"), reason="oneDNN's int8 ops are called directly on x86 builds of torch")
+def test_the_direct_int8_forward_agrees_with_the_modules(qn15, monkeypatch):
+    """QuartzNet15x5 int8 on onednn runs `runner.int8.direct` (uint8 tensors, oneDNN called directly) with
+    oneDNN's depthwise convs and, on the AVX2 kind (claimed by the override where the CPU has VNNI), with our
+    kernel. Against the modules on a padded batch: the residual adds are fused into the convs (one rounding
+    instead of two, and no clamp of the branch's own output), so logits may differ by a few steps; they are
+    as close to fp32's as the modules' are."""
+    lean, art, audio = qn15
+    kinds = [CLAIMS_VNNI] + (["avx2 fma"] if depthwise_library() is not None else [])
+    for flags in kinds:
+        monkeypatch.setenv("ASR_RUNNER_CPU_FLAGS", flags)
+        built = build_int8_model(art.to_bytes(), "onednn")
+        assert built.int8_check["passed"]
+        figures = direct_vs_modules(built, audio[:4], lean)
+        assert figures["cosine"] >= 0.999 and figures["worst_frame_cosine"] >= 0.995, (flags, figures)
+        assert figures["argmax"] >= 0.99 and figures["steps"] <= 16, (flags, figures)
+        assert figures["direct_vs_fp32"] >= figures["modules_vs_fp32"] - 1e-4, (flags, figures)  # as accurate
+
+
+def test_the_modules_run_where_the_direct_forward_does_not_apply(qn15, monkeypatch):
+    """Another engine, a unit kept in fp32, or the diagnostic switch: the quantized modules run."""
+    _lean, art, _audio = qn15
+    others = [e for e in available_engines() if e != "onednn"]
+    if others:
+        assert not build_int8_model(art.to_bytes(), others[0]).model.qencoder.direct
+    monkeypatch.setenv(direct.SWITCH, "0")
+    assert not build_int8_model(art.to_bytes(), "onednn").model.qencoder.direct
+    monkeypatch.delenv(direct.SWITCH)
+    if direct.applies("onednn"):
+        from runner.int8.model import load_int8
+
+        qenc = load_int8(art.spec, art.int8, "onednn")
+        qenc.float_units = frozenset({1})  # as the gate's hybrids have them
+        assert qenc.direct and direct.plan_for(qenc) is None  # not covered: the modules run

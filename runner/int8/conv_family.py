@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from runner.int8 import depthwise
+from runner.int8 import depthwise, direct
 from runner.int8.observers import qconfig, quiet
 from runner.model.arch import ModelSpec
 from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite
@@ -44,6 +44,7 @@ class QuantizedEncoder(nn.Module):
         self.register_buffer("in_scale", torch.ones(units, dtype=torch.float64))
         self.register_buffer("in_zero_point", torch.zeros(units, dtype=torch.int64))
         self.float_units: frozenset[int] = frozenset()
+        self.direct = False  # run `runner.int8.direct`'s forward where it covers this encoder (set by load_int8)
 
     def unit_names(self) -> list[str]:
         return [f"encoder.blocks.{i}" for i in range(len(self.encoder.blocks))] + ["decoder"]
@@ -53,6 +54,9 @@ class QuantizedEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.float_units:
+            plan = direct.plan_for(self) if self.direct else None
+            if plan is not None:
+                return plan(feats, lens)
             enc, lens = self.encoder(self.quant(feats), lens)
             return self.dequant(self.decoder(enc)), lens
         x, quantized = feats, False

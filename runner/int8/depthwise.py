@@ -124,9 +124,9 @@ class DepthwiseConv1d(nnq.Conv1d):
         self._bias = torch.zeros(c, dtype=torch.double) if b is None else b.detach().double()
         self._factors: tuple | None = None
 
-    def _requant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _requant(self, sx: float, zx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 multiplier and offset per channel, and the input zero point's share of each sum."""
-        key = (x.q_scale(), x.q_zero_point(), float(self.scale), int(self.zero_point))
+        key = (sx, zx, float(self.scale), int(self.zero_point))
         if self._factors is None or self._factors[0] != key:
             sx, zx, sy, zy = key
             mul = (sx * self._weight_scale / sy).float()
@@ -141,10 +141,23 @@ class DepthwiseConv1d(nnq.Conv1d):
         n, c, t = x.shape
         if x.stride() != (t * c, 1, c):  # channels last, as oneDNN's convolutions leave their outputs
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        mul, add, comp = self._requant(x)
         out = torch._empty_affine_quantized(
             (n, t, c), scale=float(self.scale), zero_point=int(self.zero_point), dtype=torch.quint8
         )
+        self._run(x, x.q_scale(), x.q_zero_point(), out)
+        return out.transpose(1, 2)
+
+    def rows(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        """The conv on plain uint8 rows [B, T, C] (contiguous) quantized with `scale` / `zero_point`; returns
+        uint8 rows on this module's output scale and zero point (`runner.int8.direct`)."""
+        out = torch.empty_like(x)
+        self._run(x, scale, zero_point, out)
+        return out
+
+    def _run(self, x: torch.Tensor, sx: float, zx: int, out: torch.Tensor) -> None:
+        """x and out: [B, T, C] memory (u8 or quint8) of one shape."""
+        n, t, c = out.shape
+        mul, add, comp = self._requant(sx, zx)
         status = library().dw_forward(
             x.data_ptr(),
             n,
@@ -156,12 +169,11 @@ class DepthwiseConv1d(nnq.Conv1d):
             add.data_ptr(),
             comp.data_ptr(),
             out.data_ptr(),
-            x.q_zero_point(),
+            zx,
             torch.get_num_threads(),
         )
         if status != 0:
-            raise MemoryError(f"the int8 depthwise kernel could not allocate its scratch for {tuple(x.shape)}")
-        return out.transpose(1, 2)
+            raise MemoryError(f"the int8 depthwise kernel could not allocate its scratch for {(n, c, t)}")
 
     def _get_name(self) -> str:
         return "DepthwiseConv1dAVX2"

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from runner.int8 import conformer_family, conv_family
+from runner.int8 import conformer_family, conv_family, direct
 from runner.int8.engines import activation_bits, engine_scope
 from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
@@ -67,9 +67,13 @@ def calibrate(qmodel: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
 
 
 def convert(qmodel: nn.Module, engine: str) -> nn.Module:
-    """Observed -> int8 modules packed for `engine`."""
+    """Observed -> int8 modules packed for `engine`, running the forward a worker's rebuild of them runs
+    (`load_int8`), so that what the gate measures is what workers run."""
     with quiet(), engine_scope(engine):
-        return _family(qmodel.spec).convert(qmodel)
+        qenc = _family(qmodel.spec).convert(qmodel)
+    if not _conformer(qmodel.spec):
+        qenc.direct = direct.applies(engine)
+    return qenc
 
 
 def with_float_units(qenc: nn.Module, model: LeanModel, units: Iterable[int], engine: str) -> nn.Module:
@@ -91,6 +95,7 @@ def load_int8(
         qenc.load_state_dict(with_activation_bits(state_dict, bits, keep), strict=True)
         if not _conformer(spec):
             qenc = conv_family.cpu_depthwise(qenc, engine)
+            qenc.direct = direct.applies(engine)
     qenc.activation_bits = bits
     return qenc.requires_grad_(False)
 
