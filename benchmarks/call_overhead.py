@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from emulation import emulate_avx2  # noqa: E402
+from emulation import emulate_avx2, write_results  # noqa: E402
 
 EMULATE = "--emulate-avx2" in sys.argv
 MODE = emulate_avx2() if EMULATE else "native"  # before torch loads oneDNN
@@ -49,7 +48,7 @@ from alternate import alternated, figure  # noqa: E402
 from runner.int8 import depthwise, direct  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
 from runner.int8.engines import engine_scope  # noqa: E402
-from runner.sysinfo import cpu_info, cpu_label, cpu_tag, int8_flags  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_label, int8_flags  # noqa: E402
 
 
 def onednn_exec_ms(run) -> tuple[float, int]:
@@ -205,11 +204,7 @@ def main() -> None:
         "statistic": "median of alternated rounds (min-max); kernel split from one forward",
         "archs": {arch: measure(args.folder, arch, args.rounds) for arch in args.arch},
     }
-    name = f"call_overhead-{cpu_tag()}{'-emulated-avx2' if EMULATE else ''}.json"
-    out = args.out or ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {out}")
+    write_results("call_overhead", report, EMULATE, args.out)
 
 
 if __name__ == "__main__":

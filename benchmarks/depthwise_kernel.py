@@ -22,7 +22,6 @@ variants alternate (min-max beside it); speed-up = median engine time / median k
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from emulation import emulate_avx2, has_vnni, with_engine_depthwise  # noqa: E402
+from emulation import emulate_avx2, has_vnni, with_engine_depthwise, write_results  # noqa: E402
 
 from runner.sysinfo import cpu_info  # noqa: E402  (reads /proc/cpuinfo; does not load torch)
 
@@ -51,7 +50,7 @@ from runner.int8.engines import engine_scope  # noqa: E402
 from runner.int8.pipeline import quantize_model  # noqa: E402
 from runner.model.ctc import build_model  # noqa: E402
 from runner.model.nemo_loader import describe, quiet_nemo_logging  # noqa: E402
-from runner.sysinfo import cpu_label, cpu_tag, int8_flags  # noqa: E402
+from runner.sysinfo import cpu_label, int8_flags  # noqa: E402
 from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 
 
@@ -158,28 +157,19 @@ def main() -> None:
             f"{row['ours']['x_real_time']['max']:.1f}]: {row['speedup']:.2f}x; cosine vs fp32 {cos}",
             flush=True,
         )
-    name = f"depthwise_kernel_{args.arch}-{cpu_tag()}{'-emulated-avx2' if EMULATED else ''}.json"
-    out = args.out or ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "cpu": cpu["model"],
-                "cpu_flags": cpu["flags"],
-                "mode": MODE,
-                "threads": args.threads,
-                "torch": torch.__version__,
-                "rounds": args.rounds,
-                "statistic": "median of alternated rounds (min-max)",
-                "self_check": {"ours": ours.int8_check, "engine": engine.int8_check},
-                "shapes": shapes,
-                "model": models,
-            },
-            indent=1,
-            default=str,
-        )
-    )
-    print(f"wrote {out}")
+    report = {
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "mode": MODE,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "statistic": "median of alternated rounds (min-max)",
+        "self_check": {"ours": ours.int8_check, "engine": engine.int8_check},
+        "shapes": shapes,
+        "model": models,
+    }
+    write_results(f"depthwise_kernel_{args.arch}", report, EMULATED, args.out)
 
 
 if __name__ == "__main__":

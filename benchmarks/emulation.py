@@ -14,7 +14,9 @@ emulated figures compare kernels, not an AVX2 machine's speed.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
 CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -45,3 +47,16 @@ def with_engine_depthwise(data: bytes, engine: str):
         return build_int8_model(data, engine)
     finally:
         depthwise.applies = applies
+
+
+def write_results(stem: str, report: dict, emulated: bool, out: Path | None = None) -> Path:
+    """Write a benchmark's `report` as JSON to `out`, or to benchmarks/results/<stem>-<CPU tag>.json, the tag
+    ending in -emulated-avx2 when `emulated`; print and return the path."""
+    from runner.sysinfo import cpu_tag
+
+    name = f"{stem}-{cpu_tag()}{'-emulated-avx2' if emulated else ''}.json"
+    out = out or Path(__file__).resolve().parent / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out}")
+    return out

@@ -24,7 +24,6 @@ round, after one warm-up call), min and max beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from emulation import emulate_avx2, with_engine_depthwise  # noqa: E402
+from emulation import emulate_avx2, with_engine_depthwise, write_results  # noqa: E402
 
 EMULATE = "--emulate-avx2" in sys.argv
 MODE = emulate_avx2() if EMULATE else "native"  # before torch loads oneDNN
@@ -43,7 +42,7 @@ from alternate import alternated, figure  # noqa: E402
 
 from runner.int8 import depthwise  # noqa: E402
 from runner.int8.artifact import build_int8_model  # noqa: E402
-from runner.sysinfo import cpu_info, cpu_label, cpu_tag, int8_flags  # noqa: E402
+from runner.sysinfo import cpu_info, cpu_label, int8_flags  # noqa: E402
 
 BATCHES = (1, 8)
 
@@ -170,11 +169,7 @@ def main() -> None:
         save(args.folder, args.arch, args.medium)
         return
     report = run(args.folder, args.rounds)
-    name = f"worker_check-{cpu_tag()}{'-emulated-avx2' if EMULATE else ''}.json"
-    out = args.out or ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {out}")
+    write_results("worker_check", report, EMULATE, args.out)
 
 
 if __name__ == "__main__":
