@@ -69,42 +69,28 @@ def onednn_exec_ms(run) -> tuple[float, int]:
     return sum(float(p[-1]) for p in lines), len(lines)
 
 
-def depthwise_ms(model, run) -> tuple[float, int]:
-    """(milliseconds inside our depthwise kernel's modules, their calls) during one `run()`."""
-    spent, start = [0.0, 0], {}
+def hooked(model, run) -> tuple[float, int, int]:
+    """(milliseconds inside our depthwise kernel's modules, their calls, all int8 conv calls: oneDNN's and ours,
+    each paying a per-call set-up) during one `run()` of `model` on its modules."""
+    spent, start = [0.0, 0, 0], {}
 
     def pre(module, _args):
         start[id(module)] = time.perf_counter()
 
     def post(module, _args, _out):
-        spent[0] += time.perf_counter() - start[id(module)]
-        spent[1] += 1
+        if isinstance(module, depthwise.DepthwiseConv1d):
+            spent[0] += time.perf_counter() - start[id(module)]
+            spent[1] += 1
+        spent[2] += 1
 
-    mods = [m for m in model.modules() if isinstance(m, depthwise.DepthwiseConv1d)]
+    mods = [m for m in model.modules() if type(m).__name__ in ("Conv1d", "ConvReLU1d", "DepthwiseConv1d")]
     handles = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    return 1e3 * spent[0], spent[1]
-
-
-def conv_calls(model, run) -> int:
-    """int8 conv calls in one `run()`: oneDNN's and our depthwise kernel's (each pays a per-call set-up)."""
-    calls = [0]
-
-    def count(*_):
-        calls[0] += 1
-
-    kinds = ("Conv1d", "ConvReLU1d", "DepthwiseConv1d")
-    handles = [m.register_forward_hook(count) for m in model.modules() if type(m).__name__ in kinds]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return calls[0]
+    return 1e3 * spent[0], spent[1], spent[2]
 
 
 def modules_only(model):
@@ -128,8 +114,7 @@ def one_batch(loaded, f: torch.Tensor, n: torch.Tensor, rounds: int) -> dict:
 
     t = alternated({"job": run(model), "modules": run(modules), "warm": run(warm)}, rounds)
     kernels = {"job": onednn_exec_ms(run(model))[0], "modules": onednn_exec_ms(run(modules))[0]}
-    dw_ms, dw_calls = depthwise_ms(modules, run(modules))  # the same kernel either way; hooks need the modules
-    calls = conv_calls(modules, run(modules))
+    dw_ms, dw_calls, calls = hooked(modules, run(modules))  # the same kernel either way; hooks need the modules
     out = {"direct_forward": direct_on, "conv_calls": calls, "our_depthwise_calls": dw_calls}
     print(f"  batch {batch}, {calls} int8 convs ({dw_calls} on our depthwise kernel):", flush=True)
     for key, label in (("job", f"as a job runs it (direct forward: {direct_on})"), ("modules", "the modules")):

@@ -39,7 +39,7 @@ import torch.ao.nn.quantized as nnq
 from torch import nn
 
 from runner.int8.depthwise import DepthwiseConv1d
-from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite
+from runner.model.conv import ConvBlock, MaskedConv, SqueezeExcite, zero_padding_
 
 SWITCH = "ASR_RUNNER_INT8_DIRECT"
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # encoder -> its plan (None: modules run)
@@ -92,11 +92,8 @@ def dequantize(x: Q) -> torch.Tensor:
 
 
 def mask_(x: Q, lens: torch.Tensor) -> None:
-    """Each row's frames past its length set to the zero point (0.0), in place, as `zero_padding_` does."""
-    frames = x.rows.shape[1]
-    for i, n in enumerate(lens.tolist()):
-        if n < frames:
-            x.rows[i, n:].fill_(x.zero_point)
+    """Each row's frames past its length set to the zero point (0.0), in place, as the modules do it."""
+    zero_padding_(x.rows.transpose(1, 2), lens, x.zero_point)
 
 
 class Conv:
@@ -220,18 +217,18 @@ class Block:
             self.add = (float(block.skip.scale), int(block.skip.zero_point))
         self.relu = block.skip_relu
 
-    def __call__(self, xs: list[Q], lens: torch.Tensor) -> tuple[list[Q], torch.Tensor]:
-        out, lens_in = xs[-1], lens
+    def __call__(self, x: Q, lens: torch.Tensor) -> tuple[Q, torch.Tensor]:
+        out, lens_in = x, lens
         for step in self.steps:
             if isinstance(step, Masked):
                 out, lens = step(out, lens)
             else:
                 out = step(out, lens)
-        for x, branch in zip(xs, self.residual):
+        for branch in self.residual:  # one branch: dense residual blocks are not covered
             out = branch.conv.add_into(branch.input(x, lens_in), out, self.add, self.relu)
         if self.relu_after:  # a quantized ReLU: the zero point is 0.0
             out.rows.clamp_(min=out.zero_point)
-        return [out], lens
+        return out, lens
 
 
 class DirectForward:
@@ -246,7 +243,7 @@ class DirectForward:
         self.decoder = Conv(qenc.decoder)
 
     def __call__(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = [quantize(feats.transpose(1, 2).contiguous(), *self.quant)]
+        x = quantize(feats.transpose(1, 2).contiguous(), *self.quant)
         for block in self.blocks:
-            xs, lens = block(xs, lens)
-        return dequantize(self.decoder(xs[-1])).transpose(1, 2), lens
+            x, lens = block(x, lens)
+        return dequantize(self.decoder(x)).transpose(1, 2), lens

@@ -151,17 +151,18 @@ def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     ).squeeze(2)
 
 
-def zero_padding_(x: torch.Tensor, lens: torch.Tensor) -> None:
-    """Zero the frames of `x` [B, C, T] past each length, in place."""
+def zero_padding_(x: torch.Tensor, lens: torch.Tensor, zero: float = 0.0) -> None:
+    """Zero the frames of `x` [B, C, T] past each length, in place. `zero` is what zero is stored as: 0.0, or
+    the zero point of plain uint8 int8 activations (`runner.int8.direct`)."""
     if x.stride(1) == 1 and x.shape[1] > 1:
         # Channels-last (int8 activations of oneDNN convs, the float path's `conv_channels_last`): each
         # row's padded frames are one contiguous run; fill_ on it is ~6x faster than (quantized) masked_fill_.
         rows = x.transpose(1, 2)
         for i, n in enumerate(lens.tolist()):
             if n < x.shape[-1]:
-                rows[i, n:].fill_(0.0)
+                rows[i, n:].fill_(zero)
     else:
-        x.masked_fill_(~time_mask(lens, x.shape[-1]), 0.0)
+        x.masked_fill_(~time_mask(lens, x.shape[-1]), zero)
 
 
 def time_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
