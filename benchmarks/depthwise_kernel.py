@@ -56,12 +56,14 @@ from runner.training.corpus import sentences, synthesize_many  # noqa: E402
 
 @torch.inference_mode()
 def kernel_shapes(int8_model, frames: int, rounds: int) -> list[dict]:
-    """Each distinct depthwise (channels, kernel) of the model: the engine's conv vs ours."""
+    """Each distinct depthwise (channels, kernel, stride, dilation) of the model: the engine's conv vs ours."""
     convs = [m for m in int8_model.modules() if isinstance(m, depthwise.DepthwiseConv1d)]
-    shapes = sorted({(m.in_channels, m.kernel_size[0]): m for m in convs}.items())
+    shapes = sorted({(m.in_channels, m.kernel_size[0], m.stride[0], m.dilation[0]): m for m in convs}.items())
     rows = []
-    for (channels, kernel), ours in shapes:
-        engine_conv = nnq.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=True)
+    for (channels, kernel, stride, dilation), ours in shapes:
+        engine_conv = nnq.Conv1d(
+            channels, channels, kernel, stride, ours.padding[0], dilation, groups=channels, bias=True
+        )
         engine_conv.set_weight_bias(ours.weight(), ours.bias())
         engine_conv.scale, engine_conv.zero_point = ours.scale, ours.zero_point
         for batch in (1, 8):
@@ -69,12 +71,14 @@ def kernel_shapes(int8_model, frames: int, rounds: int) -> list[dict]:
             x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels last, as convs hand it on
             diff = (engine_conv(x).int_repr().int() - ours(x).int_repr().int()).abs()
             t = alternated({"engine": lambda c=engine_conv, x=x: c(x), "ours": lambda c=ours, x=x: c(x)}, rounds * 3)
-            macs = batch * channels * kernel * frames
+            macs = batch * channels * kernel * ours.frames_out(frames)
             e, o = statistics.median(t["engine"]), statistics.median(t["ours"])
             rows.append(
                 {
                     "channels": channels,
                     "kernel": kernel,
+                    "stride": stride,
+                    "dilation": dilation,
                     "batch": batch,
                     "engine_ms": figure(t["engine"], 1e3),
                     "ours_ms": figure(t["ours"], 1e3),
@@ -88,8 +92,9 @@ def kernel_shapes(int8_model, frames: int, rounds: int) -> list[dict]:
             )
             r = rows[-1]
             print(
-                f"  C {channels:4d} K {kernel:2d} batch {batch}: engine {r['engine_ms']['median']:.3f} ms "
-                f"({r['engine_gmacs']} G/s), ours {r['ours_ms']['median']:.3f} ms ({r['ours_gmacs']} G/s): "
+                f"  C {channels:4d} K {kernel:2d} S {stride} D {dilation} batch {batch}: "
+                f"engine {r['engine_ms']['median']:.3f} ms ({r['engine_gmacs']} G/s), "
+                f"ours {r['ours_ms']['median']:.3f} ms ({r['ours_gmacs']} G/s): "
                 f"{r['speedup']:.2f}x; outputs one step off: {r['outputs_differing']} of {r['outputs']}",
                 flush=True,
             )

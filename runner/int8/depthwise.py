@@ -12,11 +12,11 @@ With VNNI or AMX, oneDNN's own kernel (brdgmm) is as fast, and it stays.
 `conv_family.cpu_depthwise` swaps the kernel in where it applies (`applies`): x86 with AVX2 and FMA in the flags
 int8 decisions read (`sysinfo.int8_flags`, which `ASR_RUNNER_CPU_FLAGS` may replace) and in the CPU's own
 flags, no VNNI/AMX flag, an x86 engine (not qnnpack), and the compiled library present (`pip install`
-builds it; where it could not, the engine's kernel runs). Only stride-1, 'same'-padded depthwise convs
-with an odd kernel and a multiple of 8 channels are swapped (QuartzNet's, Jasper's and Citrinet's, but
-strided or dilated ones). The module is an `nnq.Conv1d` (same state dict, same packed weights for
-`rebuild`), whose forward calls the kernel. Outputs match oneDNN's to the step but for rare rounding ties
-(a few in 10^6 one step off), and every worker's self-check measures the model as it runs.
+builds it; where it could not, the engine's kernel runs). Depthwise convs with a multiple of 8 channels and
+zero padding are swapped, any kernel, stride, dilation and padding: all of QuartzNet's, Jasper's and
+Citrinet's, their strided and dilated ones included. The module is an `nnq.Conv1d` (same state dict, same
+packed weights for `rebuild`), whose forward calls the kernel. Outputs match oneDNN's to the step but for rare
+rounding ties (a few in 10^6 one step off), and every worker's self-check measures the model as it runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.dw_available.restype = _I
     lib.dw_pack.argtypes = [_P, _I, _I, _P]
     lib.dw_pack.restype = None
-    lib.dw_forward.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I]
+    lib.dw_forward.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I]
     lib.dw_forward.restype = _I
     return lib if lib.dw_available() else None
 
@@ -72,21 +72,12 @@ def kernel_for(engine: str) -> str:
 
 
 def swappable(module: nn.Module) -> bool:
-    """An int8 depthwise conv the kernel computes: stride 1, dilation 1, odd kernel, padding K // 2 (zeros),
-    channels a multiple of 8."""
+    """An int8 depthwise conv the kernel computes: channels a multiple of 8, zero padding (any kernel, stride,
+    dilation and padding)."""
     if type(module) is not nnq.Conv1d:
         return False
-    k = module.kernel_size[0]
     c = module.in_channels
-    return (
-        module.groups == c == module.out_channels
-        and c % 8 == 0
-        and module.stride[0] == 1
-        and module.dilation[0] == 1
-        and k % 2 == 1
-        and module.padding[0] == k // 2
-        and module.padding_mode == "zeros"
-    )
+    return module.groups == c == module.out_channels and c % 8 == 0 and module.padding_mode == "zeros"
 
 
 class DepthwiseConv1d(nnq.Conv1d):
@@ -99,7 +90,9 @@ class DepthwiseConv1d(nnq.Conv1d):
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size[0],
+            stride=conv.stride[0],
             padding=conv.padding[0],
+            dilation=conv.dilation[0],
             groups=conv.groups,
             bias=conv.bias() is not None,
         )
@@ -142,21 +135,30 @@ class DepthwiseConv1d(nnq.Conv1d):
         if x.stride() != (t * c, 1, c):  # channels last, as oneDNN's convolutions leave their outputs
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         out = torch._empty_affine_quantized(
-            (n, t, c), scale=float(self.scale), zero_point=int(self.zero_point), dtype=torch.quint8
+            (n, self.frames_out(t), c), scale=float(self.scale), zero_point=int(self.zero_point), dtype=torch.quint8
         )
-        self._run(x, x.q_scale(), x.q_zero_point(), out)
+        self._run(x, t, x.q_scale(), x.q_zero_point(), out)
         return out.transpose(1, 2)
 
     def rows(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         """The conv on plain uint8 rows [B, T, C] (contiguous) quantized with `scale` / `zero_point`; returns
-        uint8 rows on this module's output scale and zero point (`runner.int8.direct`)."""
-        out = torch.empty_like(x)
-        self._run(x, scale, zero_point, out)
+        uint8 rows [B, T', C] on this module's output scale and zero point (`runner.int8.direct`)."""
+        n, t, c = x.shape
+        out = torch.empty((n, self.frames_out(t), c), dtype=torch.uint8)
+        self._run(x, t, scale, zero_point, out)
         return out
 
-    def _run(self, x: torch.Tensor, sx: float, zx: int, out: torch.Tensor) -> None:
-        """x and out: [B, T, C] memory (u8 or quint8) of one shape."""
-        n, t, c = out.shape
+    def frames_out(self, t: int) -> int:
+        """Output frames for `t` input frames, as torch's Conv1d counts them."""
+        k, s, d, p = self.kernel_size[0], self.stride[0], self.dilation[0], self.padding[0]
+        frames = (t + 2 * p - d * (k - 1) - 1) // s + 1
+        if frames < 1:
+            raise ValueError(f"DepthwiseConv1d: {t} frames are too few for kernel {k}, dilation {d}, padding {p}")
+        return frames
+
+    def _run(self, x: torch.Tensor, t: int, sx: float, zx: int, out: torch.Tensor) -> None:
+        """x: [B, t, C] memory, out: [B, T', C] memory (u8 or quint8)."""
+        n, frames, c = out.shape
         mul, add, comp = self._requant(sx, zx)
         status = library().dw_forward(
             x.data_ptr(),
@@ -164,6 +166,10 @@ class DepthwiseConv1d(nnq.Conv1d):
             t,
             c,
             self.kernel_size[0],
+            self.stride[0],
+            self.dilation[0],
+            self.padding[0],
+            frames,
             self._packed.data_ptr(),
             mul.data_ptr(),
             add.data_ptr(),
