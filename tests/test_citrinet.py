@@ -174,17 +174,37 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(citrinet_lean, artifact, spee
     audios = [a for _, a in speech]
     references = [t for t, _ in speech]
     fp32 = transcribe_batch(citrinet_lean, audios)
+    feats, frames = citrinet_lean.features(*pad(audios))
+    with torch.inference_mode():
+        ref, lens = citrinet_lean.logits(feats, frames)
+    valid = torch.arange(ref.shape[-1]) < lens.unsqueeze(1)
     for engine in available_engines():  # one engine-neutral artifact, every engine
-        int8 = transcribe_batch(build_int8_model(artifact.to_bytes(), engine).model, audios)
+        built = build_int8_model(artifact.to_bytes(), engine)
+        int8 = transcribe_batch(built.model, audios)
         agreement, increase = 1 - wer(fp32, int8), wer(references, int8) - wer(references, fp32)
-        print(f"{engine}: int8 vs fp32 agreement {agreement:.4f}, WER {increase:+.4f} on {len(audios)} held-out clips")
-        # One held-out word is 0.35 points here. Measured (the gate picks histogram), agreement / WER change:
-        # - Intel Xeon (AVX-512 VNNI, AMX): 98.3-98.6% on onednn, x86 and fbgemm; qnnpack 97.2-98.3%;
-        # - AMD EPYC (AVX-512 VNNI, no AMX), one artifact: onednn and x86 97.2% / +0.68, fbgemm 98.3% / +0.34,
-        #   qnnpack 98.6% / 0.00. Every engine rounds exactly here (a full-range conv is within 0.5 steps of
-        #   fp32): the spread is rounding ties landing differently, near-tie words of a tiny model flipping.
+        with torch.inference_mode():
+            logits = built.model.logits(feats, frames)[0]
+        cosine = float(torch.nn.functional.cosine_similarity(logits, ref, dim=1)[valid].mean())
+        bits = built.int8_check["activation_bits"]
+        print(
+            f"{engine}, {bits}-bit activations: logit cosine {cosine:.6f}, int8 vs fp32 agreement {agreement:.4f}, "
+            f"WER {increase:+.4f} on {len(audios)} held-out clips"
+        )
+        # The logits are the guarantee, on every engine and CPU kind. Measured: 0.99993-0.99994 at 8 bits
+        # (VNNI EPYC), 0.99988-0.99989 at 7 bits (the AVX2 kind, emulated as below); 8 bits on the AVX2 kind's
+        # saturating pointwise kernels gave 0.99961.
+        assert cosine >= 0.9998, (engine, bits, cosine)
+        # The words of this tiny model hold near-ties, which rounding flips (one held-out word is 0.35
+        # points). Measured, agreement / WER change (the gate picks histogram):
+        # - 8 bits, Intel Xeon (AVX-512 VNNI, AMX): 98.3-98.6% on onednn, x86 and fbgemm; qnnpack 97.2-98.3%;
+        # - 8 bits, AMD EPYC (AVX-512 VNNI, no AMX), one artifact: onednn and x86 97.2% / +0.68, fbgemm
+        #   98.3% / +0.34, qnnpack 98.6% / 0.00;
+        # - 7 bits (the AVX2 kind, emulated on a Zen 5 EPYC: oneDNN and MKL capped at AVX2, the int8 flags
+        #   overridden): 97.9-98.3% / +0.34 to +0.68 with ATen's own kernels on AVX2 too, but 95.0-96.1% /
+        #   -0.34 to +1.71 with them on AVX-512 (another trained fixture), the logits' cosine 0.99988 on both.
         # Saturating 8-bit kernels (AVX2 without the 7-bit rule) gave 96.2% on onednn and 85% on x86.
-        assert agreement >= 0.97 and increase <= 0.01, (engine, agreement, increase)
+        floor, most = (0.97, 0.01) if bits == 8 else (0.94, 0.02)
+        assert agreement >= floor and increase <= most, (engine, bits, agreement, increase)
 
 
 @pytest.mark.skipif(not direct.applies("onednn"), reason="oneDNN's int8 ops are called directly on x86 builds of torch")
