@@ -9,8 +9,8 @@
  *
  * Layout: input u8 [N][T][C] and output u8 [N][To][C] (channels last, as torch's quantized convolutions leave
  * them); weights s8 [C][K] packed once by dw_pack; any K, stride S, dilation D and zero padding P on both sides
- * (torch's Conv1d), C a multiple of 8. Padding is filled with the input zero point, and `comp` (zero point x the sum of
- * each channel's weights) is taken off, so padded taps add exactly 0. Requantization as oneDNN does it:
+ * (torch's Conv1d), C a multiple of 8. Padding is filled with the input zero point, and `comp` (zero point x the
+ * sum of each channel's weights) is taken off, so padded taps add exactly 0. Requantization as oneDNN does it:
  * fp32 (acc - comp) * mul + add, rounded to nearest even, saturated to [0, 255]. Parallel over (item,
  * 8-channel block) with OpenMP: loaded after torch, the library binds to torch's own libgomp, so it
  * shares torch's threads. */
@@ -61,7 +61,9 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void taps(const
 }
 
 /* Padded rows a block's outputs read: pairs 0 .. (To - 1) S + 2 (J - 1) D. */
-static size_t pair_rows(int To, int K, int S, int D) { return (size_t)(To - 1) * S + (size_t)((K + 1) / 2 - 1) * 2 * D + 1; }
+static size_t pair_rows(int To, int K, int S, int D) {
+    return (size_t)(To - 1) * S + (size_t)((K + 1) / 2 - 1) * 2 * D + 1;
+}
 
 /* One item, one block of 8 channels starting at c0. pairs: scratch of pair_rows(..) x 8 int32. */
 __attribute__((target("avx2,fma"))) static void block(const uint8_t *x, int T, int C, int K, int S, int D, int P,

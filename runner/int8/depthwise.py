@@ -153,7 +153,7 @@ class DepthwiseConv1d(nnq.Conv1d):
         k, s, d, p = self.kernel_size[0], self.stride[0], self.dilation[0], self.padding[0]
         frames = (t + 2 * p - d * (k - 1) - 1) // s + 1
         if frames < 1:
-            raise ValueError(f"DepthwiseConv1d: {t} frames are too few for kernel {k}, dilation {d}, padding {p}")
+            raise ValueError(f"DepthwiseConv1d: {t} frames give no output (kernel {k}, dilation {d}, padding {p})")
         return frames
 
     def _run(self, x: torch.Tensor, t: int, sx: float, zx: int, out: torch.Tensor) -> None:
