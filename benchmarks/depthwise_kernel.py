@@ -9,7 +9,8 @@ loads, so oneDNN dispatches to the very kernels an AVX2-only CPU runs, as `ONEDN
 output says which. The CPU's cores, clock and caches stay this CPU's: emulated figures show the kernels'
 ratio, not an AVX2 machine's speed.
 
-1. Each depthwise shape of the model (channels, kernel) on 10 s of frames, batch 1 and 8: the engine's
+1. Each depthwise shape of the model (channels, kernel, stride, dilation) on 10 s of frames (500 at the
+   encoder's rate after its 2x stride; the strided first conv reads 1000), batch 1 and 8: the engine's
    `nnq.Conv1d` against `DepthwiseConv1d` on the same int8 weights and input; both outputs compared.
 2. The whole int8 model as a job builds it (`quantize_model`, histogram observer, then
    `build_int8_model(onednn)`), with our kernel and with the engine's, encoder + decoder on the features of
@@ -67,11 +68,12 @@ def kernel_shapes(int8_model, frames: int, rounds: int) -> list[dict]:
         engine_conv.set_weight_bias(ours.weight(), ours.bias())
         engine_conv.scale, engine_conv.zero_point = ours.scale, ours.zero_point
         for batch in (1, 8):
-            x = torch.quantize_per_tensor(torch.randn(batch, channels, frames), 0.05, 60, torch.quint8)
+            frames_in = frames * stride  # a strided conv reads the frames before its stride
+            x = torch.quantize_per_tensor(torch.randn(batch, channels, frames_in), 0.05, 60, torch.quint8)
             x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels last, as convs hand it on
             diff = (engine_conv(x).int_repr().int() - ours(x).int_repr().int()).abs()
             t = alternated({"engine": lambda c=engine_conv, x=x: c(x), "ours": lambda c=ours, x=x: c(x)}, rounds * 3)
-            macs = batch * channels * kernel * ours.frames_out(frames)
+            macs = batch * channels * kernel * ours.frames_out(frames_in)
             e, o = statistics.median(t["engine"]), statistics.median(t["ours"])
             rows.append(
                 {
@@ -134,7 +136,7 @@ def main() -> None:
     audio = torch.randn(8, 160000) * 0.05
     with torch.inference_mode():
         feats, lens = lean.features(audio, torch.full((8,), 160000))
-    print("1. each depthwise shape, 500 frames (10 s after a 2x stride):")
+    print("1. each depthwise shape on 10 s: 500 frames after the 2x stride (the strided conv reads 1000):")
     with engine_scope("onednn"):
         shapes = kernel_shapes(ours.model.qencoder, 500, args.rounds)
     print("2. the whole int8 model (encoder + decoder on 10 s features), x real time:")
