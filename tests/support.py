@@ -54,6 +54,11 @@ def copy_model(model):
     return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
 
 
+def valid_frames(logits: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Logits [B, classes, T] -> [frames, classes]: each item's frames within its length."""
+    return logits.transpose(1, 2)[torch.arange(logits.shape[-1]) < lens.unsqueeze(1)]
+
+
 def direct_vs_modules(built, audios, fp32=None) -> dict:
     """The conv family's int8 forward on uint8 tensors (`runner.int8.direct`) against the quantized modules it
     stands in for, on one padded batch of `audios` (masking included): lengths equal, and over the valid
@@ -72,13 +77,12 @@ def direct_vs_modules(built, audios, fp32=None) -> dict:
         finally:
             qenc.direct = True
     assert torch.equal(lens, their_lens)
-    valid = torch.arange(ours.shape[-1]) < lens.unsqueeze(1)  # [B, T]
-    a, b = ours.transpose(1, 2)[valid], theirs.transpose(1, 2)[valid]  # [frames, classes]
+    a, b = valid_frames(ours, lens), valid_frames(theirs, lens)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
     to_fp32 = {}
     if fp32 is not None:
         with torch.inference_mode():
-            ref = fp32.logits(feats, frames)[0].transpose(1, 2)[valid]
+            ref = valid_frames(fp32.logits(feats, frames)[0], lens)
         for name, x in (("direct_vs_fp32", a), ("modules_vs_fp32", b)):
             to_fp32[name] = float(torch.nn.functional.cosine_similarity(x, ref, dim=1).mean())
     return to_fp32 | {

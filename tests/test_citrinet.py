@@ -43,6 +43,7 @@ from .support import (
     max_logit_diff,
     pad,
     pinned_engine,
+    valid_frames,
     write_manifest,
 )
 
@@ -177,14 +178,14 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(citrinet_lean, artifact, spee
     feats, frames = citrinet_lean.features(*pad(audios))
     with torch.inference_mode():
         ref, lens = citrinet_lean.logits(feats, frames)
-    valid = torch.arange(ref.shape[-1]) < lens.unsqueeze(1)
+    ref = valid_frames(ref, lens)
     for engine in available_engines():  # one engine-neutral artifact, every engine
         built = build_int8_model(artifact.to_bytes(), engine)
         int8 = transcribe_batch(built.model, audios)
         agreement, increase = 1 - wer(fp32, int8), wer(references, int8) - wer(references, fp32)
         with torch.inference_mode():
-            logits = built.model.logits(feats, frames)[0]
-        cosine = float(torch.nn.functional.cosine_similarity(logits, ref, dim=1)[valid].mean())
+            logits = valid_frames(built.model.logits(feats, frames)[0], lens)
+        cosine = float(torch.nn.functional.cosine_similarity(logits, ref, dim=1).mean())
         bits = built.int8_check["activation_bits"]
         print(
             f"{engine}, {bits}-bit activations: logit cosine {cosine:.6f}, int8 vs fp32 agreement {agreement:.4f}, "
