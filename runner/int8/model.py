@@ -30,8 +30,7 @@ from runner.int8 import conformer_family, conv_family, direct
 from runner.int8.engines import activation_bits, engine_scope
 from runner.int8.observers import quiet
 from runner.model.arch import ModelSpec
-from runner.model.ctc import LeanModel, LogitReader
-from runner.model.decoding import TextDecoder
+from runner.model.ctc import LeanModel, LogitReader, ReadsLogits
 
 
 def _conformer(spec: ModelSpec) -> bool:
@@ -144,7 +143,7 @@ def with_activation_bits(state_dict: dict, bits: int, keep: Iterable[str] = ()) 
     return out
 
 
-class Int8Model(nn.Module):
+class Int8Model(ReadsLogits):
     """fp32 features + int8 encoder/decoder, with the lean model's interface (`spec`, forward)."""
 
     def __init__(self, spec: ModelSpec, features: nn.Module, qencoder: nn.Module, engine: str):
@@ -153,21 +152,8 @@ class Int8Model(nn.Module):
         self.features = features
         self.qencoder = qencoder
         self.engine = engine
-        head = getattr(qencoder, "head", None)  # a transducer's prediction + joint networks (fp32 in the artifact)
-        self.head = None if head is None else int8_prediction_network(head, engine)
-        self.reader = LogitReader(spec, self.head)
-
-    @property
-    def text_decoder(self) -> TextDecoder:
-        return self.reader.text_decoder
-
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
-        feats, frames = self.features(audio, lengths)
-        return self.forward_features(feats, frames)
-
-    def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
-        logits, lens = self.logits(feats, frames)
-        return self.reader.outputs(logits), lens
+        self.reader = int8_reader(qencoder, engine)
+        self.head = self.reader.head
 
     def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder output [B, C, T'] before log-softmax (what the accuracy gate compares), and lengths."""

@@ -65,18 +65,9 @@ class LogitReader:
         return [self.text_decoder(ids) for ids in self.head.greedy(outputs, lengths).tokens]
 
 
-class LeanModel(nn.Module):
-    """audio -> log-mel -> encoder -> CTC log-probabilities, or a transducer's projected encoder frames
-    (`forward_features`), which `reader` turns into text."""
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        self.spec = spec
-        self.features = MelFeatures(spec.features)
-        self.encoder = make_encoder(spec)
-        self.decoder = make_decoder(spec, self.encoder.out_channels)
-        self.head = TransducerHead(spec) if spec.transducer is not None else None
-        self.reader = LogitReader(spec, self.head)
+class ReadsLogits(nn.Module):
+    """audio -> `features` -> `logits` -> per-frame outputs that `reader` turns into text: the forward path
+    the lean model and the int8 model share (each defines `features`, `reader` and `logits`)."""
 
     @property
     def text_decoder(self) -> TextDecoder:
@@ -91,6 +82,20 @@ class LeanModel(nn.Module):
     def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
         logits, lens = self.logits(feats, frames)
         return self.reader.outputs(logits), lens
+
+
+class LeanModel(ReadsLogits):
+    """audio -> log-mel -> encoder -> CTC log-probabilities, or a transducer's projected encoder frames
+    (`forward_features`), which `reader` turns into text."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.features = MelFeatures(spec.features)
+        self.encoder = make_encoder(spec)
+        self.decoder = make_decoder(spec, self.encoder.out_channels)
+        self.head = TransducerHead(spec) if spec.transducer is not None else None
+        self.reader = LogitReader(spec, self.head)
 
     def logits(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder output [B, X, T'] (CTC: before log-softmax), and output lengths."""
