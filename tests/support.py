@@ -54,6 +54,31 @@ def copy_model(model):
     return build_model(model.spec, {k: v.clone() for k, v in model.state_dict().items()})
 
 
+HEAVY = {"nemo", "lightning", "pytorch_lightning", "ray"}  # what rebuilding an int8 model must not import
+
+
+def fresh_process_transcripts(artifact, wavs: list, engine: str, tmp_path: Path) -> tuple[dict, str]:
+    """`wavs` transcribed by `artifact`, saved to a file and rebuilt on `engine` in a fresh Python process:
+    {'texts', 'engine' (the one it chose), 'modules' (the top-level modules it imported)}, and its stderr."""
+    from runner.int8.artifact import save
+
+    path = tmp_path / "model.int8"
+    save(artifact.to_bytes(), path)
+    code = (
+        "import json, sys\n"
+        "from runner.int8.artifact import build_int8_model, read\n"
+        "from runner.inputs.audio import load_audio\n"
+        "from runner.model.transcribe import transcribe_batch\n"
+        f"m = build_int8_model(read({str(path)!r}), {engine!r})\n"
+        f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {[str(w) for w in wavs]!r}])\n"
+        "mods = sorted({n.split('.')[0] for n in sys.modules})\n"
+        "print(json.dumps({'texts': texts, 'engine': m.engine, 'modules': mods}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stderr
+
+
 def valid_frames(logits: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """Logits [B, classes, T] -> [frames, classes]: each item's frames within its length."""
     return logits.transpose(1, 2)[torch.arange(logits.shape[-1]) < lens.unsqueeze(1)]

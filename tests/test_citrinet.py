@@ -6,8 +6,6 @@ espeak-ng grammar, so transcripts are real and int8-vs-fp32 agreement means some
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,12 +31,14 @@ from runner.training.corpus import sentences
 from runner.training.nemo_words import compare_with_nemo
 
 from .support import (
+    HEAVY,
     RATE,
     TRAIN_SEED,
     TRAIN_SENTENCES,
     calibration_audio,
     copy_model,
     direct_vs_modules,
+    fresh_process_transcripts,
     held_out_gate,
     max_logit_diff,
     pad,
@@ -254,24 +254,9 @@ def test_gate_keeps_a_sensitive_se_block_in_fp32(citrinet_lean, gate_data, speec
 
 
 def test_artifact_rebuilds_in_a_fresh_process_without_nemo(artifact, speech_files, tmp_path):
-    path = tmp_path / "citrinet.int8"
-    path.write_bytes(artifact.to_bytes())
     wavs = [p for _, p in speech_files[:6]]
-    code = (
-        "import json, sys\n"
-        "from runner.int8.artifact import build_int8_model\n"
-        "from runner.inputs.audio import load_audio\n"
-        "from runner.model.transcribe import transcribe_batch\n"
-        f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'onednn')\n"
-        f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
-        "mods = {n.split('.')[0] for n in sys.modules}\n"
-        "print(json.dumps({'texts': texts, 'heavy': sorted(mods & {'nemo', 'lightning', 'pytorch_lightning'}),\n"
-        "                  'sentencepiece': 'sentencepiece' in mods}))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["heavy"] == [] and out["sentencepiece"]
+    out, _ = fresh_process_transcripts(artifact, wavs, "onednn", tmp_path)
+    assert not HEAVY & set(out["modules"]) and "sentencepiece" in out["modules"]
     here = build_int8_model(artifact.to_bytes(), "onednn").model
     assert out["texts"] == transcribe_batch(here, [sf.read(p, dtype="float32")[0] for p in wavs])
     assert all(out["texts"])

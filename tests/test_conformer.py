@@ -7,8 +7,6 @@ espeak-ng speech for transcripts, the int8 gate and the job.
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import soundfile as sf
@@ -25,7 +23,16 @@ from runner.model.transcribe import DecodeOptions, transcribe_batch
 from runner.model.words import ConfidenceMethod
 from runner.training.nemo_words import compare_with_nemo
 
-from .support import calibration_audio, held_out_gate, max_logit_diff, pad, pinned_engine, write_manifest
+from .support import (
+    HEAVY,
+    calibration_audio,
+    fresh_process_transcripts,
+    held_out_gate,
+    max_logit_diff,
+    pad,
+    pinned_engine,
+    write_manifest,
+)
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"
 
@@ -271,34 +278,13 @@ def test_auto_remembers_its_choice_per_node_and_artifact(int8_artifact, tmp_path
     assert build_int8_model(data, "auto", "another-artifact").engine_choice == "remembered"
 
 
-PROBE = r"""
-import json, sys
-from runner.int8.artifact import build_int8_model, read
-from runner.inputs.audio import load_audio
-from runner.model.transcribe import transcribe_batch
-loaded = build_int8_model(read(sys.argv[1]), "auto")
-texts = transcribe_batch(loaded.model, [load_audio(p, 16000) for p in sys.argv[2:]])
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"nemo", "lightning", "pytorch_lightning", "ray"})
-print(json.dumps({"texts": texts, "heavy": heavy, "engine": loaded.engine}))
-"""
-
-
 def test_artifact_round_trip_in_a_fresh_process_without_nemo(int8_artifact, speech_files, tmp_path):
-    from runner.int8 import artifact as artifact_io
-
-    path = tmp_path / "fastconformer-int8.pt"
-    artifact_io.save(int8_artifact.to_bytes(), path)
-    assert Artifact.from_bytes(path.read_bytes()).spec == int8_artifact.spec
     paths = [p for _, p in speech_files[:4]]
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(path), *paths], capture_output=True, text=True, check=True, timeout=300
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == []
-    from runner.inputs.audio import load_audio
-
-    here = build_int8_model(int8_artifact.to_bytes(), result["engine"]).model
-    assert result["texts"] == transcribe_batch(here, [load_audio(p, 16000) for p in paths])
+    out, _ = fresh_process_transcripts(int8_artifact, paths, "auto", tmp_path)
+    assert Artifact.from_bytes((tmp_path / "model.int8").read_bytes()).spec == int8_artifact.spec
+    assert not HEAVY & set(out["modules"])
+    here = build_int8_model(int8_artifact.to_bytes(), out["engine"]).model
+    assert out["texts"] == transcribe_batch(here, [sf.read(p, dtype="float32")[0] for p in paths])
 
 
 @pytest.mark.slow

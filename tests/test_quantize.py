@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,16 @@ from runner.int8.report import QuantizationReport
 from runner.metrics import wer
 from runner.model.transcribe import DecodeOptions, transcribe_batch
 
-from .support import calibration_audio, copy_model, held_out_gate, pad, pinned_engine, write_manifest
+from .support import (
+    HEAVY,
+    calibration_audio,
+    copy_model,
+    fresh_process_transcripts,
+    held_out_gate,
+    pad,
+    pinned_engine,
+    write_manifest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -214,26 +221,12 @@ def test_int8_structure_runs_convs_in_int8(artifact):
 
 
 def test_worker_loads_the_artifact_in_a_fresh_process_without_nemo(artifact, speech_files, tmp_path):
-    path = tmp_path / "model.int8"
-    path.write_bytes(artifact.to_bytes())
     wavs = [p for _, p in speech_files[:6]]
-    code = (
-        "import json, sys\n"
-        "from runner.int8.artifact import build_int8_model\n"
-        "from runner.inputs.audio import load_audio\n"
-        "from runner.model.transcribe import transcribe_batch\n"
-        f"m = build_int8_model(open({str(path)!r}, 'rb').read(), 'auto')\n"
-        f"texts = transcribe_batch(m.model, [load_audio(p, 16000) for p in {wavs!r}])\n"
-        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'nemo', 'lightning', 'pytorch_lightning'})\n"
-        "print(json.dumps({'texts': texts, 'engine': m.engine, 'heavy': heavy}))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["heavy"] == []
+    out, stderr = fresh_process_transcripts(artifact, wavs, "auto", tmp_path)
+    assert not HEAVY & set(out["modules"])
     here = build_int8_model(artifact.to_bytes(), out["engine"]).model
     assert out["texts"] == transcribe_batch(here, [sf.read(p, dtype="float32")[0] for p in wavs])
-    assert "Warning" not in run.stderr and "deprecat" not in run.stderr.lower()
+    assert "Warning" not in stderr and "deprecat" not in stderr.lower()
 
 
 def test_gate_keeps_the_sensitive_block_in_fp32(tiny_lean, calibration, gate_set):
