@@ -73,6 +73,19 @@ def test_not_a_model_file_exits_2(tmp_path, capsys):
     assert main(["transcribe", str(tmp_path / "absent.nemo"), str(bogus)]) == 2
 
 
+def test_main_in_process_leaves_logging_as_it_found_it(tmp_path, capsys):
+    """A handler left on a stream the caller closes (pytest's capture, a notebook cell's) turned every
+    later log line of the process into a 'Logging error' traceback."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("runner")
+    before = root.handlers[:], root.level, ours.level
+    bogus = tmp_path / "model.nemo"
+    bogus.write_text("hello")
+    assert main(["--verbose", "transcribe", str(bogus), str(bogus)]) == 2
+    assert (root.handlers, root.level, ours.level) == before
+
+
 def test_export_then_transcribe_from_the_installed_console_script(tiny_nemo_file, speech_files, tmp_path):
     from runner.inputs.audio import load_audio
     from runner.model.ctc import load_model

@@ -319,7 +319,15 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
     from runner.inputs.audio import load_audio
 
     fp32 = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in table], DecodeOptions())
-    assert 1 - wer(fp32, [r["text"] for r in table]) >= 0.95
+    int8 = [r["text"] for r in table]
+    truth = [dict((p, t) for t, p in speech_files)[r["audio_filepath"]] for r in table]
+    # The job's promise, on all 24 rows (its gate held out 22): int8 WER within max_wer_increase of fp32.
+    assert wer(truth, int8) <= wer(truth, fp32) + 0.05, (wer(truth, int8), wer(truth, fp32))
+    # And the workers ran that model, not a broken one (near 0). This 0.24 M model, trained on each CPU for
+    # a minute, has many near-ties: agreement was 0.947-0.994 over 12 trainings (seeds 0-5, 8-bit and
+    # emulated 7-bit activations, on a Zen 4) and 0.941 on one CI machine; int8 WER - fp32 WER, -0.017 to
+    # +0.012 (session 23).
+    assert 1 - wer(fp32, int8) >= 0.9, 1 - wer(fp32, int8)
 
 
 @pytest.mark.slow

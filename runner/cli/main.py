@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from runner import __version__
@@ -26,7 +26,7 @@ DECODER_HELP = "a hybrid RNN-T/CTC model's head (default: the model's own, rnnt)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    restore = _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
     except RunnerError as exc:
@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
 
 
 def console() -> None:
@@ -178,8 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    """Log lines on stderr; on a terminal (and not --quiet) through rich, above the live display."""
+def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
+    """Log lines on stderr; on a terminal (and not --quiet) through rich, above the live display.
+
+    Returns what puts the loggers back as they were: an in-process caller of `main` (a notebook, a test)
+    keeps no handler bound to a stream it may close, and its own levels."""
     level = logging.DEBUG if verbose else logging.INFO
     if quiet or not sys.stdout.isatty():
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
@@ -188,14 +193,21 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         from rich.logging import RichHandler
 
         handler = RichHandler(console=render.console(), show_path=False, markup=False)
-    handler._asr_runner = True  # type: ignore[attr-defined]
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_asr_runner", False)] + [handler]
+    root, ours = logging.getLogger(), logging.getLogger("runner")
+    before = root.handlers[:], root.level, ours.level
+    root.handlers[:] = [*before[0], handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("runner").setLevel(level)
+    ours.setLevel(level)
     from runner.model.nemo_loader import quiet_nemo_logging
 
     quiet_nemo_logging(verbose)
+
+    def restore() -> None:
+        handler.flush()
+        root.handlers[:], root.level = before[0], before[1]
+        ours.setLevel(before[2])
+
+    return restore
 
 
 def _cmd_transcribe(args) -> int:
