@@ -153,9 +153,11 @@ def test_int8_passes_the_gate_and_agrees_with_fp32(int8_artifact, fastconformer_
         f"on {len(audios)} utterances ({report['engine']}, {report['observer']} observers)"
     )
     # Measured: 98.2% with 8-bit activations (VNNI machine), 94.8-95.1% with the 7 bits of a CPU without
-    # VNNI (AMD EPYC, AVX2; logit cosine 0.9993 there). This tiny model, trained for a minute, has many
-    # near-ties; saturated 8-bit int8 on that CPU is far below (the issue 15 report: cosine 0.98 on large).
-    assert 1 - wer(fp32_texts, int8_texts) >= 0.94, wer(fp32_texts, int8_texts)
+    # VNNI (AMD EPYC, AVX2; logit cosine 0.9993 there). This tiny model, trained on each CPU for a minute,
+    # has many near-ties: over 12 trainings (seeds 0-5; Zen 4, 8-bit and emulated 7-bit) 0.941-0.986, so
+    # the floor is 0.92; a broken model is far below, and so is saturated 8-bit int8 on an AVX2 CPU (the
+    # issue 15 report: cosine 0.98 on large).
+    assert 1 - wer(fp32_texts, int8_texts) >= 0.92, wer(fp32_texts, int8_texts)
     # Static int8 throughout: an utterance's transcript does not depend on its batch-mates. (Dynamic
     # int8 Linear layers, the previous recipe, changed 3 of ~113 words here.)
     alone = [transcribe_batch(int8, [a], DecodeOptions(batch_size=1))[0] for a in audios[:16]]
@@ -234,9 +236,10 @@ def test_attention_matmuls_are_bf16_only_where_the_cpu_has_bf16(int8_artifact, f
     # Measured (AMD EPYC avx512_bf16, onednn): cosine 0.9998; agreement 0.982 (fp32 attention) and 0.972
     # (bf16) on this tiny model's 40 utterances, whose WER against the references is 16.0% and 16.7%
     # (fp32 model: 17.1%); the random FastConformer large's logit cosine to fp32 is the same either way
-    # (benchmarks/attention_precision.py).
+    # (benchmarks/attention_precision.py). Over 12 trainings (seeds 0-5; Zen 4, 8-bit and emulated 7-bit):
+    # 0.941-0.986 either way, hence the same floor as above.
     assert cosine >= 0.9995
-    assert min(agreement.values()) >= 0.94
+    assert min(agreement.values()) >= 0.92
 
 
 def test_auto_probes_conformers_and_picks_the_fastest_candidate(int8_artifact, tmp_path, monkeypatch):
