@@ -26,19 +26,27 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The README's Reliability table, measured by this run (faults injected by the tests)."""
-    if not RELIABILITY:
-        return
-    terminalreporter.section("reliability: faults injected and their measured outcome")
-    terminalreporter.write_line(
-        "| fault | injected by | manifest rows | rows lost | rows duplicated | parts recomputed | outcome |"
-    )
-    terminalreporter.write_line("|---|---|---|---|---|---|---|")
-    for r in RELIABILITY:
+    """The README's Reliability table, measured by this run (faults injected by the tests), then the CPU
+    the run measured on: a test's figures depend on its int8 kind, and a CI log names no machine."""
+    if RELIABILITY:
+        terminalreporter.section("reliability: faults injected and their measured outcome")
         terminalreporter.write_line(
-            f"| {r['fault']} | {r['injection']} | {r['rows']} | {r['lost']} | {r['duplicated']} "
-            f"| {r['recomputed']} | {r['outcome']} |"
+            "| fault | injected by | manifest rows | rows lost | rows duplicated | parts recomputed | outcome |"
         )
+        terminalreporter.write_line("|---|---|---|---|---|---|---|")
+        for r in RELIABILITY:
+            terminalreporter.write_line(
+                f"| {r['fault']} | {r['injection']} | {r['rows']} | {r['lost']} | {r['duplicated']} "
+                f"| {r['recomputed']} | {r['outcome']} |"
+            )
+    from runner.sysinfo import cpu_info, cpu_label, int8_flags, int8_kind
+
+    cpu, flags = cpu_info(), int8_flags()
+    terminalreporter.write_line(
+        f"cpu: {cpu_label(cpu)}, {cpu.get('cpuid', cpu['machine'])}, {cpu['logical_cpus']} logical; flags "
+        f"{' '.join(cpu['flags']) or '-'}; int8 kind {int8_kind(flags)}"
+        + (f" (flags overridden: {' '.join(flags)})" if flags != cpu["flags"] else "")
+    )
 
 
 @pytest.fixture
