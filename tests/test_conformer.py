@@ -323,7 +323,8 @@ def test_fastconformer_int8_job_on_local_ray(ray_local, fastconformer_file, spee
 
     fp32 = transcribe_batch(lean, [load_audio(r["audio_filepath"], 16000) for r in table], DecodeOptions())
     int8 = [r["text"] for r in table]
-    truth = [dict((p, t) for t, p in speech_files)[r["audio_filepath"]] for r in table]
+    reference = {path: text for text, path in speech_files}
+    truth = [reference[r["audio_filepath"]] for r in table]
     # The job's promise, on all 24 rows (its gate held out 22): int8 WER within max_wer_increase of fp32.
     assert wer(truth, int8) <= wer(truth, fp32) + 0.05, (wer(truth, int8), wer(truth, fp32))
     # And the workers ran that model, not a broken one (near 0). This 0.24 M model, trained on each CPU for

@@ -194,8 +194,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
 
         handler = RichHandler(console=render.console(), show_path=False, markup=False)
     root, ours = logging.getLogger(), logging.getLogger("runner")
-    before = root.handlers[:], root.level, ours.level
-    root.handlers[:] = [*before[0], handler]
+    handlers, root_level, our_level = root.handlers[:], root.level, ours.level
+    root.handlers[:] = [*handlers, handler]
     root.setLevel(logging.WARNING)
     ours.setLevel(level)
     from runner.model.nemo_loader import quiet_nemo_logging
@@ -204,8 +204,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
 
     def restore() -> None:
         handler.flush()
-        root.handlers[:], root.level = before[0], before[1]
-        ours.setLevel(before[2])
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        ours.setLevel(our_level)
 
     return restore
 
